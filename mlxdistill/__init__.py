@@ -1,0 +1,37 @@
+"""mlxdistill: knowledge distillation on Apple's MLX, from a cached teacher."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+
+__version__ = "0.1.0"
+
+_log = logging.getLogger("mlxdistill")
+_OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+
+
+def _preload_blas() -> str:
+    """On Linux, load Debian's OpenBLAS before mlx so mlx[cpu] binds its BLAS symbols to it.
+
+    mlx[cpu]'s bundled BLAS is ~30x slower for float32 matmul. The library must be loaded
+    with RTLD_GLOBAL before the first `import mlx`; afterwards it is too late. Macs use Metal
+    and never need this. MLXDISTILL_NO_OPENBLAS=1 turns it off (to compare, or to debug).
+    """
+    if not sys.platform.startswith("linux"):
+        return "metal/accelerate"
+    if "mlx.core" in sys.modules:
+        return "bundled (mlx imported before mlxdistill)"
+    if os.environ.get("MLXDISTILL_NO_OPENBLAS") == "1" or not os.path.exists(_OPENBLAS):
+        return "bundled"
+    try:
+        ctypes.CDLL(_OPENBLAS, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return "bundled"
+    return f"openblas ({_OPENBLAS})"
+
+
+BLAS = _preload_blas()
+_log.debug("BLAS in use: %s", BLAS)

@@ -1,0 +1,404 @@
+"""Teacher pass -> cache shards, and the verified reader that streams them to training.
+
+Layout (binding, see DESIGN.md): `manifest.json` + `shard-NNNNN.safetensors`. Each shard is
+written under a temp name and renamed; the manifest is rewritten atomically after every
+shard, so a killed pass resumes at the next shard and never trusts a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import mlx.core as mx
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from . import data as data_mod
+from . import models
+from .config import Config
+from .progress import Progress
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VERIFIED = ".verified.json"
+TARGET_KEYS = {"topk": ("ids", "logprobs"), "sample": ("ids", "counts")}
+
+
+class CacheError(ValueError):
+    """A cache that is missing, corrupt or built from something else; one-line message."""
+
+
+def id_dtype(vocab_size: int):
+    # Bytes per token matter: uint16 ids halve a top-k or sampled cache for vocabularies
+    # up to 65536 tokens.
+    return np.uint16 if vocab_size <= 65536 else np.int32
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def shard_sha256(path: str) -> str:
+    return data_mod.file_sha256(path)
+
+
+# ---------------------------------------------------------------- teacher -> targets
+
+def sample_targets(logits: mx.array, n: int, key: mx.array) -> tuple[np.ndarray, np.ndarray]:
+    """n draws per position from softmax(logits), as unique ids + counts (padded with count 0).
+
+    The empirical distribution counts/n is an unbiased estimate of the teacher distribution,
+    so the student's cross-entropy against it has the forward-KL gradient in expectation
+    (Sparse Logit Sampling, Anshumann et al. 2025)."""
+    draws = mx.random.categorical(logits, num_samples=n, key=key)  # [..., n]
+    s = np.sort(np.asarray(draws, dtype=np.int64).reshape(-1, n), axis=1)
+    first = np.ones_like(s, dtype=bool)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]
+    group = np.cumsum(first, axis=1) - 1
+    rows = np.broadcast_to(np.arange(s.shape[0])[:, None], s.shape)
+    counts = np.zeros(s.shape, dtype=np.uint8)
+    np.add.at(counts, (rows, group), 1)
+    ids = np.zeros(s.shape, dtype=np.int64)
+    ids[rows[first], group[first]] = s[first]
+    shape = tuple(logits.shape[:-1]) + (n,)
+    return ids.reshape(shape), counts.reshape(shape)
+
+
+def topk_targets(logprobs: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most likely ids per position, most likely first, with their log-probabilities."""
+    idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]
+    lp = mx.take_along_axis(logprobs, idx, axis=-1)
+    order = mx.argsort(-lp, axis=-1)
+    idx = mx.take_along_axis(idx, order, axis=-1)
+    lp = mx.take_along_axis(lp, order, axis=-1)
+    return np.asarray(idx), np.asarray(lp.astype(mx.float16))
+
+
+# ---------------------------------------------------------------- manifest
+
+IDENTITY_KEYS = ("format_version", "teacher_fingerprint", "tokenizer_fingerprint", "vocab_size",
+                 "mode", "n", "k", "temperature", "seq_len", "dataset_sha256", "max_rows",
+                 "mask_prompt", "seed", "shard_rows")
+
+
+def read_manifest(cache_dir: str) -> dict:
+    path = os.path.join(cache_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise CacheError(f"{cache_dir} is not a teacher cache (no {MANIFEST}); build one with "
+                         "`mlxdistill cache -c CONFIG`")
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{path} is not valid JSON ({e}); delete the cache and rebuild it") from None
+    for key in ("format_version", "mode", "vocab_size", "seq_len", "shards"):
+        if key not in m:
+            raise CacheError(f"{path} lacks {key!r}; delete the cache and rebuild it")
+    if m["format_version"] != FORMAT_VERSION:
+        raise CacheError(f"{path} has format_version {m['format_version']}, this version reads "
+                         f"{FORMAT_VERSION}; rebuild the cache")
+    return m
+
+
+def _identity(cfg: Config, teacher_fp: str, tok_fp: str, vocab: int, dataset_sha: str) -> dict:
+    c = cfg.cache
+    return {
+        "format_version": FORMAT_VERSION, "teacher_fingerprint": teacher_fp,
+        "tokenizer_fingerprint": tok_fp, "vocab_size": vocab, "mode": c.mode,
+        "n": c.n if c.mode == "sample" else None, "k": c.k if c.mode == "topk" else None,
+        "temperature": c.temperature, "seq_len": cfg.data.seq_len,
+        "dataset_sha256": dataset_sha, "max_rows": cfg.data.max_rows,
+        "mask_prompt": cfg.data.mask_prompt, "seed": c.seed, "shard_rows": c.shard_rows,
+    }
+
+
+def check_compatible(manifest: dict, want: dict, cache_dir: str) -> None:
+    for key in IDENTITY_KEYS:
+        if manifest.get(key) != want.get(key):
+            raise CacheError(
+                f"cache {cache_dir} was built with {key}={manifest.get(key)!r} but this config "
+                f"needs {want.get(key)!r}; point cache.dir elsewhere or delete the cache")
+
+
+# ---------------------------------------------------------------- writer
+
+def build(cfg: Config, quiet: bool = False, log=print) -> dict:
+    """Run the teacher over data.train and write the cache; resumes a killed build."""
+    c = cfg.cache
+    if cfg.loss.temperature != c.temperature:
+        from .config import ConfigError
+
+        raise ConfigError(
+            f"loss.temperature={cfg.loss.temperature} differs from cache.temperature="
+            f"{c.temperature}: cached teacher distributions cannot be re-tempered exactly; "
+            "set both to the same value")
+    teacher, ttok, tcfg = models.load(cfg.teacher.model, "teacher")
+    scfg, stok = load_student_meta(cfg.student.model)
+    match = models.check_vocab(ttok, tcfg, stok, scfg)
+    models.check_seq_len(cfg.data.seq_len, tcfg, "teacher")
+    models.check_seq_len(cfg.data.seq_len, scfg, "student")
+    if c.mode == "topk" and c.k > match.vocab_size:
+        from .config import ConfigError
+
+        raise ConfigError(f"cache.k={c.k} exceeds the vocabulary size {match.vocab_size}")
+
+    dataset_sha = data_mod.file_sha256(cfg.data.train)
+    want = _identity(cfg, models.config_fingerprint(cfg.teacher.model), match.fingerprint,
+                     match.vocab_size, dataset_sha)
+    os.makedirs(c.dir, exist_ok=True)
+    mpath = os.path.join(c.dir, MANIFEST)
+    if os.path.exists(mpath):
+        manifest = read_manifest(c.dir)
+        check_compatible(manifest, want, c.dir)
+        if manifest.get("complete"):
+            log(f"cache {c.dir} is complete ({manifest['rows']} rows); nothing to do")
+            return manifest
+    else:
+        manifest = {**want, "teacher": cfg.teacher.model, "dataset": cfg.data.train,
+                    "shards": [], "complete": False}
+
+    packed = data_mod.pack(cfg.data.train, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
+                           cfg.data.max_rows)
+    nshards = -(-packed.rows // c.shard_rows)
+    manifest.update(rows=packed.rows, tokens=int(packed.rows * cfg.data.seq_len),
+                    trained_tokens=int(packed.loss_mask.sum()), num_shards=nshards)
+    done = {s["index"] for s in manifest["shards"]
+            if os.path.isfile(os.path.join(c.dir, s["file"]))}
+    manifest["shards"] = [s for s in manifest["shards"] if s["index"] in done]
+    if done:
+        log(f"resuming cache {c.dir}: {len(done)}/{nshards} shards already written")
+    todo_rows = sum(min(c.shard_rows, packed.rows - i * c.shard_rows)
+                    for i in range(nshards) if i not in done)
+    bar = Progress(todo_rows * cfg.data.seq_len, f"teacher pass ({c.mode})", "tok", quiet)
+    bar.total = todo_rows
+    forward = models.logits_fn(teacher, match.vocab_size)
+    idt = id_dtype(match.vocab_size)
+    t0 = time.time()
+    for i in range(nshards):
+        if i in done:
+            continue
+        lo, hi = i * c.shard_rows, min((i + 1) * c.shard_rows, packed.rows)
+        tensors = {"input_ids": packed.input_ids[lo:hi], "loss_mask": packed.loss_mask[lo:hi],
+                   "next_ids": packed.next_ids[lo:hi]}
+        outs: dict[str, list] = {k: [] for k in TARGET_KEYS[c.mode]}
+        key = mx.random.key(c.seed * 1_000_003 + i)  # per shard: resume redraws identically
+        for b in range(lo, hi, c.batch_size):
+            x = mx.array(packed.input_ids[b:min(b + c.batch_size, hi)])
+            logits = forward(x).astype(mx.float32) / c.temperature
+            if c.mode == "topk":
+                ids, lp = topk_targets(logits - mx.logsumexp(logits, axis=-1, keepdims=True), c.k)
+                outs["ids"].append(ids.astype(idt))
+                outs["logprobs"].append(lp)
+            else:
+                key, sub = mx.random.split(key)
+                ids, counts = sample_targets(logits, c.n, sub)
+                outs["ids"].append(ids.astype(idt))
+                outs["counts"].append(counts)
+            bar.update(x.shape[0], units=x.size)
+        tensors.update({k: np.concatenate(v) for k, v in outs.items()})
+        name = f"shard-{i:05d}.safetensors"
+        final = os.path.join(c.dir, name)
+        tmp = final + ".tmp"
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
+        sha = shard_sha256(tmp)
+        os.replace(tmp, final)
+        manifest["shards"].append({"index": i, "file": name, "rows": hi - lo, "sha256": sha})
+        manifest["shards"].sort(key=lambda s: s["index"])
+        manifest["complete"] = len(manifest["shards"]) == nshards
+        _atomic_json(mpath, manifest)
+    bar.close()
+    if todo_rows:
+        dt = time.time() - t0
+        log(f"teacher pass: {todo_rows} rows, {todo_rows * cfg.data.seq_len / dt:,.0f} tok/s, "
+            f"{dt:.0f} s -> {c.dir}")
+    return manifest
+
+
+def load_student_meta(path: str):
+    """The student's config and tokenizer without its weights (enough for the vocab check)."""
+    from pathlib import Path
+
+    from mlx_lm.utils import load_config, load_tokenizer
+
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise models.ModelError(f"student model folder {path} has no config.json")
+        try:
+            return load_config(Path(path)), load_tokenizer(Path(path))
+        except Exception as e:
+            raise models.ModelError(f"cannot load student tokenizer from {path}: {e}") from None
+    _, tok, cfg = models.load(path, "student", lazy=True)
+    return cfg, tok
+
+
+# ---------------------------------------------------------------- reader
+
+@dataclass
+class Batch:
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    next_ids: np.ndarray
+    targets: dict  # ids + counts | ids + logprobs
+
+
+class ShardReader:
+    """Verified, streaming access to a cache.
+
+    Shards are verified against the manifest's sha256 once; the result is remembered by
+    (size, mtime) in `.verified.json`, so later runs skip re-hashing unchanged files but
+    any rewrite is caught."""
+
+    def __init__(self, cache_dir: str, verify: bool = True):
+        self.dir = cache_dir
+        self.manifest = read_manifest(cache_dir)
+        if not self.manifest.get("complete"):
+            raise CacheError(f"cache {cache_dir} is incomplete ({len(self.manifest['shards'])}/"
+                             f"{self.manifest.get('num_shards', '?')} shards); run "
+                             "`mlxdistill cache` with the same config to finish it")
+        self.shards = self.manifest["shards"]
+        for s in self.shards:
+            name = s["file"]
+            if os.path.basename(name) != name or name.startswith(".") or "\\" in name:
+                raise CacheError(f"manifest of {cache_dir} names shard {name!r} outside the "
+                                 "cache directory; refusing to read it")
+        self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
+        self.rows = int(self.offsets[-1])
+        if self.rows == 0:
+            raise CacheError(f"cache {cache_dir} holds no rows")
+        self.mode = self.manifest["mode"]
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        vpath = os.path.join(self.dir, VERIFIED)
+        try:
+            with open(vpath) as f:
+                seen = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            seen = {}
+        changed = False
+        for s in self.shards:
+            path = os.path.join(self.dir, s["file"])
+            if not os.path.isfile(path):
+                raise CacheError(f"shard {path} is missing; rebuild with `mlxdistill cache`")
+            st = os.stat(path)
+            stamp = [st.st_size, st.st_mtime_ns, s["sha256"]]
+            if seen.get(s["file"]) == stamp:
+                continue
+            if shard_sha256(path) != s["sha256"]:
+                raise CacheError(f"shard {path} does not match its sha256 in the manifest "
+                                 "(corrupt or altered); delete it and rerun `mlxdistill cache`")
+            seen[s["file"]] = stamp
+            changed = True
+        if changed:
+            _atomic_json(vpath, seen)
+
+    def load_shard(self, i: int) -> dict:
+        path = os.path.join(self.dir, self.shards[i]["file"])
+        try:
+            return load_file(path)
+        except Exception as e:
+            raise CacheError(f"cannot read shard {path}: {e}") from None
+
+    def bytes_per_token(self) -> tuple[float, float]:
+        """(teacher-target bytes, whole-file bytes) per cached token."""
+        t = self.load_shard(0)
+        tok = t["input_ids"].size
+        target = sum(t[k].nbytes for k in TARGET_KEYS[self.mode]) / tok
+        total = sum(os.path.getsize(os.path.join(self.dir, s["file"])) for s in self.shards)
+        return target, total / max(1, self.rows * self.manifest["seq_len"])
+
+    def order(self, epoch: int, seed: int) -> list[tuple[int, np.ndarray]]:
+        """Epoch order: shards permuted, rows permuted within each shard. Shuffling within
+        shards keeps reads sequential (one shard in memory plus one prefetched) while the
+        order stays a pure function of (seed, epoch), which is what exact resume needs."""
+        rng = np.random.default_rng([seed, epoch])
+        out = []
+        for i in rng.permutation(len(self.shards)):
+            out.append((int(i), rng.permutation(self.shards[i]["rows"])))
+        return out
+
+    def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Batch]:
+        """Endless batches; batch `start_step` first (exact resume). A background thread
+        loads the next shard while the current one is consumed."""
+        per_epoch = self.rows // batch_size
+        if per_epoch == 0:
+            raise CacheError(f"cache {self.dir} has {self.rows} rows, fewer than "
+                             f"train.batch_size={batch_size}; lower the batch size or add data")
+        q: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+
+        def producer():
+            try:
+                epoch, b = divmod(start_step, per_epoch)
+                while not stop.is_set():
+                    plan = self.order(epoch, seed)
+                    sidx = np.concatenate([np.full(len(r), si) for si, r in plan])
+                    ridx = np.concatenate([r for _, r in plan])
+                    while b < per_epoch and not stop.is_set():
+                        sl = slice(b * batch_size, (b + 1) * batch_size)
+                        want = list(zip(sidx[sl].tolist(), ridx[sl].tolist()))
+                        loaded = {si: self._get(si) for si in dict.fromkeys(sidx[sl].tolist())}
+                        q.put(self._assemble(want, loaded))
+                        b += 1
+                    epoch, b = epoch + 1, 0
+            except Exception as e:  # surface reader errors in the consumer
+                q.put(e)
+
+        self._cache: dict[int, dict] = {}
+        t = threading.Thread(target=producer, daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def _get(self, si: int) -> dict:
+        # Two shards resident at most: the one being consumed and the next.
+        if si not in self._cache:
+            if len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[si] = self.load_shard(si)
+        return self._cache[si]
+
+    def _assemble(self, want, loaded) -> Batch:
+        def take(key):
+            return np.stack([loaded[si][key][r] for si, r in want])
+
+        keys = TARGET_KEYS[self.mode]
+        return Batch(take("input_ids"), take("loss_mask"), take("next_ids"),
+                     {k: take(k) for k in keys})
+
+
+def summary(cache_dir: str) -> dict:
+    """`mlxdistill inspect`: manifest summary after full verification."""
+    reader = ShardReader(cache_dir, verify=False)
+    vpath = os.path.join(cache_dir, VERIFIED)
+    if os.path.exists(vpath):
+        os.remove(vpath)  # inspect always re-hashes everything
+    reader.verify()
+    target_bpt, file_bpt = reader.bytes_per_token()
+    m = reader.manifest
+    return {
+        "dir": cache_dir, "mode": m["mode"], "n": m.get("n"), "k": m.get("k"),
+        "temperature": m.get("temperature"), "teacher": m.get("teacher"),
+        "vocab_size": m["vocab_size"], "seq_len": m["seq_len"], "rows": reader.rows,
+        "tokens": m.get("tokens"), "trained_tokens": m.get("trained_tokens"),
+        "shards": len(reader.shards), "dataset": m.get("dataset"),
+        "dataset_sha256": m.get("dataset_sha256"),
+        "bytes_per_token": round(target_bpt, 2), "file_bytes_per_token": round(file_bpt, 2),
+        "verified": True,
+    }

@@ -1,0 +1,140 @@
+"""`mlxdistill` command line: parse, call one function, print. User errors exit 2 with one
+line on stderr; an interrupted job says how to resume."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+
+import click
+
+from . import BLAS
+
+USER_ERRORS: tuple = ()
+
+
+def _user_errors() -> tuple:
+    from .cache import CacheError
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelError
+
+    return (ConfigError, DataError, CacheError, ModelError)
+
+
+def _log(quiet: bool):
+    def log(msg: str) -> None:
+        if not quiet:
+            click.echo(msg, err=False)
+
+    return log
+
+
+def guarded(fn):
+    """One-line errors instead of tracebacks for anything the user can fix."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except FileNotFoundError as e:
+            click.echo(f"error: {e.filename or e}: file not found", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted; run the same command again to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging (shows the BLAS in use).")
+@click.version_option(package_name="mlxdistill")
+def main(verbose: bool) -> None:
+    """Knowledge distillation on Apple's MLX, from a cached teacher."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    logging.getLogger("mlxdistill").debug("BLAS in use: %s", BLAS)
+
+
+config_opt = click.option("-c", "--config", "config_path", type=str, default=None,
+                          help="YAML config (default: the embedded configs/default.yaml).")
+quiet_opt = click.option("-q", "--quiet", is_flag=True, help="No progress bar or tables.")
+overrides_arg = click.argument("overrides", nargs=-1)
+
+
+def _load(config_path, overrides):
+    from .config import load_config
+
+    return load_config(config_path, list(overrides))
+
+
+@main.command()
+@config_opt
+@quiet_opt
+@overrides_arg
+@guarded
+def train(config_path, quiet, overrides):
+    """Train a student (builds the teacher cache if missing), then evaluate it.
+
+    OVERRIDES are KEY=VALUE pairs such as train.iters=200 loss.alpha=0.5."""
+    from .trainer import train as run_train
+
+    cfg = _load(config_path, overrides)
+    run_train(cfg, quiet=quiet, log=_log(quiet))
+
+
+@main.command()
+@config_opt
+@quiet_opt
+@overrides_arg
+@guarded
+def cache(config_path, quiet, overrides):
+    """Run the teacher over data.train and write the cache (resumes a killed pass)."""
+    from .cache import build
+
+    cfg = _load(config_path, overrides)
+    m = build(cfg, quiet=quiet, log=_log(quiet))
+    _log(quiet)(f"cache {cfg.cache.dir}: {m['rows']} rows, {m['tokens']} tokens, "
+                f"mode {m['mode']}")
+
+
+@main.command("eval")
+@click.argument("run_dir")
+@click.option("--data", "data_path", default=None, help="JSONL/.txt to evaluate on "
+              "(default: the run's data.test).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@guarded
+def eval_cmd(run_dir, data_path, as_json):
+    """Evaluate RUN_DIR's student against its teacher (writes RUN_DIR/eval.json)."""
+    from .evaluate import evaluate_run
+
+    res = evaluate_run(run_dir, data_path, quiet=as_json, log=click.echo)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+
+
+@main.command()
+@click.argument("cache_dir")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@guarded
+def inspect(cache_dir, as_json):
+    """Summarise and fully verify a teacher cache."""
+    from .cache import summary
+
+    s = summary(cache_dir)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    for k, v in s.items():
+        click.echo(f"{k:>18}: {v}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,306 @@
+"""Typed, frozen run configuration: YAML sections -> dataclasses, validated on load.
+
+Unknown keys are an error (a misspelt key silently ignored is a run wasted), and every
+error names the key, the bad value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import yaml
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(PROJECT_ROOT, "configs", "default.yaml")
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; the message is one line."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _one_of(key: str, value: Any, allowed) -> None:
+    _check(value in allowed, f"{key}={value!r} is not valid; use one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    _check(ok, f"{key}={value!r} must be a {'non-negative' if allow_zero else 'positive'} number")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = "weights/teacher"
+    mode: str = "cache"  # cache | online
+
+    def __post_init__(self):
+        _one_of("teacher.mode", self.mode, ("cache", "online"))
+        _check(self.mode == "cache", "teacher.mode=online is not available yet; use cache")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: str = "weights/student"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "data/train.jsonl"
+    valid: Optional[str] = "data/valid.jsonl"
+    test: Optional[str] = "data/test.jsonl"
+    seq_len: int = 256
+    # Cap on packed training rows (null = all): sizes the teacher pass to what a run uses.
+    max_rows: Optional[int] = None
+    # Train only on completions / assistant turns of prompt-completion and chat data.
+    mask_prompt: bool = True
+
+    def __post_init__(self):
+        _check(isinstance(self.seq_len, int) and self.seq_len >= 2,
+               f"data.seq_len={self.seq_len!r} must be an integer >= 2")
+        if self.max_rows is not None:
+            _check(isinstance(self.max_rows, int) and self.max_rows > 0,
+                   f"data.max_rows={self.max_rows!r} must be a positive integer or null")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: str = "caches/default"
+    mode: str = "sample"  # sample | topk
+    n: int = 16
+    k: int = 64
+    temperature: float = 1.0
+    hidden_layers: tuple = ()
+    shard_rows: int = 256  # rows per shard: the unit of resume after a kill
+    batch_size: int = 8  # rows per teacher forward pass
+    seed: int = 0
+
+    def __post_init__(self):
+        _one_of("cache.mode", self.mode, ("sample", "topk"))
+        # uint8 counts hold at most 255 draws of one id.
+        _check(isinstance(self.n, int) and 1 <= self.n <= 255,
+               f"cache.n={self.n!r} must be an integer in 1..255 (draws per position)")
+        _check(isinstance(self.k, int) and self.k >= 1, f"cache.k={self.k!r} must be >= 1")
+        _positive("cache.temperature", self.temperature)
+        _check(len(self.hidden_layers) == 0,
+               "cache.hidden_layers is not available yet; leave it empty ([])")
+        _check(isinstance(self.shard_rows, int) and self.shard_rows >= 1,
+               f"cache.shard_rows={self.shard_rows!r} must be a positive integer")
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
+               f"cache.batch_size={self.batch_size!r} must be a positive integer")
+
+
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "forward_kl"
+    alpha: float = 0.0  # weight of hard-label cross-entropy
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        _one_of("loss.name", self.name, LOSSES)
+        _check(self.name == "forward_kl",
+               f"loss.name={self.name!r} is not available yet; use forward_kl")
+        _check(isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0,
+               f"loss.alpha={self.alpha!r} must be in [0, 1]")
+        _positive("loss.temperature", self.temperature)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = "full"  # full | lora | dora
+    iters: int = 1000
+    batch_size: int = 8
+    lr: float = 3.0e-4
+    grad_accum: int = 1
+    lora_rank: int = 8
+    lora_layers: int = -1  # -1: all layers
+    lora_scale: float = 20.0
+    lora_dropout: float = 0.0
+    save_every: int = 100
+    eval_every: int = 100
+    warmup: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_rows: int = 8  # valid rows whose teacher distributions are kept for periodic eval
+    report_every: int = 10
+
+    def __post_init__(self):
+        _one_of("train.mode", self.mode, ("full", "lora", "dora"))
+        for key in ("iters", "batch_size", "grad_accum", "lora_rank", "save_every",
+                    "eval_every", "report_every"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and v >= 1, f"train.{key}={v!r} must be a positive integer")
+        _check(self.batch_size % self.grad_accum == 0,
+               f"train.batch_size={self.batch_size} must be divisible by "
+               f"train.grad_accum={self.grad_accum}")
+        _check(isinstance(self.lora_layers, int) and (self.lora_layers == -1 or self.lora_layers > 0),
+               f"train.lora_layers={self.lora_layers!r} must be -1 (all) or a positive integer")
+        _positive("train.lr", self.lr)
+        _positive("train.warmup", self.warmup, allow_zero=True)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        _positive("train.eval_rows", self.eval_rows, allow_zero=True)
+        _check(0.0 <= self.min_lr_ratio <= 1.0,
+               f"train.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    prompts: str = "data/prompts.jsonl"
+    out: str = "data/generated.jsonl"
+    n: int = 1
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    verifier: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cache"]["hidden_layers"] = list(d["cache"]["hidden_layers"])
+        return d
+
+
+_CLASSES = {
+    "teacher": TeacherConfig, "student": StudentConfig, "data": DataConfig,
+    "cache": CacheConfig, "loss": LossConfig, "train": TrainConfig, "run": RunConfig,
+    "generate": GenerateConfig,
+}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """YAML reads `3e-4` as a string and users write ints for floats: accept the obvious."""
+    if isinstance(default, bool):
+        _check(isinstance(value, bool), f"{key}={value!r} must be true or false")
+        return value
+    if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} must be a number") from None
+    if isinstance(default, int) and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} must be an integer") from None
+    if isinstance(default, tuple):
+        _check(isinstance(value, (list, tuple)), f"{key}={value!r} must be a list")
+        return tuple(value)
+    return value
+
+
+def from_dict(raw: dict, source: str = "config") -> Config:
+    _check(isinstance(raw, dict), f"{source}: top level must be a mapping of sections")
+    sections = {}
+    for name, body in raw.items():
+        if name not in _CLASSES:
+            raise ConfigError(f"{source}: unknown section {name!r}; valid sections: "
+                              f"{', '.join(_CLASSES)}")
+        cls = _CLASSES[name]
+        body = body or {}
+        _check(isinstance(body, dict), f"{source}: section {name!r} must be a mapping")
+        defaults = cls()
+        known = {f.name for f in fields(cls)}
+        kwargs = {}
+        for key, value in body.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key {name}.{key}; valid keys: "
+                                  f"{', '.join(sorted(known))}")
+            kwargs[key] = _coerce(f"{name}.{key}", value, getattr(defaults, key))
+        sections[name] = cls(**kwargs)
+    return Config(**sections)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`train.lr=1e-3 cache.hidden_layers=[2,4]` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.split(".")
+        _check(bool(sep) and len(parts) == 2 and all(parts),
+               f"override {item!r} must look like section.key=value (e.g. train.iters=200)")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            parsed = value
+        out.setdefault(parts[0], {})[parts[1]] = parsed
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML config (default: the embedded one) and apply KEY=VALUE overrides."""
+    path = path or DEFAULT_CONFIG
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found; pass an existing YAML with -c")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    _check(isinstance(raw, dict), f"{path}: top level must be a mapping of sections")
+    for section, body in parse_overrides(overrides or []).items():
+        if isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **body}
+        else:
+            raw[section] = body
+    cfg = from_dict(raw, source=path)
+    if path == DEFAULT_CONFIG:
+        cfg = _anchor_embedded_paths(cfg)
+    return cfg
+
+
+def _anchor_embedded_paths(cfg: Config) -> Config:
+    """The embedded default names weights/ and data/ relative to the project; let it run from
+    any directory by resolving those inputs against the project root when they are not found
+    from the current one. Outputs (cache, run dir) stay relative to where the user is."""
+
+    def anchor(p):
+        if p is None or os.path.isabs(p) or os.path.exists(p):
+            return p
+        candidate = os.path.join(PROJECT_ROOT, p)
+        return candidate if os.path.exists(candidate) else p
+
+    return dataclasses.replace(
+        cfg,
+        teacher=dataclasses.replace(cfg.teacher, model=anchor(cfg.teacher.model)),
+        student=dataclasses.replace(cfg.student, model=anchor(cfg.student.model)),
+        data=dataclasses.replace(cfg.data, train=anchor(cfg.data.train),
+                                 valid=anchor(cfg.data.valid), test=anchor(cfg.data.test)),
+    )
+
+
+def save_config(cfg: Config, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)

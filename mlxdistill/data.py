@@ -1,0 +1,149 @@
+"""Datasets in mlx_lm's JSONL formats (and plain .txt) -> packed token rows with loss masks.
+
+Formats, detected per line as mlx_lm does:
+  {"text": ...}                               every token is trained on
+  {"prompt": ..., "completion": ...}          completion only (with data.mask_prompt)
+  {"messages": [{"role", "content"}, ...]}    assistant turns only (with data.mask_prompt)
+A `.txt` file is split into documents at blank lines.
+
+Documents are tokenized, joined with EOS and cut into rows of `seq_len` tokens. Position t of
+a row predicts token t+1, so `loss_mask[t]` says whether the *next* token is trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A user error in a dataset file; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Packed:
+    input_ids: np.ndarray  # int32 [rows, L]
+    loss_mask: np.ndarray  # uint8 [rows, L]
+    # The token after each row's last position (-1 at the end of the stream): lets hard-label
+    # CE train the last position without storing L+1 tokens per row.
+    next_ids: np.ndarray  # int32 [rows]
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_records(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise DataError(f"dataset {path} not found; check the data.* paths in your config")
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            docs = [d.strip() for d in f.read().split("\n\n")]
+        records = [{"text": d} for d in docs if d]
+    else:
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must "
+                                    "be one JSON object") from None
+                if not isinstance(rec, dict) or not (
+                        "text" in rec or "messages" in rec or "completion" in rec):
+                    raise DataError(f"{path}:{lineno}: expected a 'text', 'prompt'/'completion' "
+                                    "or 'messages' record")
+                records.append(rec)
+    if not records:
+        raise DataError(f"dataset {path} is empty; it needs at least one record")
+    return records
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _chat_segments(tokenizer, messages: list[dict]) -> list[tuple[list[int], bool]]:
+    """(token ids, trained?) per message; assistant turns are trained."""
+    segs = []
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    prev: list[int] = []
+    for i in range(len(messages)):
+        if has_template:
+            full = list(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
+            # Templates render a prefix of the conversation as a prefix of the tokens, so the
+            # message's own tokens are the difference.
+            ids = full[len(prev):] if full[: len(prev)] == prev else full
+            prev = full
+        else:
+            m = messages[i]
+            ids = _encode(tokenizer, f"{m.get('role', 'user')}: {m.get('content', '')}\n")
+        segs.append((ids, messages[i].get("role") == "assistant"))
+    return segs
+
+
+def record_segments(tokenizer, rec: dict, mask_prompt: bool) -> list[tuple[list[int], bool]]:
+    if "messages" in rec:
+        segs = _chat_segments(tokenizer, rec["messages"])
+    elif "completion" in rec:
+        segs = [(_encode(tokenizer, rec.get("prompt", "")), False),
+                (_encode(tokenizer, rec["completion"]), True)]
+    else:
+        segs = [(_encode(tokenizer, rec["text"]), True)]
+    if not mask_prompt:
+        segs = [(ids, True) for ids, _ in segs]
+    return segs
+
+
+def pack(path: str, tokenizer, seq_len: int, mask_prompt: bool = True,
+         max_rows: int | None = None) -> Packed:
+    """Tokenize `path` and pack it into rows of `seq_len` tokens."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    trained: list[bool] = []
+    for rec in read_records(path):
+        for seg, t in record_segments(tokenizer, rec, mask_prompt):
+            ids.extend(seg)
+            trained.extend([t] * len(seg))
+        if eos is not None:
+            ids.append(eos)
+            trained.append(True)  # learning where a document ends is part of the task
+    if len(ids) < 2:
+        raise DataError(f"dataset {path} has fewer than 2 tokens; nothing to train on")
+    stream = np.asarray(ids, dtype=np.int32)
+    tmask = np.asarray(trained, dtype=np.uint8)
+    rows = -(-len(stream) // seq_len)
+    if max_rows is not None:
+        rows = min(rows, max_rows)
+    total = rows * seq_len
+    inp = np.zeros(total, dtype=np.int32)
+    n = min(total, len(stream))
+    inp[:n] = stream[:n]
+    # mask[t] = next token exists and is trained on
+    mask = np.zeros(total, dtype=np.uint8)
+    m = min(total, len(stream) - 1)
+    mask[:m] = tmask[1:m + 1]
+    next_ids = np.full(rows, -1, dtype=np.int32)
+    ends = np.arange(1, rows + 1) * seq_len
+    ok = ends < len(stream)
+    next_ids[ok] = stream[ends[ok]]
+    return Packed(inp.reshape(rows, seq_len), mask.reshape(rows, seq_len), next_ids)
+
+
+def hard_targets(input_ids: np.ndarray, next_ids: np.ndarray) -> np.ndarray:
+    """Next-token labels for each position (-1 where the stream ends)."""
+    return np.concatenate([input_ids[:, 1:], next_ids[:, None]], axis=1)

@@ -1,0 +1,196 @@
+"""Load teacher and student through mlx_lm, check their vocabularies agree, and set the
+student up for full, LoRA or DoRA training (mlx_lm's own layers, so adapters load back in
+`mlx_lm.generate --adapter-path`)."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError
+
+
+class ModelError(ValueError):
+    """A user error about a model folder; the message is one line."""
+
+
+def compute_dtype() -> Optional[mx.Dtype]:
+    """float32 on CPU: mlx[cpu] has no fast bf16/fp16 matmul. On Metal keep the model's own."""
+    return mx.float32 if not mx.metal.is_available() else None
+
+
+def _model_files_present(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and bool(
+        glob.glob(os.path.join(path, "*.safetensors")))
+
+
+def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = False):
+    """(model, tokenizer, config) for a local mlx_lm folder or a hub id (on a Mac)."""
+    from mlx_lm.utils import load as mlx_load
+
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        if not os.path.isdir(path):
+            raise ModelError(f"{what} model folder {path} not found; set {what}.model to an "
+                             "mlx_lm model folder or a hub id")
+        if not _model_files_present(path):
+            raise ModelError(f"{what} model folder {path} has no config.json + *.safetensors; "
+                             "convert it with `mlx_lm.convert` first")
+    try:
+        model, tokenizer, config = mlx_load(path, adapter_path=adapter_path, lazy=lazy,
+                                            return_config=True)
+    except Exception as e:  # mlx_lm raises many kinds; the user needs the path and the cause
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load {what} model {path}: {msg}") from None
+    dtype = compute_dtype()
+    if dtype is not None:
+        model.set_dtype(dtype)
+    return model, tokenizer, config
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """sha256 of the token -> id map: two tokenizers with the same fingerprint split text into
+    the same ids, which is what distilling over logits needs."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def logits_size(config: dict) -> int:
+    return int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+
+
+@dataclass(frozen=True)
+class VocabMatch:
+    fingerprint: str
+    vocab_size: int  # logits columns both models share (padding rows sliced off)
+
+
+def check_vocab(teacher_tok, teacher_cfg: dict, student_tok, student_cfg: dict) -> VocabMatch:
+    """Refuse a pair whose tokenizers differ, before any compute.
+
+    Models of one family often pad the embedding to different sizes (Qwen2.5-7B: 152064
+    rows, 0.5B: 151936) while sharing one tokenizer; rows past the tokenizer are never real
+    tokens, so logits are compared over the smaller size."""
+    ft, fs = vocab_fingerprint(teacher_tok), vocab_fingerprint(student_tok)
+    if ft != fs:
+        tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+        differ = sum(1 for t, i in tv.items() if sv.get(t) != i)
+        raise ModelError(
+            f"teacher and student tokenizers differ ({differ} of {len(tv)} teacher tokens map "
+            f"to other ids or are missing); logit distillation needs one vocabulary: pick a "
+            "student from the teacher's family")
+    size = min(logits_size(teacher_cfg), logits_size(student_cfg))
+    ntok = len(teacher_tok.get_vocab())
+    if size < ntok:
+        raise ModelError(f"model vocab_size {size} is smaller than the tokenizer's {ntok} tokens")
+    return VocabMatch(ft, size)
+
+
+def config_fingerprint(path: str) -> str:
+    """sha256 over config.json and the weight file names + sizes: identifies a teacher
+    without hashing gigabytes of weights."""
+    h = hashlib.sha256()
+    if os.path.isdir(path):
+        with open(os.path.join(path, "config.json"), "rb") as f:
+            h.update(f.read())
+        for p in sorted(glob.glob(os.path.join(path, "*.safetensors*"))):
+            h.update(os.path.basename(p).encode())
+            h.update(str(os.path.getsize(p)).encode())
+    else:
+        h.update(path.encode())
+    return h.hexdigest()
+
+
+def max_context(config: dict) -> Optional[int]:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def check_seq_len(seq_len: int, config: dict, what: str) -> None:
+    ctx = max_context(config)
+    if ctx is not None and seq_len > ctx:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the {what} model's context of "
+                          f"{ctx} tokens; lower data.seq_len")
+
+
+def num_layers(model) -> int:
+    return len(model.layers)
+
+
+def setup_training(model, mode: str, rank: int, layers: int, scale: float,
+                   dropout: float) -> dict:
+    """Freeze/unfreeze for `mode`; returns the adapter_config that mlx_lm reads back."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    n = num_layers(model) if layers == -1 else min(layers, num_layers(model))
+    params = {"rank": rank, "scale": scale, "dropout": dropout}
+    if mode == "full":
+        model.unfreeze()
+    else:
+        model.freeze()
+        linear_to_lora_layers(model, n, params, use_dora=(mode == "dora"))
+    return {"fine_tune_type": mode, "num_layers": n, "lora_parameters": params}
+
+
+def trainable_count(model) -> int:
+    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def save_adapters(model, adapter_config: dict, base_model: str, out_dir: str) -> None:
+    """adapters.safetensors + adapter_config.json, as `mlx_lm.lora` writes them."""
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    tmp = os.path.join(out_dir, "adapters.safetensors.tmp.safetensors")
+    mx.save_safetensors(tmp, weights)
+    os.replace(tmp, os.path.join(out_dir, "adapters.safetensors"))
+    cfg = {**adapter_config, "model": base_model}
+    _write_json(os.path.join(out_dir, "adapter_config.json"), cfg)
+
+
+def save_full_model(model, tokenizer, config: dict, src_path: str, out_dir: str) -> None:
+    """An mlx_lm-loadable folder (weights, config.json, tokenizer), written under a temp name
+    and renamed so a half-written model/ never exists."""
+    from mlx_lm.utils import save_config, save_model
+
+    tmp = out_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(tmp, model)
+    save_config(dict(config), os.path.join(tmp, "config.json"))
+    tokenizer.save_pretrained(tmp)
+    for f in glob.glob(os.path.join(src_path, "tokenizer*")) + glob.glob(
+            os.path.join(src_path, "*.model")):
+        if not os.path.exists(os.path.join(tmp, os.path.basename(f))):
+            shutil.copy(f, tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def logits_fn(model, vocab_size: int):
+    """The model's logits sliced to the shared vocabulary."""
+
+    def f(x):
+        out = model(x)
+        return out[..., :vocab_size] if out.shape[-1] != vocab_size else out
+
+    return f
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)

@@ -1,0 +1,285 @@
+"""The one training loop for every mode (full / LoRA / DoRA) and every target kind.
+
+Read top to bottom: resolve the cache (building it if missing), load the student, restore a
+checkpoint if the run directory has one, then step: batch -> compiled loss+grad -> AdamW.
+Checkpoints hold weights, optimizer state and the step; the data order and the RNG are pure
+functions of (seed, step), so a resumed run continues exactly as if never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from functools import partial
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import yaml
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from . import cache as cache_mod
+from . import data as data_mod
+from . import losses, models
+from .config import Config, ConfigError, from_dict, save_config
+from .progress import Progress
+
+# Keys that may change between a run and its resume without changing what is computed.
+RESUMABLE_CHANGES = {("train", "iters"), ("train", "save_every"), ("train", "eval_every"),
+                     ("train", "report_every")}
+KEEP_CHECKPOINTS = 2
+
+
+def lr_schedule(cfg) -> optim.schedulers:
+    t = cfg.train
+    decay = max(1, t.iters - t.warmup)
+    cosine = optim.cosine_decay(t.lr, decay, end=t.lr * t.min_lr_ratio)
+    if t.warmup == 0:
+        return cosine
+    warm = optim.linear_schedule(t.lr / t.warmup, t.lr, t.warmup - 1) if t.warmup > 1 else \
+        (lambda step: mx.array(t.lr))
+    return optim.join_schedules([warm, cosine], [t.warmup])
+
+
+def ensure_cache(cfg: Config, quiet: bool, log) -> cache_mod.ShardReader:
+    mpath = os.path.join(cfg.cache.dir, cache_mod.MANIFEST)
+    if not os.path.exists(mpath) or not cache_mod.read_manifest(cfg.cache.dir).get("complete"):
+        cache_mod.build(cfg, quiet=quiet, log=log)
+    reader = cache_mod.ShardReader(cfg.cache.dir)
+    m = reader.manifest
+    for key, want in (("seq_len", cfg.data.seq_len), ("mode", cfg.cache.mode),
+                      ("temperature", cfg.loss.temperature),
+                      ("dataset_sha256", data_mod.file_sha256(cfg.data.train)),
+                      ("teacher_fingerprint", models.config_fingerprint(cfg.teacher.model))):
+        if m.get(key) != want:
+            raise cache_mod.CacheError(
+                f"cache {cfg.cache.dir} has {key}={m.get(key)!r} but the config needs "
+                f"{want!r}; point cache.dir elsewhere or delete the cache")
+    return reader
+
+
+def _checkpoints(run_dir: str) -> list[str]:
+    d = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    return sorted(os.path.join(d, n) for n in os.listdir(d)
+                  if n.startswith("step-") and not n.endswith(".tmp")
+                  and os.path.isfile(os.path.join(d, n, "state.json")))
+
+
+def _check_same_run(cfg: Config, run_dir: str) -> None:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = from_dict(yaml.safe_load(f) or {}, source=path).to_dict()
+    new = cfg.to_dict()
+    for section, body in new.items():
+        for key, value in body.items():
+            if (section, key) not in RESUMABLE_CHANGES and old[section][key] != value:
+                raise ConfigError(
+                    f"run dir {run_dir} holds a run with {section}.{key}={old[section][key]!r}, "
+                    f"not {value!r}; resume with the same config or choose another run.dir")
+
+
+def eval_targets(cfg: Config, run_dir: str, vocab_size: int, log) -> Optional[dict]:
+    """Teacher log-probabilities (float16, full vocabulary) on the first `train.eval_rows`
+    validation rows, computed once and kept in the run dir: periodic validation reports
+    full-vocabulary KL without holding the teacher in memory during training."""
+    if not cfg.data.valid or cfg.train.eval_rows == 0:
+        return None
+    path = os.path.join(run_dir, "eval_teacher.safetensors")
+    if os.path.exists(path):
+        return dict(mx.load(path))
+    teacher, ttok, _ = models.load(cfg.teacher.model, "teacher")
+    packed = data_mod.pack(cfg.data.valid, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
+                           cfg.train.eval_rows)
+    x = mx.array(packed.input_ids)
+    lp = []
+    for b in range(0, x.shape[0], 4):
+        logits = models.logits_fn(teacher, vocab_size)(x[b:b + 4])
+        lp.append(losses.log_softmax(logits).astype(mx.float16))
+    out = {"input_ids": x, "loss_mask": mx.array(packed.loss_mask),
+           "labels": mx.array(data_mod.hard_targets(packed.input_ids, packed.next_ids)),
+           "teacher_logprobs": mx.concatenate(lp)}
+    mx.eval(out)
+    del teacher
+    mx.save_safetensors(path + ".tmp.safetensors", out)
+    os.replace(path + ".tmp.safetensors", path)
+    log(f"validation: {packed.rows} rows of {cfg.data.valid} with teacher distributions")
+    return out
+
+
+def validate(model, ev: dict, vocab_size: int) -> dict:
+    logits = models.logits_fn(model, vocab_size)(ev["input_ids"])
+    mask = ev["loss_mask"]
+    ce, n = losses.ce_loss(logits, ev["labels"], mask)
+    kl, _ = losses.kd_loss(logits, {"logprobs": ev["teacher_logprobs"]}, mask)
+    agree = (mx.argmax(logits, -1) == mx.argmax(ev["teacher_logprobs"], -1)).astype(mx.float32)
+    ag, _ = losses.masked_mean(agree, mask)
+    return {"val_ce": round(ce.item(), 4), "val_kl": round(kl.item(), 4),
+            "val_agree": round(ag.item(), 4)}
+
+
+def save_checkpoint(run_dir: str, step: int, model, opt, metrics_bytes: int) -> None:
+    d = os.path.join(run_dir, "checkpoints", f"step-{step:06d}")
+    tmp = d + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    mx.save_safetensors(os.path.join(tmp, "weights.safetensors"),
+                        dict(tree_flatten(model.trainable_parameters())))
+    mx.save_safetensors(os.path.join(tmp, "optimizer.safetensors"),
+                        dict(tree_flatten(opt.state)))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        # The data position is the step itself (order is a function of seed and step);
+        # metrics_bytes lets a resume cut metrics.jsonl back to this point.
+        json.dump({"step": step, "data_step": step, "metrics_bytes": metrics_bytes}, f)
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
+    for old in _checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_checkpoint(ckpt: str, model, opt) -> dict:
+    with open(os.path.join(ckpt, "state.json")) as f:
+        state = json.load(f)
+    model.load_weights(list(mx.load(os.path.join(ckpt, "weights.safetensors")).items()),
+                       strict=False)
+    opt.init(model.trainable_parameters())
+    opt.state = tree_unflatten(list(mx.load(os.path.join(ckpt, "optimizer.safetensors")).items()))
+    return state
+
+
+def to_arrays(batch: cache_mod.Batch) -> tuple:
+    labels = data_mod.hard_targets(batch.input_ids, batch.next_ids)
+    targets = {k: mx.array(v) for k, v in batch.targets.items()}
+    return mx.array(batch.input_ids), mx.array(batch.loss_mask), mx.array(labels), targets
+
+
+def train(cfg: Config, quiet: bool = False, log=print) -> dict:
+    """Train the student from the teacher cache; returns the final evaluation."""
+    from . import evaluate, plots
+
+    run_dir = cfg.run.dir
+    os.makedirs(run_dir, exist_ok=True)
+    _check_same_run(cfg, run_dir)
+    reader = ensure_cache(cfg, quiet, log)
+
+    mx.random.seed(cfg.run.seed)
+    model, tok, scfg = models.load(cfg.student.model, "student")
+    models.check_seq_len(cfg.data.seq_len, scfg, "student")
+    vocab = reader.manifest["vocab_size"]
+    if models.vocab_fingerprint(tok) != reader.manifest["tokenizer_fingerprint"]:
+        raise ConfigError(f"student {cfg.student.model} has another tokenizer than the teacher "
+                          f"cache {cfg.cache.dir}; use a student of the teacher's family")
+    if models.logits_size(scfg) < vocab:
+        raise ConfigError(f"student vocab_size {models.logits_size(scfg)} is below the cache's "
+                          f"{vocab}")
+    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    ev = eval_targets(cfg, run_dir, vocab, log)
+
+    t = cfg.train
+    adapter_cfg = models.setup_training(model, t.mode, t.lora_rank, t.lora_layers,
+                                        t.lora_scale, t.lora_dropout)
+    opt = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=t.weight_decay)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    step = 0
+    ckpts = _checkpoints(run_dir)
+    if ckpts:
+        state = restore_checkpoint(ckpts[-1], model, opt)
+        step = state["step"]
+        # Drop metrics logged after the checkpoint: they will be logged again.
+        if os.path.exists(metrics_path):
+            with open(metrics_path, "r+b") as f:
+                f.truncate(state["metrics_bytes"])
+        log(f"resuming {run_dir} at step {step}")
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    mx.eval(model.parameters())
+    log(f"student: {models.trainable_count(model):,} trainable parameters ({t.mode}), "
+        f"{reader.rows} cached rows, {t.iters} steps of {t.batch_size}x{cfg.data.seq_len}")
+
+    forward = models.logits_fn(model, vocab)
+    alpha, temp = cfg.loss.alpha, cfg.loss.temperature
+
+    def loss_fn(_model, x, mask, labels, targets):
+        loss, ntok, kd, ce = losses.distill_loss(forward(x), targets, labels, mask, alpha, temp)
+        return loss, (ntok, kd, ce)
+
+    grad_fn = nn.value_and_grad(model, loss_fn)
+    state = [model.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def micro_step(x, mask, labels, targets):
+        (loss, (ntok, kd, ce)), grads = grad_fn(model, x, mask, labels, targets)
+        return loss, ntok, kd, ce, grads
+
+    micro = t.batch_size // t.grad_accum
+    batches = reader.batches(t.batch_size, cfg.run.seed, start_step=step)
+    bar = Progress(t.iters, "train", "tok", quiet)
+    bar.done = step
+    history, t_report, tok_report = [], time.time(), 0
+    metrics_f = open(metrics_path, "a")
+    try:
+        while step < t.iters:
+            mx.random.seed(cfg.run.seed * 1_000_003 + step)  # RNG is a function of the step
+            x, mask, labels, targets = to_arrays(next(batches))
+            acc, tot_n, parts = None, 0.0, np.zeros(3)
+            for m0 in range(0, t.batch_size, micro):
+                sl = slice(m0, m0 + micro)
+                loss, ntok, kd, ce, grads = micro_step(
+                    x[sl], mask[sl], labels[sl], {k: v[sl] for k, v in targets.items()})
+                n = ntok.item()
+                # Weight micro-batches by trained tokens: the sum equals one big batch's mean.
+                acc = tree_map(lambda g: g * n, grads) if acc is None else \
+                    tree_map(lambda a, g: a + g * n, acc, grads)
+                tot_n += n
+                parts += np.array([loss.item(), kd.item(), ce.item()]) * n
+            grads = tree_map(lambda g: g / max(tot_n, 1.0), acc)
+            if t.grad_clip > 0:
+                grads, _ = optim.clip_grad_norm(grads, t.grad_clip)
+            opt.update(model, grads)
+            mx.eval(model.parameters(), opt.state)
+            step += 1
+            tok_report += x.size
+            loss_v, kd_v, ce_v = parts / max(tot_n, 1.0)
+            if not math.isfinite(loss_v):
+                raise FloatingPointError(f"loss became {loss_v} at step {step}; lower train.lr")
+            bar.update(1, units=x.size, postfix=f"loss {loss_v:.3f}")
+            history.append(loss_v)
+            rec = None
+            if step % t.report_every == 0 or step == t.iters:
+                dt = time.time() - t_report
+                rec = {"step": step, "loss": round(float(np.mean(history)), 5),
+                       "kd": round(float(kd_v), 5), "ce": round(float(ce_v), 5),
+                       "lr": float(opt.learning_rate.item()),
+                       "tok_per_s": round(tok_report / max(dt, 1e-9), 1),
+                       "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 3)}
+                history, t_report, tok_report = [], time.time(), 0
+            if ev is not None and (step % t.eval_every == 0 or step == t.iters):
+                rec = {**(rec or {"step": step}), **validate(model, ev, vocab)}
+                if not bar.enabled and not quiet:
+                    log(f"step {step}/{t.iters}: " + ", ".join(
+                        f"{k} {v}" for k, v in rec.items() if k != "step"))
+            if rec is not None:
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+            if step % t.save_every == 0 or step == t.iters:
+                save_checkpoint(run_dir, step, model, opt, metrics_f.tell())
+    finally:
+        metrics_f.close()
+        bar.close()
+
+    if t.mode == "full":
+        models.save_full_model(model, tok, scfg, cfg.student.model,
+                               os.path.join(run_dir, "model"))
+    else:
+        models.save_adapters(model, adapter_cfg, cfg.student.model, run_dir)
+    plots.plot_metrics(metrics_path, os.path.join(run_dir, "plots"))
+    del model
+    return evaluate.evaluate_run(run_dir, quiet=quiet, log=log)

@@ -1,0 +1,322 @@
+"""Build the embedded tokenizer, teacher and student under weights/ from data/train.jsonl.
+
+    python scripts/build_weights.py                  # everything (resumes where it stopped)
+    python scripts/build_weights.py --stage student  # one stage only
+
+Stages:
+  tokenizer  SentencePiece BPE, vocab 4096, byte fallback, trained on the train split;
+             exported as tokenizer.model and an equivalent tokenizer.json (checked to
+             encode the held-out splits identically), so mlx_lm and MLX Swift both load it.
+  teacher    Llama, 6 x 384, ~12 M parameters, AdamW (wd 0.1), warmup + cosine,
+             16 x 256-token batches, several epochs over the train split.
+  student    Llama, 4 x 128, ~1.3 M parameters (14x fewer non-embedding parameters),
+             briefly pre-trained with plain cross-entropy: weak, but not random.
+
+Seeded and deterministic; every stage checkpoints into --work and a killed build resumes
+at the last checkpoint with the same data order. Weights are stored float16 (training is
+float32). Held-out cross-entropy of each model goes to weights/build.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from functools import partial
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import mlxdistill  # noqa: E402,F401  (loads OpenBLAS before mlx on Linux)
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+from mlx_lm.models import llama  # noqa: E402
+
+VOCAB = 4096
+SEQ = 256
+BATCH = 16
+MODELS = {
+    "teacher": dict(hidden_size=384, num_hidden_layers=6, intermediate_size=1024,
+                    num_attention_heads=6, steps=1000, lr=1e-3, warmup=100, seed=1),
+    "student": dict(hidden_size=128, num_hidden_layers=4, intermediate_size=320,
+                    num_attention_heads=2, steps=60, lr=2e-3, warmup=10, seed=2),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def atomic_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_texts(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def build_tokenizer(data: str, work: str) -> str:
+    out = os.path.join(work, "tokenizer")
+    if os.path.exists(os.path.join(out, "tokenizer.json")):
+        return out
+    import io
+
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    log("training SentencePiece tokenizer")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(read_texts(os.path.join(data, "train.jsonl"))),
+        model_writer=buf, vocab_size=VOCAB, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, split_digits=True, normalization_rule_name="identity",
+        # Keep newlines and indentation: the plays' line structure is part of the text.
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        user_defined_symbols=["\n"], max_sentence_length=100000,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+    )
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+        f.write(buf.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+
+    # The same BPE as a `tokenizers` object: transformers' own SentencePiece converter needs
+    # protobuf and a slow tokenizer class; building it directly is short and checkable.
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    scores = {p: sp.get_score(i) for i, p in enumerate(pieces)}
+    tk = Tokenizer(BPE(vocab, generate_merges(vocab, scores), unk_token="<unk>",
+                       fuse_unk=True, byte_fallback=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
+                                                split=False)
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(content=" ", left=1)])
+    tk.add_special_tokens([AddedToken(p, special=True, normalized=False)
+                           for p in ("<unk>", "<s>", "</s>")])
+    tk.add_tokens([AddedToken("\n", normalized=False, special=False)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", model_max_length=4096,
+                                   clean_up_tokenization_spaces=False)
+    for split in ("valid", "test"):
+        for text in read_texts(os.path.join(data, f"{split}.jsonl")):
+            if fast.encode(text, add_special_tokens=False) != sp.encode(text):
+                raise SystemExit(f"error: tokenizer.json disagrees with SentencePiece on {split}")
+    fast.save_pretrained(tmp)
+    cfg_path = os.path.join(tmp, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    # The generic class name is what older transformers and swift-transformers know.
+    cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False,
+               add_eos_token=False)
+    atomic_json(cfg_path, cfg)
+    os.replace(tmp, out)
+    return out
+
+
+def token_stream(tok_dir: str, path: str) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    ids: list[int] = []
+    for text in read_texts(path):
+        ids.extend(tok.encode(text, add_special_tokens=False))
+        ids.append(tok.eos_token_id)
+    return np.asarray(ids, dtype=np.int32)
+
+
+# ---------------------------------------------------------------- training
+
+def model_args(spec: dict) -> dict:
+    heads = spec["num_attention_heads"]
+    return dict(model_type="llama", hidden_size=spec["hidden_size"],
+                num_hidden_layers=spec["num_hidden_layers"],
+                intermediate_size=spec["intermediate_size"], num_attention_heads=heads,
+                num_key_value_heads=heads, rms_norm_eps=1e-5, vocab_size=VOCAB,
+                tie_word_embeddings=True, max_position_embeddings=1024, rope_theta=10000.0,
+                bos_token_id=1, eos_token_id=2)
+
+
+def batch_for_step(stream: np.ndarray, step: int, seed: int) -> np.ndarray:
+    """Windows for `step`: each epoch is a seeded permutation of non-overlapping windows at a
+    seeded offset, so the order is a pure function of (seed, step) and resume is exact."""
+    n = (len(stream) - SEQ - 1) // SEQ
+    epoch, i = divmod(step * BATCH, n)
+    rows = []
+    for j in range(BATCH):
+        e, k = divmod(i + j, n)
+        rng = np.random.default_rng([seed, epoch + e])
+        off = int(rng.integers(0, SEQ))
+        start = off + int(rng.permutation(n)[k]) * SEQ
+        rows.append(stream[start:start + SEQ + 1])
+    return np.stack(rows)
+
+
+def lr_at(step: int, spec: dict) -> float:
+    warm, total, peak = spec["warmup"], spec["steps"], spec["lr"]
+    if step < warm:
+        return peak * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def heldout_ce(model, stream: np.ndarray) -> float:
+    n = (len(stream) - 1) // SEQ
+    x = stream[: n * SEQ + 1]
+    tot, cnt = 0.0, 0
+    for s in range(0, n, 16):
+        rows = np.stack([x[r * SEQ:(r + 1) * SEQ + 1] for r in range(s, min(n, s + 16))])
+        logits = model(mx.array(rows[:, :-1]))
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), mx.array(rows[:, 1:]))
+        tot += ce.sum().item()
+        cnt += ce.size
+    return tot / cnt
+
+
+def train_model(name: str, spec: dict, train: np.ndarray, valid: np.ndarray, work: str):
+    ckdir = os.path.join(work, name)
+    os.makedirs(ckdir, exist_ok=True)
+    mx.random.seed(spec["seed"])
+    model = llama.Model(llama.ModelArgs.from_dict(model_args(spec)))
+    opt = optim.AdamW(learning_rate=spec["lr"], weight_decay=0.1)
+    step = 0
+    latest = os.path.join(ckdir, "latest.json")
+    if os.path.exists(latest):
+        with open(latest) as f:
+            step = json.load(f)["step"]
+        d = os.path.join(ckdir, f"step-{step:06d}")
+        model.load_weights(os.path.join(d, "model.safetensors"))
+        opt.init(model.trainable_parameters())
+        opt.state = tree_unflatten(list(mx.load(os.path.join(d, "optimizer.safetensors")).items()))
+        log(f"{name}: resuming at step {step}")
+    mx.eval(model.parameters())
+    nparams = sum(v.size for _, v in tree_flatten(model.parameters()))
+    log(f"{name}: {nparams / 1e6:.2f} M parameters, {spec['steps']} steps of {BATCH}x{SEQ}")
+
+    def loss_fn(m, x, y):
+        return nn.losses.cross_entropy(m(x), y).mean()
+
+    state = [model.state, opt.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def train_step(x, y):
+        loss, grads = nn.value_and_grad(model, loss_fn)(model, x, y)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        opt.update(model, grads)
+        return loss
+
+    t0, seen, losses = time.time(), 0, []
+    while step < spec["steps"]:
+        opt.learning_rate = mx.array(lr_at(step, spec))
+        b = mx.array(batch_for_step(train, step, spec["seed"]))
+        loss = train_step(b[:, :-1], b[:, 1:])
+        mx.eval(loss, state)
+        losses.append(loss.item())
+        step += 1
+        seen += BATCH * SEQ
+        if step % 25 == 0 or step == spec["steps"]:
+            tps = seen / (time.time() - t0)
+            log(f"{name}: step {step}/{spec['steps']} loss {np.mean(losses):.3f} "
+                f"lr {lr_at(step - 1, spec):.2e} {tps:.0f} tok/s")
+            losses = []
+        if step % 50 == 0 or step == spec["steps"]:
+            d = os.path.join(ckdir, f"step-{step:06d}")
+            tmp = d + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            model.save_weights(os.path.join(tmp, "model.safetensors"))
+            mx.save_safetensors(os.path.join(tmp, "optimizer.safetensors"),
+                                dict(tree_flatten(opt.state)))
+            shutil.rmtree(d, ignore_errors=True)
+            os.replace(tmp, d)
+            atomic_json(latest, {"step": step})
+            for old in os.listdir(ckdir):
+                if old.startswith("step-") and old != os.path.basename(d):
+                    shutil.rmtree(os.path.join(ckdir, old), ignore_errors=True)
+    return model
+
+
+def export(name: str, spec: dict, model, tok_dir: str, out: str) -> str:
+    dest = os.path.join(out, name)
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
+    mx.save_safetensors(os.path.join(tmp, "model.safetensors"), weights,
+                        metadata={"format": "mlx"})
+    cfg = model_args(spec)
+    cfg["torch_dtype"] = "float16"
+    atomic_json(os.path.join(tmp, "config.json"), cfg)
+    for f in os.listdir(tok_dir):
+        shutil.copy(os.path.join(tok_dir, f), tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Build weights/ (tokenizer, teacher, student).")
+    ap.add_argument("--data", default="data")
+    ap.add_argument("--out", default="weights")
+    ap.add_argument("--work", default="build/weights", help="checkpoints (resumable)")
+    ap.add_argument("--stage", choices=["all", "tokenizer", "teacher", "student"], default="all")
+    ap.add_argument("--teacher-steps", type=int, default=MODELS["teacher"]["steps"])
+    ap.add_argument("--student-steps", type=int, default=MODELS["student"]["steps"])
+    args = ap.parse_args()
+    MODELS["teacher"]["steps"] = args.teacher_steps
+    MODELS["student"]["steps"] = args.student_steps
+    os.makedirs(args.work, exist_ok=True)
+    tok_dir = build_tokenizer(args.data, args.work)
+    if args.stage == "tokenizer":
+        return
+    train = token_stream(tok_dir, os.path.join(args.data, "train.jsonl"))
+    valid = token_stream(tok_dir, os.path.join(args.data, "valid.jsonl"))
+    test = token_stream(tok_dir, os.path.join(args.data, "test.jsonl"))
+    log(f"tokens: train {len(train)}, valid {len(valid)}, test {len(test)}")
+    report_path = os.path.join(args.out, "build.json")
+    report = {}
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            report = json.load(f)
+    for name in ("teacher", "student"):
+        if args.stage not in ("all", name):
+            continue
+        spec = MODELS[name]
+        t0 = time.time()
+        model = train_model(name, spec, train, valid, args.work)
+        dest = export(name, spec, model, tok_dir, args.out)
+        # Measure what is shipped: the float16 weights, as a user will load them.
+        model.load_weights(os.path.join(dest, "model.safetensors"))
+        model.set_dtype(mx.float32)
+        nparams = sum(v.size for _, v in tree_flatten(model.parameters()))
+        emb = VOCAB * spec["hidden_size"]
+        report[name] = dict(
+            params=nparams, non_embedding_params=nparams - emb, steps=spec["steps"],
+            tokens_seen=spec["steps"] * BATCH * SEQ, epochs=round(spec["steps"] * BATCH * SEQ
+                                                                  / len(train), 2),
+            valid_ce=round(heldout_ce(model, valid), 4), test_ce=round(heldout_ce(model, test), 4),
+            train_minutes_this_run=round((time.time() - t0) / 60, 1),
+        )
+        log(f"{name}: {report[name]}")
+        os.makedirs(args.out, exist_ok=True)
+        atomic_json(report_path, report)
+
+
+if __name__ == "__main__":
+    main()
