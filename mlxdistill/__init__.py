@@ -10,7 +10,8 @@ import sys
 __version__ = "0.1.0"
 
 _log = logging.getLogger("mlxdistill")
-_OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+_OPENBLAS = [f"/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0"
+             for arch in ("x86_64", "aarch64")]
 
 
 def _preload_blas() -> str:
@@ -24,13 +25,14 @@ def _preload_blas() -> str:
         return "metal/accelerate"
     if "mlx.core" in sys.modules:
         return "bundled (mlx imported before mlxdistill)"
-    if os.environ.get("MLXDISTILL_NO_OPENBLAS") == "1" or not os.path.exists(_OPENBLAS):
+    found = [p for p in _OPENBLAS if os.path.exists(p)]
+    if os.environ.get("MLXDISTILL_NO_OPENBLAS") == "1" or not found:
         return "bundled"
     try:
-        ctypes.CDLL(_OPENBLAS, mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
     except OSError:
         return "bundled"
-    return f"openblas ({_OPENBLAS})"
+    return f"openblas ({found[0]})"
 
 
 BLAS = _preload_blas()

@@ -126,7 +126,8 @@ def validate(model, ev: dict, vocab_size: int) -> dict:
             "val_agree": round(ag.item(), 4)}
 
 
-def save_checkpoint(run_dir: str, step: int, model, opt, metrics_bytes: int) -> None:
+def save_checkpoint(run_dir: str, step: int, model, opt, metrics_bytes: int,
+                    loss_window: list) -> None:
     d = os.path.join(run_dir, "checkpoints", f"step-{step:06d}")
     tmp = d + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -137,8 +138,10 @@ def save_checkpoint(run_dir: str, step: int, model, opt, metrics_bytes: int) -> 
                         dict(tree_flatten(opt.state)))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         # The data position is the step itself (order is a function of seed and step);
-        # metrics_bytes lets a resume cut metrics.jsonl back to this point.
-        json.dump({"step": step, "data_step": step, "metrics_bytes": metrics_bytes}, f)
+        # metrics_bytes lets a resume cut metrics.jsonl back to this point, and the loss
+        # window makes the next logged mean the same as in an uninterrupted run.
+        json.dump({"step": step, "data_step": step, "metrics_bytes": metrics_bytes,
+                   "loss_window": loss_window}, f)
     shutil.rmtree(d, ignore_errors=True)
     os.replace(tmp, d)
     for old in _checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
@@ -188,11 +191,11 @@ def train(cfg: Config, quiet: bool = False, log=print) -> dict:
                                         t.lora_scale, t.lora_dropout)
     opt = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=t.weight_decay)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    step = 0
+    step, history = 0, []
     ckpts = _checkpoints(run_dir)
     if ckpts:
         state = restore_checkpoint(ckpts[-1], model, opt)
-        step = state["step"]
+        step, history = state["step"], state.get("loss_window", [])
         # Drop metrics logged after the checkpoint: they will be logged again.
         if os.path.exists(metrics_path):
             with open(metrics_path, "r+b") as f:
@@ -223,7 +226,7 @@ def train(cfg: Config, quiet: bool = False, log=print) -> dict:
     batches = reader.batches(t.batch_size, cfg.run.seed, start_step=step)
     bar = Progress(t.iters, "train", "tok", quiet)
     bar.done = step
-    history, t_report, tok_report = [], time.time(), 0
+    t_report, tok_report = time.time(), 0
     metrics_f = open(metrics_path, "a")
     try:
         while step < t.iters:
@@ -270,7 +273,7 @@ def train(cfg: Config, quiet: bool = False, log=print) -> dict:
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
             if step % t.save_every == 0 or step == t.iters:
-                save_checkpoint(run_dir, step, model, opt, metrics_f.tell())
+                save_checkpoint(run_dir, step, model, opt, metrics_f.tell(), history)
     finally:
         metrics_f.close()
         bar.close()

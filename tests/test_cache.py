@@ -1,0 +1,126 @@
+"""Cache contract: write -> verify -> read, resume after a kill, refusal of bad caches."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import tiny_overrides
+from safetensors.numpy import load_file
+
+from mlxdistill import cache as cache_mod
+from mlxdistill import data as data_mod
+from mlxdistill.config import load_config
+
+
+def build(tiny, tmp, **extra):
+    cfg = load_config(None, tiny_overrides(tiny, tmp, **extra))
+    return cfg, cache_mod.build(cfg, quiet=True, log=lambda m: None)
+
+
+@pytest.mark.parametrize("mode", ["sample", "topk"])
+def test_round_trip(tiny, tmp_path, mode):
+    cfg, m = build(tiny, tmp_path, **{"cache.mode": mode, "cache.k": 8, "cache.n": 16})
+    assert m["complete"] and m["mode"] == mode and m["num_shards"] == len(m["shards"]) > 1
+    for key in ("teacher_fingerprint", "tokenizer_fingerprint", "dataset_sha256", "vocab_size",
+                "temperature", "seq_len", "rows", "tokens"):
+        assert key in m
+    assert m["dataset_sha256"] == data_mod.file_sha256(tiny["train"])
+    shard = load_file(os.path.join(cfg.cache.dir, m["shards"][0]["file"]))
+    L = cfg.data.seq_len
+    assert shard["input_ids"].dtype == np.int32 and shard["input_ids"].shape[1] == L
+    assert shard["loss_mask"].dtype == np.uint8
+    assert shard["ids"].dtype == np.uint16  # vocab <= 65536
+    if mode == "topk":
+        assert shard["logprobs"].dtype == np.float16 and shard["ids"].shape[-1] == 8
+        p = np.exp(shard["logprobs"].astype(np.float32)).sum(-1)
+        assert (p <= 1.001).all() and (p > 0.3).all()
+    else:
+        assert shard["counts"].dtype == np.uint8 and (shard["counts"].sum(-1) == 16).all()
+
+    reader = cache_mod.ShardReader(cfg.cache.dir)
+    packed = data_mod.pack(tiny["train"], __import__("mlx_lm").utils.load_tokenizer(
+        __import__("pathlib").Path(tiny["teacher"])), L)
+    assert reader.rows == packed.rows
+    # one epoch of batches covers every row exactly once, rows intact
+    bs = 4
+    it = reader.batches(bs, seed=0)
+    seen = [next(it) for _ in range(reader.rows // bs)]
+    got = np.concatenate([b.input_ids for b in seen])
+    assert len({r.tobytes() for r in got}) == len(got)
+    rows = {r.tobytes() for r in packed.input_ids}
+    assert all(r.tobytes() in rows for r in got)
+    s = cache_mod.summary(cfg.cache.dir)
+    assert s["verified"] and s["bytes_per_token"] == (48.0 if mode == "sample" else 8 * 4.0)
+
+
+def test_batches_resume_at_any_step(tiny, tmp_path):
+    cfg, _ = build(tiny, tmp_path)
+    reader = cache_mod.ShardReader(cfg.cache.dir)
+    full = reader.batches(4, seed=3)
+    seq = [next(full).input_ids for _ in range(30)]  # crosses epochs
+    resumed = reader.batches(4, seed=3, start_step=17)
+    for i in range(17, 30):
+        assert np.array_equal(next(resumed).input_ids, seq[i])
+
+
+def test_resume_after_kill_matches_uninterrupted(tiny, tmp_path, monkeypatch):
+    cfg_a, m_a = build(tiny, tmp_path / "a")
+
+    calls = {"n": 0}
+    real = cache_mod.save_file
+
+    def dying_save(tensors, path):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            real(tensors, path)  # a partial temp file is left behind, as after a kill
+            raise KeyboardInterrupt
+        return real(tensors, path)
+
+    monkeypatch.setattr(cache_mod, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        build(tiny, tmp_path / "b")
+    monkeypatch.setattr(cache_mod, "save_file", real)
+    bdir = str(tmp_path / "b" / "cache")
+    with open(os.path.join(bdir, "manifest.json")) as f:
+        partial = json.load(f)
+    assert not partial["complete"] and len(partial["shards"]) == 2
+    with pytest.raises(cache_mod.CacheError, match="incomplete"):
+        cache_mod.ShardReader(bdir)
+    before = {s["file"]: os.stat(os.path.join(bdir, s["file"])).st_mtime_ns
+              for s in partial["shards"]}
+    _, m_b = build(tiny, tmp_path / "b")
+    assert m_b["complete"]
+    for name, mtime in before.items():  # finished shards were not redone
+        assert os.stat(os.path.join(bdir, name)).st_mtime_ns == mtime
+    # same data, same per-shard seeds: identical to the uninterrupted build
+    assert [s["sha256"] for s in m_b["shards"]] == [s["sha256"] for s in m_a["shards"]]
+
+
+def test_corrupt_shard_is_refused(tiny, tmp_path):
+    cfg, m = build(tiny, tmp_path)
+    cache_mod.ShardReader(cfg.cache.dir)  # verifies and remembers
+    path = os.path.join(cfg.cache.dir, m["shards"][1]["file"])
+    with open(path, "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(cache_mod.CacheError, match="sha256"):
+        cache_mod.ShardReader(cfg.cache.dir)
+
+
+def test_manifest_cannot_point_outside(tiny, tmp_path):
+    cfg, m = build(tiny, tmp_path)
+    mpath = os.path.join(cfg.cache.dir, "manifest.json")
+    m["shards"][0]["file"] = "../../etc/passwd"
+    with open(mpath, "w") as f:
+        json.dump(m, f)
+    with pytest.raises(cache_mod.CacheError, match="outside"):
+        cache_mod.ShardReader(cfg.cache.dir)
+
+
+def test_cache_from_other_data_is_refused(tiny, tmp_path):
+    build(tiny, tmp_path)
+    with pytest.raises(cache_mod.CacheError, match="dataset_sha256"):
+        build(tiny, tmp_path, **{"data.train": tiny["valid"]})
+    with pytest.raises(cache_mod.CacheError, match="mode"):
+        build(tiny, tmp_path, **{"cache.mode": "topk"})

@@ -1,0 +1,97 @@
+"""Bad input gets one line naming the problem and a non-zero exit, never a traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT, make_model, make_text, tiny_overrides
+
+from mlxdistill.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_one_line_error(res, *needles):
+    assert res.exit_code != 0, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+def test_missing_dataset(tiny, tmp_path):
+    ov = tiny_overrides(tiny, tmp_path, **{"data.train": str(tmp_path / "nope.jsonl")})
+    assert_one_line_error(invoke("train", "-q", *ov), "nope.jsonl", "not found")
+
+
+def test_empty_dataset(tiny, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    ov = tiny_overrides(tiny, tmp_path, **{"data.train": str(empty)})
+    assert_one_line_error(invoke("cache", "-q", *ov), "empty.jsonl", "empty")
+
+
+def test_bad_jsonl_line(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "the king"}\n{"text": oops}\n')
+    ov = tiny_overrides(tiny, tmp_path, **{"data.train": str(bad)})
+    assert_one_line_error(invoke("cache", "-q", *ov), "bad.jsonl:2")
+
+
+def test_seq_len_above_context(tiny, tmp_path):
+    ov = tiny_overrides(tiny, tmp_path, **{"data.seq_len": 4096})
+    assert_one_line_error(invoke("train", "-q", *ov), "data.seq_len=4096", "512")
+    assert not os.path.exists(tmp_path / "cache" / "manifest.json")
+
+
+def test_mismatched_tokenizer(tiny, tmp_path):
+    other = make_model(str(tmp_path / "other"), dim=16, layers=1,
+                       words=[w[::-1] for w in "alpha beta gamma delta".split()])
+    ov = tiny_overrides(tiny, tmp_path, **{"student.model": other})
+    assert_one_line_error(invoke("train", "-q", *ov), "tokenizers differ")
+    assert not os.path.exists(tmp_path / "cache" / "manifest.json")  # refused before compute
+
+
+def test_missing_model_folder(tiny, tmp_path):
+    ov = tiny_overrides(tiny, tmp_path, **{"teacher.model": str(tmp_path / "no_teacher")})
+    assert_one_line_error(invoke("cache", "-q", *ov), "teacher model folder", "not found")
+
+
+def test_unknown_key_on_command_line(tiny, tmp_path):
+    assert_one_line_error(invoke("train", "train.iterz=3"), "unknown key train.iterz")
+
+
+def test_eval_and_inspect_on_wrong_dirs(tmp_path):
+    assert_one_line_error(invoke("eval", str(tmp_path)), "not a run directory")
+    assert_one_line_error(invoke("inspect", str(tmp_path)), "not a teacher cache")
+
+
+def test_cache_inspect_train_eval_end_to_end(tiny, tmp_path):
+    ov = tiny_overrides(tiny, tmp_path, **{"cache.mode": "topk", "cache.k": 8})
+    res = invoke("cache", "-q", *ov)
+    assert res.exit_code == 0, res.output
+    res = invoke("inspect", "--json", str(tmp_path / "cache"))
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["bytes_per_token"] == 32.0 and info["verified"] is True
+    res = invoke("train", *ov)
+    assert res.exit_code == 0, res.output
+    assert "KL(teacher‖student)" in res.stdout
+    res = invoke("eval", str(tmp_path / "run"), "--json", "--data", tiny["valid"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["data"] == tiny["valid"]
+
+
+def test_real_process_exit_code(tiny, tmp_path):
+    """The console entry point itself: exit 2 and one stderr line."""
+    p = subprocess.run([sys.executable, "-m", "mlxdistill.cli", "train", "loss.name=kl"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "loss.name='kl'" in p.stderr

@@ -1,0 +1,56 @@
+"""The embedded default pair under weights/: real, loadable, small, and distillable."""
+
+import glob
+import json
+import os
+
+import mlx.core as mx
+import pytest
+from conftest import ROOT
+from mlx.utils import tree_flatten
+
+from mlxdistill import trainer
+from mlxdistill.config import load_config
+
+W = os.path.join(ROOT, "weights")
+
+
+def nonembedding(model):
+    return sum(v.size for k, v in tree_flatten(model.parameters()) if "embed_tokens" not in k)
+
+
+def test_weights_small_and_loadable():
+    from mlx_lm.utils import load
+
+    total = sum(os.path.getsize(p) for p in glob.glob(os.path.join(W, "**", "*"), recursive=True)
+                if os.path.isfile(p))
+    assert total <= 40 * 2**20
+    teacher, ttok = load(os.path.join(W, "teacher"))
+    student, stok = load(os.path.join(W, "student"))
+    assert ttok.get_vocab() == stok.get_vocab()
+    assert nonembedding(teacher) >= 8 * nonembedding(student)
+    assert 6e6 <= sum(v.size for _, v in tree_flatten(teacher.parameters())) <= 16e6
+    text = "HAMLET.\nTo be, or not to be, that is the question:\n  Whether 'tis nobler"
+    assert ttok.decode(ttok.encode(text, add_special_tokens=False)) == text
+
+
+def test_build_report_meets_teacher_bar():
+    """The recorded teacher beats the student's own plain-CE result by >= 0.3 nats."""
+    with open(os.path.join(W, "build.json")) as f:
+        build = json.load(f)
+    assert build["teacher"]["test_ce"] < build["student"]["test_ce"]
+
+
+def test_default_objective_lowers_full_vocab_kl(tmp_path):
+    """A few steps of the default objective (16 sampled teacher tokens per position) lower
+    KL(teacher ‖ student) over the full vocabulary on held-out text."""
+    test_small = tmp_path / "test.jsonl"
+    with open(os.path.join(ROOT, "data", "test.jsonl")) as f:
+        test_small.write_text("".join(f.readlines()[:6]))
+    cfg = load_config(None, [
+        f"cache.dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}", "data.max_rows=64",
+        "train.iters=16", "train.eval_every=8", "train.save_every=16", "train.eval_rows=2",
+        f"data.test={test_small}"])
+    assert cfg.cache.mode == "sample" and cfg.loss.name == "forward_kl"
+    res = trainer.train(cfg, quiet=True, log=lambda m: None)
+    assert res["student_after"]["kl"] < res["student_before"]["kl"] - 0.01, res
