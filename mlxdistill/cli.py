@@ -6,15 +6,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 
 import click
 
 from . import BLAS
-
-USER_ERRORS: tuple = ()
-
 
 def _user_errors() -> tuple:
     from .cache import CacheError

@@ -17,6 +17,7 @@ import yaml
 from . import data as data_mod
 from . import losses, models
 from .config import ConfigError, from_dict
+from .progress import Progress
 
 EVAL_BATCH = 4
 
@@ -43,7 +44,8 @@ def _accumulate(stats: dict, key: str, value: mx.array) -> None:
     stats[key] = stats.get(key, 0.0) + value.item()
 
 
-def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int) -> dict:
+def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
+            quiet: bool = True) -> dict:
     """Per model: CE, perplexity, next-token accuracy; per student also KL to the teacher and
     top-1/top-5 agreement with the teacher's most likely token."""
     labels_all = data_mod.hard_targets(packed.input_ids, packed.next_ids)
@@ -51,6 +53,7 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int) -> dic
     s_fwd = {name: models.logits_fn(m, vocab) for name, m in students.items()}
     sums: dict = {name: {} for name in ["teacher", *students]}
     ntok = 0.0
+    bar = Progress(packed.rows, "evaluate", "tok", quiet)
     for b in range(0, packed.rows, EVAL_BATCH):
         x = mx.array(packed.input_ids[b:b + EVAL_BATCH])
         labels = mx.array(labels_all[b:b + EVAL_BATCH])
@@ -73,7 +76,8 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int) -> dic
                 top5 = mx.argpartition(-lp, kth=4, axis=-1)[..., :5]
                 hit = (top5 == top_t[..., None]).any(axis=-1)
                 _accumulate(st, "agree_top5", (hit * m).sum())
-            mx.eval(lp)
+        bar.update(x.shape[0], units=x.size)
+    bar.close()
     out = {}
     for name, st in sums.items():
         r = {k: v / max(ntok, 1.0) for k, v in st.items()}
@@ -108,7 +112,7 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
     after = load_trained_student(run_dir, cfg)
     packed = data_mod.pack(path, ttok, cfg.data.seq_len, cfg.data.mask_prompt)
     res = compare(teacher, {"student_before": before, "student_after": after}, packed,
-                  match.vocab_size)
+                  match.vocab_size, quiet)
     res["retention"] = retention(res)
     res["data"] = path
     if write:

@@ -9,12 +9,10 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError
@@ -50,6 +48,9 @@ def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = 
                                             return_config=True)
     except Exception as e:  # mlx_lm raises many kinds; the user needs the path and the cause
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not os.path.exists(path):
+            raise ModelError(f"{what} model {path} is not a local folder and fetching it from "
+                             f"the Hugging Face hub failed ({msg})") from None
         raise ModelError(f"cannot load {what} model {path}: {msg}") from None
     dtype = compute_dtype()
     if dtype is not None:
@@ -190,7 +191,3 @@ def logits_fn(model, vocab_size: int):
         return out[..., :vocab_size] if out.shape[-1] != vocab_size else out
 
     return f
-
-
-def warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)

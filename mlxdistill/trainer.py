@@ -165,8 +165,15 @@ def to_arrays(batch: cache_mod.Batch) -> tuple:
 
 
 def train(cfg: Config, quiet: bool = False, log=print) -> dict:
-    """Train the student from the teacher cache; returns the final evaluation."""
-    from . import evaluate, plots
+    """Train the student from the teacher cache, then evaluate it against the teacher."""
+    from . import evaluate
+
+    fit(cfg, quiet, log)  # returns once the student is saved and freed
+    return evaluate.evaluate_run(cfg.run.dir, quiet=quiet, log=log)
+
+
+def fit(cfg: Config, quiet: bool = False, log=print) -> None:
+    from . import plots
 
     run_dir = cfg.run.dir
     os.makedirs(run_dir, exist_ok=True)
@@ -284,5 +291,3 @@ def train(cfg: Config, quiet: bool = False, log=print) -> dict:
     else:
         models.save_adapters(model, adapter_cfg, cfg.student.model, run_dir)
     plots.plot_metrics(metrics_path, os.path.join(run_dir, "plots"))
-    del model
-    return evaluate.evaluate_run(run_dir, quiet=quiet, log=log)

@@ -5,9 +5,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 from click.testing import CliRunner
-from conftest import ROOT, make_model, make_text, tiny_overrides
+from conftest import ROOT, make_model, tiny_overrides
 
 from mlxdistill.cli import main
 

@@ -4,8 +4,6 @@ import glob
 import json
 import os
 
-import mlx.core as mx
-import pytest
 from conftest import ROOT
 from mlx.utils import tree_flatten
 

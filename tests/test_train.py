@@ -106,3 +106,16 @@ def test_full_mode_saves_mlx_lm_model(tiny, tmp_path):
     assert mx.abs(w["model.embed_tokens.weight"] - base.model.embed_tokens.weight).max().item() > 0
     out = generate(model, tok, prompt="the king", max_tokens=5)
     assert isinstance(out, str)
+
+
+def test_padded_teacher_vocab_is_sliced(tiny, tmp_path):
+    """Same tokenizer, embedding padded to more rows (as Qwen2.5-7B vs 0.5B): logits are
+    compared over the shared size instead of refusing the pair."""
+    from conftest import make_model
+
+    padded = make_model(str(tmp_path / "padded"), vocab=80, dim=32, layers=1, seed=5,
+                        sharpen=4.0)
+    cfg, res = run(tiny, tmp_path, **{"teacher.model": padded, "train.iters": 4})
+    with open(os.path.join(cfg.cache.dir, "manifest.json")) as f:
+        assert json.load(f)["vocab_size"] == 64
+    assert np.isfinite(res["student_after"]["kl"])
