@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from . import data as data_mod
 from . import models
-from .config import Config
+from .config import Config, ConfigError
 from .progress import Progress
 
 FORMAT_VERSION = 1
@@ -134,21 +134,12 @@ def check_compatible(manifest: dict, want: dict, cache_dir: str) -> None:
 def build(cfg: Config, quiet: bool = False, log=print) -> dict:
     """Run the teacher over data.train and write the cache; resumes a killed build."""
     c = cfg.cache
-    if cfg.loss.temperature != c.temperature:
-        from .config import ConfigError
-
-        raise ConfigError(
-            f"loss.temperature={cfg.loss.temperature} differs from cache.temperature="
-            f"{c.temperature}: cached teacher distributions cannot be re-tempered exactly; "
-            "set both to the same value")
     teacher, ttok, tcfg = models.load(cfg.teacher.model, "teacher")
     scfg, stok = load_student_meta(cfg.student.model)
     match = models.check_vocab(ttok, tcfg, stok, scfg)
     models.check_seq_len(cfg.data.seq_len, tcfg, "teacher")
     models.check_seq_len(cfg.data.seq_len, scfg, "student")
     if c.mode == "topk" and c.k > match.vocab_size:
-        from .config import ConfigError
-
         raise ConfigError(f"cache.k={c.k} exceeds the vocabulary size {match.vocab_size}")
 
     dataset_sha = data_mod.file_sha256(cfg.data.train)

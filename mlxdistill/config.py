@@ -105,14 +105,18 @@ class LossConfig:
     name: str = "forward_kl"
     alpha: float = 0.0  # weight of hard-label cross-entropy
     temperature: float = 1.0
+    beta: float = 0.5  # jsd: 0 = forward KL, 1 = reverse KL (TRL's generalized JSD)
+    skew: float = 0.1  # skew_kl / skew_reverse_kl mixture weight (DistiLLM)
 
     def __post_init__(self):
         _one_of("loss.name", self.name, LOSSES)
-        _check(self.name == "forward_kl",
-               f"loss.name={self.name!r} is not available yet; use forward_kl")
         _check(isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0,
                f"loss.alpha={self.alpha!r} must be in [0, 1]")
         _positive("loss.temperature", self.temperature)
+        _check(isinstance(self.beta, (int, float)) and 0.0 <= self.beta <= 1.0,
+               f"loss.beta={self.beta!r} must be in [0, 1]")
+        _check(isinstance(self.skew, (int, float)) and 0.0 < self.skew < 1.0,
+               f"loss.skew={self.skew!r} must be in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def __post_init__(self):
+        # Cross-section rules, checked on load so they fail before any compute.
+        _check(self.cache.mode != "sample" or self.loss.name == "forward_kl",
+               f"loss.name={self.loss.name} needs the teacher's probabilities, which a sampled "
+               "cache does not hold (only draws); use cache.mode=topk or loss.name=forward_kl")
+        _check(self.loss.temperature == self.cache.temperature,
+               f"loss.temperature={self.loss.temperature} differs from cache.temperature="
+               f"{self.cache.temperature}: cached teacher distributions cannot be re-tempered "
+               "exactly; set both to the same value")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -7,6 +7,8 @@ over the positions whose mask is 1; a batch with no trained position gives 0, no
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 
 _EPS = 1e-8
@@ -39,37 +41,77 @@ def sampled_kl_pos(logp_s: mx.array, ids: mx.array, counts: mx.array) -> mx.arra
 def topk_kl_pos(logp_s: mx.array, ids: mx.array, logp_t: mx.array) -> mx.array:
     """Forward KL over k+1 buckets: the teacher's top-k ids, plus one "tail" bucket holding the
     teacher's residual mass 1 - sum(top-k) against the student's mass outside those ids."""
-    lp_t = logp_t.astype(mx.float32)
-    p_t = mx.exp(lp_t)
-    lq = mx.take_along_axis(logp_s, ids.astype(mx.int32), axis=-1)
-    head = (p_t * (lp_t - lq)).sum(axis=-1)
-    tail_t = mx.maximum(1.0 - p_t.sum(axis=-1), 0.0)
-    tail_s = mx.maximum(1.0 - mx.exp(lq).sum(axis=-1), _EPS)
-    tail = mx.where(tail_t > _EPS, tail_t * (mx.log(mx.maximum(tail_t, _EPS)) - mx.log(tail_s)),
-                    0.0)
-    return head + tail
+    lp, lq = buckets(logp_s, {"ids": ids, "logprobs": logp_t})
+    return _kl(lp, lq)
 
 
 def dense_kl_pos(logp_s: mx.array, logp_t: mx.array) -> mx.array:
     """KL(teacher ‖ student) per position over the full vocabulary."""
-    lp_t = logp_t.astype(mx.float32)
-    return (mx.exp(lp_t) * (lp_t - logp_s)).sum(axis=-1)
+    return _kl(logp_t.astype(mx.float32), logp_s)
+
+
+def buckets(logp_s: mx.array, targets: dict) -> tuple[mx.array, mx.array]:
+    """(log p_teacher, log q_student) over the buckets the targets resolve: the k cached ids
+    plus one tail bucket for top-k targets, every id for dense ones. Each divergence below is
+    exact on these buckets; for top-k it is the divergence between the two distributions
+    coarsened to k+1 outcomes (a lower bound on the full-vocabulary value)."""
+    lp_t = targets["logprobs"].astype(mx.float32)
+    if "ids" not in targets:
+        return lp_t, logp_s
+    lq = mx.take_along_axis(logp_s, targets["ids"].astype(mx.int32), axis=-1)
+    tail_t = mx.log(mx.maximum(1.0 - mx.exp(lp_t).sum(-1, keepdims=True), _EPS))
+    tail_s = mx.log(mx.maximum(1.0 - mx.exp(lq).sum(-1, keepdims=True), _EPS))
+    return mx.concatenate([lp_t, tail_t], -1), mx.concatenate([lq, tail_s], -1)
+
+
+def _kl(lp: mx.array, lq: mx.array) -> mx.array:
+    p = mx.exp(lp)
+    return mx.where(p > _EPS, p * (lp - lq), 0.0).sum(-1)
+
+
+def _log_mix(lp: mx.array, lq: mx.array, w: float) -> mx.array:
+    """log(w p + (1 - w) q), computed in log space."""
+    return mx.logaddexp(lp + math.log(w), lq + math.log(1.0 - w))
+
+
+def _jsd(lp, lq, beta, _skew):
+    # TRL's generalized JSD: beta = 0 is forward KL, beta = 1 reverse KL (the limits).
+    if beta == 0.0:
+        return _kl(lp, lq)
+    if beta == 1.0:
+        return _kl(lq, lp)
+    lm = _log_mix(lp, lq, beta)
+    return beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm)
+
+
+# name -> per-position divergence of (log p_teacher, log q_student, beta, skew)
+DIVERGENCES = {
+    "forward_kl": lambda lp, lq, b, s: _kl(lp, lq),
+    "reverse_kl": lambda lp, lq, b, s: _kl(lq, lp),
+    "jsd": _jsd,
+    # DistiLLM (Ko et al. 2024): KL against a skewed mixture, bounded and smoother.
+    "skew_kl": lambda lp, lq, b, s: _kl(lp, _log_mix(lp, lq, s)),
+    "skew_reverse_kl": lambda lp, lq, b, s: _kl(lq, _log_mix(lq, lp, s)),
+    "tvd": lambda lp, lq, b, s: 0.5 * mx.abs(mx.exp(lp) - mx.exp(lq)).sum(-1),
+}
 
 
 def kd_loss(student_logits: mx.array, targets: dict, mask: mx.array,
-            temperature: float = 1.0) -> tuple[mx.array, mx.array]:
-    """Forward KL of the student against cached or live teacher targets, times T^2 (so the
-    gradient scale does not shrink as T grows, Hinton et al. 2015).
+            temperature: float = 1.0, name: str = "forward_kl", beta: float = 0.5,
+            skew: float = 0.1) -> tuple[mx.array, mx.array]:
+    """Divergence `name` of the student from cached or live teacher targets, times T^2 (so
+    the gradient scale does not shrink as T grows, Hinton et al. 2015).
 
-    targets: {"ids", "counts"} (sampled), {"ids", "logprobs"} (top-k) or {"logprobs"} (dense,
-    full vocabulary)."""
+    targets: {"ids", "counts"} (sampled: forward KL only, the draws say nothing about the
+    teacher's probability of ids they missed), {"ids", "logprobs"} (top-k) or {"logprobs"}
+    (dense, full vocabulary)."""
     logp_s = log_softmax(student_logits, temperature)
     if "counts" in targets:
+        if name != "forward_kl":
+            raise ValueError(f"loss {name!r} is not defined on sampled targets")
         per = sampled_kl_pos(logp_s, targets["ids"], targets["counts"])
-    elif "ids" in targets:
-        per = topk_kl_pos(logp_s, targets["ids"], targets["logprobs"])
     else:
-        per = dense_kl_pos(logp_s, targets["logprobs"])
+        per = DIVERGENCES[name](*buckets(logp_s, targets), beta, skew)
     loss, ntok = masked_mean(per, mask)
     return loss * (temperature ** 2), ntok
 
@@ -83,9 +125,10 @@ def ce_loss(student_logits: mx.array, labels: mx.array, mask: mx.array) -> tuple
 
 
 def distill_loss(student_logits: mx.array, targets: dict, labels: mx.array, mask: mx.array,
-                 alpha: float = 0.0, temperature: float = 1.0):
+                 alpha: float = 0.0, temperature: float = 1.0, name: str = "forward_kl",
+                 beta: float = 0.5, skew: float = 0.1):
     """(1 - alpha) * KD + alpha * CE -> (loss, ntokens, kd, ce). CE is computed even at
     alpha = 0: it is logged, and costs one gather next to the model's forward pass."""
-    kd, ntok = kd_loss(student_logits, targets, mask, temperature)
+    kd, ntok = kd_loss(student_logits, targets, mask, temperature, name, beta, skew)
     ce, _ = ce_loss(student_logits, labels, mask)
     return (1.0 - alpha) * kd + alpha * ce, ntok, kd, ce

@@ -215,10 +215,11 @@ def fit(cfg: Config, quiet: bool = False, log=print) -> None:
         f"{reader.rows} cached rows, {t.iters} steps of {t.batch_size}x{cfg.data.seq_len}")
 
     forward = models.logits_fn(model, vocab)
-    alpha, temp = cfg.loss.alpha, cfg.loss.temperature
+    lc = cfg.loss
 
     def loss_fn(_model, x, mask, labels, targets):
-        loss, ntok, kd, ce = losses.distill_loss(forward(x), targets, labels, mask, alpha, temp)
+        loss, ntok, kd, ce = losses.distill_loss(forward(x), targets, labels, mask, lc.alpha,
+                                                 lc.temperature, lc.name, lc.beta, lc.skew)
         return loss, (ntok, kd, ce)
 
     grad_fn = nn.value_and_grad(model, loss_fn)
