@@ -12,7 +12,6 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import mlx.core as mx
@@ -135,7 +134,7 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
     """Run the teacher over data.train and write the cache; resumes a killed build."""
     c = cfg.cache
     teacher, ttok, tcfg = models.load(cfg.teacher.model, "teacher")
-    scfg, stok = load_student_meta(cfg.student.model)
+    scfg, stok = models.load_meta(cfg.student.model, "student")
     match = models.check_vocab(ttok, tcfg, stok, scfg)
     models.check_seq_len(cfg.data.seq_len, tcfg, "teacher")
     models.check_seq_len(cfg.data.seq_len, scfg, "student")
@@ -214,32 +213,7 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
     return manifest
 
 
-def load_student_meta(path: str):
-    """The student's config and tokenizer without its weights (enough for the vocab check)."""
-    from pathlib import Path
-
-    from mlx_lm.utils import load_config, load_tokenizer
-
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise models.ModelError(f"student model folder {path} has no config.json")
-        try:
-            return load_config(Path(path)), load_tokenizer(Path(path))
-        except Exception as e:
-            raise models.ModelError(f"cannot load student tokenizer from {path}: {e}") from None
-    _, tok, cfg = models.load(path, "student", lazy=True)
-    return cfg, tok
-
-
 # ---------------------------------------------------------------- reader
-
-@dataclass
-class Batch:
-    input_ids: np.ndarray
-    loss_mask: np.ndarray
-    next_ids: np.ndarray
-    targets: dict  # ids + counts | ids + logprobs
-
 
 class ShardReader:
     """Verified, streaming access to a cache.
@@ -318,7 +292,7 @@ class ShardReader:
             out.append((int(i), rng.permutation(self.shards[i]["rows"])))
         return out
 
-    def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Batch]:
+    def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[data_mod.Batch]:
         """Endless batches; batch `start_step` first (exact resume). A background thread
         loads the next shard while the current one is consumed."""
         per_epoch = self.rows // batch_size
@@ -365,12 +339,12 @@ class ShardReader:
             self._cache[si] = self.load_shard(si)
         return self._cache[si]
 
-    def _assemble(self, want, loaded) -> Batch:
+    def _assemble(self, want, loaded) -> data_mod.Batch:
         def take(key):
             return np.stack([loaded[si][key][r] for si, r in want])
 
         keys = TARGET_KEYS[self.mode]
-        return Batch(take("input_ids"), take("loss_mask"), take("next_ids"),
+        return data_mod.Batch(take("input_ids"), take("loss_mask"), take("next_ids"),
                      {k: take(k) for k in keys})
 
 

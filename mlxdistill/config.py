@@ -43,7 +43,6 @@ class TeacherConfig:
 
     def __post_init__(self):
         _one_of("teacher.mode", self.mode, ("cache", "online"))
-        _check(self.mode == "cache", "teacher.mode=online is not available yet; use cache")
 
 
 @dataclass(frozen=True)
@@ -189,10 +188,11 @@ class Config:
 
     def __post_init__(self):
         # Cross-section rules, checked on load so they fail before any compute.
-        _check(self.cache.mode != "sample" or self.loss.name == "forward_kl",
+        _check(self.teacher.mode == "online" or self.cache.mode != "sample"
+               or self.loss.name == "forward_kl",
                f"loss.name={self.loss.name} needs the teacher's probabilities, which a sampled "
                "cache does not hold (only draws); use cache.mode=topk or loss.name=forward_kl")
-        _check(self.loss.temperature == self.cache.temperature,
+        _check(self.teacher.mode == "online" or self.loss.temperature == self.cache.temperature,
                f"loss.temperature={self.loss.temperature} differs from cache.temperature="
                f"{self.cache.temperature}: cached teacher distributions cannot be re-tempered "
                "exactly; set both to the same value")

@@ -144,6 +144,37 @@ def pack(path: str, tokenizer, seq_len: int, mask_prompt: bool = True,
     return Packed(inp.reshape(rows, seq_len), mask.reshape(rows, seq_len), next_ids)
 
 
+@dataclass
+class Batch:
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    next_ids: np.ndarray
+    targets: dict  # cached teacher targets (ids + counts | ids + logprobs); {} when online
+
+
+class PackedRows:
+    """Batches straight from packed rows (online teacher): the same contract as the cache
+    reader's `batches`, an endless stream whose order is a function of (seed, step)."""
+
+    def __init__(self, packed: Packed):
+        self.packed = packed
+        self.rows = packed.rows
+
+    def batches(self, batch_size: int, seed: int, start_step: int = 0):
+        per_epoch = self.rows // batch_size
+        if per_epoch == 0:
+            raise DataError(f"the training data packs into {self.rows} rows, fewer than "
+                            f"train.batch_size={batch_size}; lower the batch size or add data")
+        epoch, b = divmod(start_step, per_epoch)
+        p = self.packed
+        while True:
+            perm = np.random.default_rng([seed, epoch]).permutation(self.rows)
+            for i in range(b, per_epoch):
+                idx = np.sort(perm[i * batch_size:(i + 1) * batch_size])
+                yield Batch(p.input_ids[idx], p.loss_mask[idx], p.next_ids[idx], {})
+            epoch, b = epoch + 1, 0
+
+
 def hard_targets(input_ids: np.ndarray, next_ids: np.ndarray) -> np.ndarray:
     """Next-token labels for each position (-1 where the stream ends)."""
     return np.concatenate([input_ids[:, 1:], next_ids[:, None]], axis=1)

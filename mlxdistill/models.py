@@ -58,6 +58,24 @@ def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = 
     return model, tokenizer, config
 
 
+def load_meta(path: str, what: str):
+    """(config, tokenizer) without the weights: enough for the vocabulary and context checks
+    that must pass before any compute."""
+    from pathlib import Path
+
+    from mlx_lm.utils import load_config, load_tokenizer
+
+    if not os.path.isdir(path):
+        _, tok, cfg = load(path, what, lazy=True)
+        return cfg, tok
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"{what} model folder {path} has no config.json")
+    try:
+        return load_config(Path(path)), load_tokenizer(Path(path))
+    except Exception as e:
+        raise ModelError(f"cannot load the {what} tokenizer from {path}: {e}") from None
+
+
 def vocab_fingerprint(tokenizer) -> str:
     """sha256 of the token -> id map: two tokenizers with the same fingerprint split text into
     the same ids, which is what distilling over logits needs."""

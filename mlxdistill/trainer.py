@@ -63,6 +63,22 @@ def ensure_cache(cfg: Config, quiet: bool, log) -> cache_mod.ShardReader:
     return reader
 
 
+def batch_source(cfg: Config, quiet: bool, log):
+    """(batches, vocab size, tokenizer fingerprint, live teacher or None) for the teacher mode:
+    a verified cache (built if missing), or packed rows plus the teacher kept in memory."""
+    if cfg.teacher.mode == "cache":
+        reader = ensure_cache(cfg, quiet, log)
+        m = reader.manifest
+        return reader, m["vocab_size"], m["tokenizer_fingerprint"], None
+    teacher, ttok, tcfg = models.load(cfg.teacher.model, "teacher")
+    scfg, stok = models.load_meta(cfg.student.model, "student")
+    match = models.check_vocab(ttok, tcfg, stok, scfg)
+    models.check_seq_len(cfg.data.seq_len, tcfg, "teacher")
+    packed = data_mod.pack(cfg.data.train, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
+                           cfg.data.max_rows)
+    return data_mod.PackedRows(packed), match.vocab_size, match.fingerprint, teacher
+
+
 def _checkpoints(run_dir: str) -> list[str]:
     d = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(d):
@@ -87,7 +103,8 @@ def _check_same_run(cfg: Config, run_dir: str) -> None:
                     f"not {value!r}; resume with the same config or choose another run.dir")
 
 
-def eval_targets(cfg: Config, run_dir: str, vocab_size: int, log) -> Optional[dict]:
+def eval_targets(cfg: Config, run_dir: str, vocab_size: int, log,
+                 teacher=None) -> Optional[dict]:
     """Teacher log-probabilities (float16, full vocabulary) on the first `train.eval_rows`
     validation rows, computed once and kept in the run dir: periodic validation reports
     full-vocabulary KL without holding the teacher in memory during training."""
@@ -96,7 +113,10 @@ def eval_targets(cfg: Config, run_dir: str, vocab_size: int, log) -> Optional[di
     path = os.path.join(run_dir, "eval_teacher.safetensors")
     if os.path.exists(path):
         return dict(mx.load(path))
-    teacher, ttok, _ = models.load(cfg.teacher.model, "teacher")
+    loaded = teacher is None
+    if loaded:
+        teacher = models.load(cfg.teacher.model, "teacher")[0]
+    _, ttok = models.load_meta(cfg.teacher.model, "teacher")
     packed = data_mod.pack(cfg.data.valid, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
                            cfg.train.eval_rows)
     x = mx.array(packed.input_ids)
@@ -108,7 +128,6 @@ def eval_targets(cfg: Config, run_dir: str, vocab_size: int, log) -> Optional[di
            "labels": mx.array(data_mod.hard_targets(packed.input_ids, packed.next_ids)),
            "teacher_logprobs": mx.concatenate(lp)}
     mx.eval(out)
-    del teacher
     mx.save_safetensors(path + ".tmp.safetensors", out)
     os.replace(path + ".tmp.safetensors", path)
     log(f"validation: {packed.rows} rows of {cfg.data.valid} with teacher distributions")
@@ -158,7 +177,7 @@ def restore_checkpoint(ckpt: str, model, opt) -> dict:
     return state
 
 
-def to_arrays(batch: cache_mod.Batch) -> tuple:
+def to_arrays(batch: data_mod.Batch) -> tuple:
     labels = data_mod.hard_targets(batch.input_ids, batch.next_ids)
     targets = {k: mx.array(v) for k, v in batch.targets.items()}
     return mx.array(batch.input_ids), mx.array(batch.loss_mask), mx.array(labels), targets
@@ -178,20 +197,27 @@ def fit(cfg: Config, quiet: bool = False, log=print) -> None:
     run_dir = cfg.run.dir
     os.makedirs(run_dir, exist_ok=True)
     _check_same_run(cfg, run_dir)
-    reader = ensure_cache(cfg, quiet, log)
+    source, vocab, fingerprint, teacher = batch_source(cfg, quiet, log)
 
     mx.random.seed(cfg.run.seed)
     model, tok, scfg = models.load(cfg.student.model, "student")
     models.check_seq_len(cfg.data.seq_len, scfg, "student")
-    vocab = reader.manifest["vocab_size"]
-    if models.vocab_fingerprint(tok) != reader.manifest["tokenizer_fingerprint"]:
+    if models.vocab_fingerprint(tok) != fingerprint:
         raise ConfigError(f"student {cfg.student.model} has another tokenizer than the teacher "
-                          f"cache {cfg.cache.dir}; use a student of the teacher's family")
+                          f"{cfg.teacher.model}; use a student of the teacher's family")
     if models.logits_size(scfg) < vocab:
-        raise ConfigError(f"student vocab_size {models.logits_size(scfg)} is below the cache's "
-                          f"{vocab}")
+        raise ConfigError(f"student vocab_size {models.logits_size(scfg)} is below the "
+                          f"teacher's {vocab}")
     save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    ev = eval_targets(cfg, run_dir, vocab, log)
+    ev = eval_targets(cfg, run_dir, vocab, log, teacher)
+    teacher_targets = None
+    if teacher is not None:
+        t_forward = models.logits_fn(teacher, vocab)
+
+        def teacher_targets(x):
+            # Dense targets from the live teacher; no gradient flows into it.
+            lp = losses.log_softmax(mx.stop_gradient(t_forward(x)), cfg.loss.temperature)
+            return {"logprobs": lp}
 
     t = cfg.train
     adapter_cfg = models.setup_training(model, t.mode, t.lora_rank, t.lora_layers,
@@ -212,7 +238,7 @@ def fit(cfg: Config, quiet: bool = False, log=print) -> None:
         os.remove(metrics_path)
     mx.eval(model.parameters())
     log(f"student: {models.trainable_count(model):,} trainable parameters ({t.mode}), "
-        f"{reader.rows} cached rows, {t.iters} steps of {t.batch_size}x{cfg.data.seq_len}")
+        f"{source.rows} {'cached' if teacher is None else 'online'} rows, {t.iters} steps of {t.batch_size}x{cfg.data.seq_len}")
 
     forward = models.logits_fn(model, vocab)
     lc = cfg.loss
@@ -231,7 +257,7 @@ def fit(cfg: Config, quiet: bool = False, log=print) -> None:
         return loss, ntok, kd, ce, grads
 
     micro = t.batch_size // t.grad_accum
-    batches = reader.batches(t.batch_size, cfg.run.seed, start_step=step)
+    batches = source.batches(t.batch_size, cfg.run.seed, start_step=step)
     bar = Progress(t.iters, "train", "tok", quiet)
     bar.done = step
     t_report, tok_report = time.time(), 0
@@ -240,6 +266,8 @@ def fit(cfg: Config, quiet: bool = False, log=print) -> None:
         while step < t.iters:
             mx.random.seed(cfg.run.seed * 1_000_003 + step)  # RNG is a function of the step
             x, mask, labels, targets = to_arrays(next(batches))
+            if teacher_targets is not None:
+                targets = teacher_targets(x)
             acc, tot_n, parts = None, 0.0, np.zeros(3)
             for m0 in range(0, t.batch_size, micro):
                 sl = slice(m0, m0 + micro)

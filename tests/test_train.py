@@ -119,3 +119,12 @@ def test_padded_teacher_vocab_is_sliced(tiny, tmp_path):
     with open(os.path.join(cfg.cache.dir, "manifest.json")) as f:
         assert json.load(f)["vocab_size"] == 64
     assert np.isfinite(res["student_after"]["kl"])
+
+
+def test_online_teacher_needs_no_cache(tiny, tmp_path):
+    """teacher.mode=online: dense targets from the live teacher each step, no cache written;
+    with it the whole loss family is available."""
+    cfg, res = run(tiny, tmp_path, **{"teacher.mode": "online", "train.iters": 30,
+                                      "train.lr": 1e-2, "loss.name": "jsd"})
+    assert not os.path.exists(cfg.cache.dir)
+    assert res["student_after"]["kl"] < 0.8 * res["student_before"]["kl"]
