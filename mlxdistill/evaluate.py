@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 import yaml
 
 from . import data as data_mod
@@ -20,6 +21,7 @@ from .config import ConfigError, from_dict
 from .progress import Progress
 
 EVAL_BATCH = 4
+ECE_BINS = 15
 
 
 def _load_run_config(run_dir: str):
@@ -46,12 +48,13 @@ def _accumulate(stats: dict, key: str, value: mx.array) -> None:
 
 def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
             quiet: bool = True) -> dict:
-    """Per model: CE, perplexity, next-token accuracy; per student also KL to the teacher and
-    top-1/top-5 agreement with the teacher's most likely token."""
+    """Per model: CE, perplexity, next-token accuracy, expected calibration error; per student
+    also KL to the teacher and top-1/top-5 agreement with the teacher's most likely token."""
     labels_all = data_mod.hard_targets(packed.input_ids, packed.next_ids)
     t_fwd = models.logits_fn(teacher, vocab)
     s_fwd = {name: models.logits_fn(m, vocab) for name, m in students.items()}
     sums: dict = {name: {} for name in ["teacher", *students]}
+    calib: dict = {}  # name -> [count, sum confidence, sum correct] per confidence bin
     ntok = 0.0
     bar = Progress(packed.rows, "evaluate", "tok", quiet)
     for b in range(0, packed.rows, EVAL_BATCH):
@@ -69,7 +72,16 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
             ce, _ = losses.masked_mean(
                 -mx.take_along_axis(lp, mx.maximum(labels, 0)[..., None], -1)[..., 0], mask)
             _accumulate(st, "ce", ce * n)
-            _accumulate(st, "accuracy", ((mx.argmax(lp, -1) == labels) * m).sum())
+            pred = mx.argmax(lp, -1)
+            _accumulate(st, "accuracy", ((pred == labels) * m).sum())
+            conf = mx.exp(mx.max(lp, -1))
+            keep = np.array(mask).reshape(-1)
+            bins = calib.setdefault(name, np.zeros((3, ECE_BINS)))
+            idx = np.minimum((np.array(conf).reshape(-1)[keep] * ECE_BINS).astype(int),
+                             ECE_BINS - 1)
+            np.add.at(bins[0], idx, 1.0)
+            np.add.at(bins[1], idx, np.array(conf).reshape(-1)[keep])
+            np.add.at(bins[2], idx, np.array(pred == labels).reshape(-1)[keep])
             if name != "teacher":
                 _accumulate(st, "kl", (losses.dense_kl_pos(lp, lp_t) * m).sum())
                 _accumulate(st, "agree_top1", ((mx.argmax(lp, -1) == top_t) * m).sum())
@@ -82,6 +94,8 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
     for name, st in sums.items():
         r = {k: v / max(ntok, 1.0) for k, v in st.items()}
         r["ppl"] = math.exp(min(r["ce"], 50.0))
+        # Expected calibration error of the top-1 prediction (equal-width confidence bins).
+        r["ece"] = float(np.abs(calib[name][1] - calib[name][2]).sum() / max(ntok, 1.0))
         out[name] = {k: round(v, 4) for k, v in r.items()}
     out["tokens"] = int(ntok)
     return out
@@ -137,7 +151,8 @@ def format_table(res: dict) -> str:
                             ("accuracy", "next-token accuracy", "{:.3f}"),
                             ("kl", "KL(teacher‖student)", "{:.3f}"),
                             ("agree_top1", "top-1 agreement", "{:.3f}"),
-                            ("agree_top5", "top-5 agreement", "{:.3f}")]:
+                            ("agree_top5", "top-5 agreement", "{:.3f}"),
+                            ("ece", "calibration error (ECE)", "{:.3f}")]:
         rows.append((label, g("teacher", key, fmt), g("student_before", key, fmt),
                      g("student_after", key, fmt)))
     ret = res.get("retention", {})

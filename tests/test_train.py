@@ -128,3 +128,20 @@ def test_online_teacher_needs_no_cache(tiny, tmp_path):
                                       "train.lr": 1e-2, "loss.name": "jsd"})
     assert not os.path.exists(cfg.cache.dir)
     assert res["student_after"]["kl"] < 0.8 * res["student_before"]["kl"]
+
+
+def test_compare_teacher_against_itself(tiny):
+    """Sanity of the evaluation maths: a model compared with itself has KL 0, agreement 1 and
+    the same CE / accuracy / calibration error."""
+    from mlx_lm.utils import load
+
+    from mlxdistill import data as data_mod
+    from mlxdistill.evaluate import compare
+
+    teacher, tok = load(tiny["teacher"])
+    packed = data_mod.pack(tiny["test"], tok, 32)
+    res = compare(teacher, {"same": teacher}, packed, 64)
+    t, s = res["teacher"], res["same"]
+    assert abs(s["kl"]) < 1e-5 and s["agree_top1"] == 1.0 and s["agree_top5"] == 1.0
+    assert s["ce"] == t["ce"] and s["ece"] == t["ece"] and 0.0 <= t["ece"] <= 1.0
+    assert res["tokens"] == int(packed.loss_mask.sum())  # every trained position counted
