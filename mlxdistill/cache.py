@@ -108,20 +108,24 @@ def read_manifest(cache_dir: str) -> dict:
     return m
 
 
-def _identity(cfg: Config, teacher_fp: str, tok_fp: str, vocab: int, dataset_sha: str) -> dict:
+def config_identity(cfg: Config) -> dict:
+    """What a cache must agree with, as far as the config alone decides it."""
     c = cfg.cache
     return {
-        "format_version": FORMAT_VERSION, "teacher_fingerprint": teacher_fp,
-        "tokenizer_fingerprint": tok_fp, "vocab_size": vocab, "mode": c.mode,
-        "n": c.n if c.mode == "sample" else None, "k": c.k if c.mode == "topk" else None,
-        "temperature": c.temperature, "seq_len": cfg.data.seq_len,
-        "dataset_sha256": dataset_sha, "max_rows": cfg.data.max_rows,
-        "mask_prompt": cfg.data.mask_prompt, "seed": c.seed, "shard_rows": c.shard_rows,
+        "format_version": FORMAT_VERSION,
+        "teacher_fingerprint": models.config_fingerprint(cfg.teacher.model),
+        "mode": c.mode, "n": c.n if c.mode == "sample" else None,
+        "k": c.k if c.mode == "topk" else None, "temperature": c.temperature,
+        "seq_len": cfg.data.seq_len, "dataset_sha256": data_mod.file_sha256(cfg.data.train),
+        "max_rows": cfg.data.max_rows, "mask_prompt": cfg.data.mask_prompt, "seed": c.seed,
+        "shard_rows": c.shard_rows,
     }
 
 
 def check_compatible(manifest: dict, want: dict, cache_dir: str) -> None:
     for key in IDENTITY_KEYS:
+        if key not in want:
+            continue
         if manifest.get(key) != want.get(key):
             raise CacheError(
                 f"cache {cache_dir} was built with {key}={manifest.get(key)!r} but this config "
@@ -141,9 +145,8 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
     if c.mode == "topk" and c.k > match.vocab_size:
         raise ConfigError(f"cache.k={c.k} exceeds the vocabulary size {match.vocab_size}")
 
-    dataset_sha = data_mod.file_sha256(cfg.data.train)
-    want = _identity(cfg, models.config_fingerprint(cfg.teacher.model), match.fingerprint,
-                     match.vocab_size, dataset_sha)
+    want = {**config_identity(cfg), "tokenizer_fingerprint": match.fingerprint,
+            "vocab_size": match.vocab_size}
     os.makedirs(c.dir, exist_ok=True)
     mpath = os.path.join(c.dir, MANIFEST)
     if os.path.exists(mpath):

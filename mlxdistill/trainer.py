@@ -51,15 +51,7 @@ def ensure_cache(cfg: Config, quiet: bool, log) -> cache_mod.ShardReader:
     if not os.path.exists(mpath) or not cache_mod.read_manifest(cfg.cache.dir).get("complete"):
         cache_mod.build(cfg, quiet=quiet, log=log)
     reader = cache_mod.ShardReader(cfg.cache.dir)
-    m = reader.manifest
-    for key, want in (("seq_len", cfg.data.seq_len), ("mode", cfg.cache.mode),
-                      ("temperature", cfg.loss.temperature),
-                      ("dataset_sha256", data_mod.file_sha256(cfg.data.train)),
-                      ("teacher_fingerprint", models.config_fingerprint(cfg.teacher.model))):
-        if m.get(key) != want:
-            raise cache_mod.CacheError(
-                f"cache {cfg.cache.dir} has {key}={m.get(key)!r} but the config needs "
-                f"{want!r}; point cache.dir elsewhere or delete the cache")
+    cache_mod.check_compatible(reader.manifest, cache_mod.config_identity(cfg), cfg.cache.dir)
     return reader
 
 

@@ -124,3 +124,12 @@ def test_cache_from_other_data_is_refused(tiny, tmp_path):
         build(tiny, tmp_path, **{"data.train": tiny["valid"]})
     with pytest.raises(cache_mod.CacheError, match="mode"):
         build(tiny, tmp_path, **{"cache.mode": "topk"})
+
+
+def test_training_refuses_a_complete_cache_with_other_settings(tiny, tmp_path):
+    from mlxdistill.trainer import ensure_cache
+
+    build(tiny, tmp_path, **{"cache.n": 8})
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{"cache.n": 16}))
+    with pytest.raises(cache_mod.CacheError, match="n=8"):
+        ensure_cache(cfg, True, lambda m: None)
