@@ -105,8 +105,7 @@ def eval_targets(cfg: Config, run_dir: str, vocab_size: int, log,
     path = os.path.join(run_dir, "eval_teacher.safetensors")
     if os.path.exists(path):
         return dict(mx.load(path))
-    loaded = teacher is None
-    if loaded:
+    if teacher is None:  # cache mode: load it for this once, freed on return
         teacher = models.load(cfg.teacher.model, "teacher")[0]
     _, ttok = models.load_meta(cfg.teacher.model, "teacher")
     packed = data_mod.pack(cfg.data.valid, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
