@@ -132,5 +132,20 @@ def inspect(cache_dir, as_json):
         click.echo(f"{k:>18}: {v}")
 
 
+@main.command()
+@click.argument("run_dir")
+@click.option("-o", "--out", required=True, help="Output folder (mlx_lm / MLX Swift loadable).")
+@click.option("--bits", type=click.Choice(["16", "8", "4"]), default="16", show_default=True)
+@click.option("--group-size", type=int, default=64, show_default=True,
+              help="Quantization group size (8 and 4 bits).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@guarded
+def export(run_dir, out, bits, group_size, force):
+    """Fuse, optionally quantize and verify RUN_DIR's student into OUT."""
+    from .export import export_run
+
+    export_run(run_dir, out, int(bits), group_size, force, log=click.echo)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

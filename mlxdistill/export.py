@@ -1,0 +1,153 @@
+"""Export a trained student as a self-contained folder that mlx_lm and MLX Swift load:
+LoRA/DoRA fused, optionally quantized, with a model card and a round-trip check.
+
+MLX Swift's loader reads every *.safetensors in the folder, quantizes exactly the modules
+whose `<path>.scales` exist (config.json's "quantization" block gives bits and group size)
+and fails on extra or missing keys; tokenizers come from tokenizer.json +
+tokenizer_config.json. The round trip reloads the written folder with `mlx_lm.load` and
+compares its logits with the model that was evaluated, on fixed rows of held-out text.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_unflatten
+
+from . import data as data_mod
+from . import losses, models
+from .config import ConfigError
+
+BITS = (16, 8, 4)
+ROUND_TRIP_ROWS = 4
+REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def fuse_adapters(model) -> int:
+    """Replace every LoRA/DoRA layer by the plain layer with the update folded in."""
+    fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return len(fused)
+
+
+def _check_out(out: str, force: bool) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
+        raise ConfigError(f"output {out} exists and is not empty; pass --force to replace it")
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    if not os.path.isdir(parent):
+        raise ConfigError(f"output folder's parent {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"output folder's parent {parent} is not writable")
+
+
+def _logits(model, x: mx.array, vocab: int) -> mx.array:
+    return models.logits_fn(model, vocab)(x).astype(mx.float32)
+
+
+def round_trip(ref_logits: mx.array, out: str, rows: mx.array, vocab: int) -> dict:
+    """Reload `out` exactly as an app would (mlx_lm.load, weights as stored) and compare its
+    logits with those of the evaluated model."""
+    from mlx_lm.utils import load as mlx_load
+
+    reloaded, _ = mlx_load(out)
+    a, b = ref_logits, _logits(reloaded, rows, vocab)
+    kl = losses.dense_kl_pos(losses.log_softmax(b), losses.log_softmax(a)).mean()
+    return {"rows": int(rows.shape[0]), "positions": int(rows.size),
+            "max_abs_logit_diff": round(mx.abs(a - b).max().item(), 6),
+            "top1_agreement": round((mx.argmax(a, -1) == mx.argmax(b, -1)).mean().item(), 6),
+            "kl_reference_to_export": round(kl.item(), 8)}
+
+
+def model_card(run_dir: str, base: str, bits: int, rt: dict, ev: Optional[dict]) -> str:
+    lines = [f"# {os.path.basename(os.path.abspath(run_dir))} (mlxdistill export)", "",
+             f"Student distilled from `{base}` with mlxdistill; {bits}-bit weights.", "",
+             "```bash", "mlx_lm.generate --model . --prompt \"...\"", "```", ""]
+    if ev:
+        lines += ["## Evaluation against the teacher", "",
+                  f"On `{ev.get('data')}` ({ev.get('tokens')} tokens):", "",
+                  "| model | CE | next-token accuracy | KL(teacher‖student) | top-1 agreement |",
+                  "|---|---|---|---|---|"]
+        for name in ("teacher", "student_before", "student_after"):
+            r = ev.get(name, {})
+            lines.append(f"| {name.replace('_', ' ')} | {r.get('ce', '-')} | "
+                         f"{r.get('accuracy', '-')} | {r.get('kl', '-')} | "
+                         f"{r.get('agree_top1', '-')} |")
+        lines.append("")
+    lines += ["## Round-trip check", "",
+              f"Reloaded with `mlx_lm.load` and compared with the evaluated model on "
+              f"{rt['positions']} positions: max |Δlogit| {rt['max_abs_logit_diff']}, "
+              f"top-1 agreement {rt['top1_agreement']}.", ""]
+    return "\n".join(lines)
+
+
+def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
+               force: bool = False, log=print) -> dict:
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    from .evaluate import _load_run_config, load_trained_student
+
+    if bits not in BITS:
+        raise ConfigError(f"--bits {bits} is not supported; use one of 16, 8, 4")
+    _check_out(out, force)
+    cfg = _load_run_config(run_dir)
+    model = load_trained_student(run_dir, cfg)
+    src = os.path.join(run_dir, "model") if os.path.isdir(os.path.join(run_dir, "model")) \
+        else cfg.student.model
+    config, tok = models.load_meta(src, "student")
+    config = dict(config)
+    vocab = models.logits_size(config)
+    nfused = fuse_adapters(model)
+    model.eval()
+
+    # Fixed rows of held-out text: the same positions for every export of this run.
+    test = cfg.data.test or cfg.data.valid or cfg.data.train
+    packed = data_mod.pack(test, tok, cfg.data.seq_len, cfg.data.mask_prompt, ROUND_TRIP_ROWS)
+    rows = mx.array(packed.input_ids)
+    ref_logits = _logits(model, rows, vocab)  # the model as evaluated after training
+    mx.eval(ref_logits)
+
+    if bits == 16:
+        model.set_dtype(mx.float16)
+        config["torch_dtype"] = "float16"
+    else:
+        model, config = quantize_model(model, config, group_size, bits)
+    config.pop("quantization_config", None)
+
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(tmp, model)
+    save_config(config, os.path.join(tmp, "config.json"))
+    tok.save_pretrained(tmp)
+    for f in glob.glob(os.path.join(src, "tokenizer*")) + glob.glob(os.path.join(src, "*.model")):
+        if not os.path.exists(os.path.join(tmp, os.path.basename(f))):
+            shutil.copy(f, tmp)
+    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(tmp, f))]
+    if missing:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"the student's tokenizer could not be written as {missing}; MLX Swift "
+                          "needs tokenizer.json: convert the tokenizer with transformers first")
+
+    # Round trip against the float32 reference, before the folder takes its final name.
+    rt = round_trip(ref_logits, tmp, rows, vocab)
+    ev_path = os.path.join(run_dir, "eval.json")
+    ev = json.load(open(ev_path)) if os.path.exists(ev_path) else None
+    report = {"run_dir": run_dir, "bits": bits, "group_size": group_size if bits < 16 else None,
+              "fused_layers": nfused, "round_trip": rt,
+              "files": sorted(os.listdir(tmp)) + ["README.md", "export.json"],
+              "size_bytes": sum(os.path.getsize(p) for p in glob.glob(os.path.join(tmp, "*")))}
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(model_card(run_dir, cfg.teacher.model, bits, rt, ev))
+    with open(os.path.join(tmp, "export.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    log(f"exported {run_dir} -> {out} ({bits}-bit, {report['size_bytes'] / 1e6:.1f} MB); "
+        f"round trip: top-1 agreement {rt['top1_agreement']}, max |Δlogit| "
+        f"{rt['max_abs_logit_diff']}")
+    return report
