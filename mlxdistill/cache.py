@@ -295,9 +295,11 @@ class ShardReader:
             out.append((int(i), rng.permutation(self.shards[i]["rows"])))
         return out
 
-    def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[data_mod.Batch]:
+    def batches(self, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                size: int = 1) -> Iterator[data_mod.Batch]:
         """Endless batches; batch `start_step` first (exact resume). A background thread
-        loads the next shard while the current one is consumed."""
+        loads the next shard while the current one is consumed. With `size` ranks each
+        reads only its contiguous share of every global batch."""
         per_epoch = self.rows // batch_size
         if per_epoch == 0:
             raise CacheError(f"cache {self.dir} has {self.rows} rows, fewer than "
@@ -313,7 +315,9 @@ class ShardReader:
                     sidx = np.concatenate([np.full(len(r), si) for si, r in plan])
                     ridx = np.concatenate([r for _, r in plan])
                     while b < per_epoch and not stop.is_set():
-                        sl = slice(b * batch_size, (b + 1) * batch_size)
+                        share = batch_size // size
+                        lo = b * batch_size + rank * share
+                        sl = slice(lo, lo + share)
                         want = list(zip(sidx[sl].tolist(), ridx[sl].tolist()))
                         loaded = {si: self._get(si) for si in dict.fromkeys(sidx[sl].tolist())}
                         q.put(self._assemble(want, loaded))

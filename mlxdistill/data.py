@@ -160,7 +160,8 @@ class PackedRows:
         self.packed = packed
         self.rows = packed.rows
 
-    def batches(self, batch_size: int, seed: int, start_step: int = 0):
+    def batches(self, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                size: int = 1):
         per_epoch = self.rows // batch_size
         if per_epoch == 0:
             raise DataError(f"the training data packs into {self.rows} rows, fewer than "
@@ -170,7 +171,9 @@ class PackedRows:
         while True:
             perm = np.random.default_rng([seed, epoch]).permutation(self.rows)
             for i in range(b, per_epoch):
-                idx = np.sort(perm[i * batch_size:(i + 1) * batch_size])
+                share = batch_size // size
+                lo = i * batch_size + rank * share
+                idx = np.sort(perm[lo:lo + share])
                 yield Batch(p.input_ids[idx], p.loss_mask[idx], p.next_ids[idx], {})
             epoch, b = epoch + 1, 0
 

@@ -174,23 +174,41 @@ def to_arrays(batch: data_mod.Batch) -> tuple:
     return mx.array(batch.input_ids), mx.array(batch.loss_mask), mx.array(labels), targets
 
 
-def train(cfg: Config, quiet: bool = False, log=print) -> dict:
-    """Train the student from the teacher cache, then evaluate it against the teacher."""
+def train(cfg: Config, quiet: bool = False, log=print) -> Optional[dict]:
+    """Train the student from the teacher, then evaluate it against the teacher (rank 0)."""
     from . import evaluate
 
-    fit(cfg, quiet, log)  # returns once the student is saved and freed
+    if not fit(cfg, quiet, log):  # returns once the student is saved and freed
+        return None
     return evaluate.evaluate_run(cfg.run.dir, quiet=quiet, log=log)
 
 
-def fit(cfg: Config, quiet: bool = False, log=print) -> None:
-    from . import plots
+class World:
+    """The mx.distributed group (one process: size 1, every collective a no-op)."""
 
-    run_dir = cfg.run.dir
-    os.makedirs(run_dir, exist_ok=True)
-    _check_same_run(cfg, run_dir)
-    source, vocab, fingerprint, teacher = batch_source(cfg, quiet, log)
+    def __init__(self):
+        self.group = mx.distributed.init()
+        self.rank, self.size = self.group.rank(), self.group.size()
+        self.main = self.rank == 0
 
-    mx.random.seed(cfg.run.seed)
+    def barrier(self) -> None:
+        if self.size > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(0.0)))
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        if self.size == 1:
+            return values
+        return np.array(mx.distributed.all_sum(mx.array(values, dtype=mx.float32)))
+
+    def from_main(self, tree):
+        """Rank 0's values of `tree` on every rank (a sum in which the others add zeros)."""
+        if self.size == 1:
+            return tree
+        tree = tree_map(lambda a: a if self.main else mx.zeros_like(a), tree)
+        return tree_map(lambda a: mx.distributed.all_sum(a), tree)
+
+
+def _load_student(cfg: Config, fingerprint: str, vocab: int):
     model, tok, scfg = models.load(cfg.student.model, "student")
     models.check_seq_len(cfg.data.seq_len, scfg, "student")
     if models.vocab_fingerprint(tok) != fingerprint:
@@ -199,8 +217,54 @@ def fit(cfg: Config, quiet: bool = False, log=print) -> None:
     if models.logits_size(scfg) < vocab:
         raise ConfigError(f"student vocab_size {models.logits_size(scfg)} is below the "
                           f"teacher's {vocab}")
-    save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    ev = eval_targets(cfg, run_dir, vocab, log, teacher)
+    return model, tok, scfg
+
+
+def _restore(run_dir: str, model, opt, metrics_path: str, log) -> tuple[int, list]:
+    ckpts = _checkpoints(run_dir)
+    if not ckpts:
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        return 0, []
+    state = restore_checkpoint(ckpts[-1], model, opt)
+    # Drop metrics logged after the checkpoint: they will be logged again.
+    if os.path.exists(metrics_path):
+        with open(metrics_path, "r+b") as f:
+            f.truncate(state["metrics_bytes"])
+    log(f"resuming {run_dir} at step {state['step']}")
+    return state["step"], state.get("loss_window", [])
+
+
+def fit(cfg: Config, quiet: bool = False, log=print) -> bool:
+    """The training loop. Under `mlx.launch` every rank takes its share of each global batch
+    and gradients are averaged; rank 0 alone writes. Returns True on rank 0."""
+    from . import plots
+
+    world = World()
+    if not world.main:
+        quiet, log = True, (lambda m: None)
+    t = cfg.train
+    if t.batch_size % (world.size * t.grad_accum):
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by ranks "
+                          f"({world.size}) x train.grad_accum ({t.grad_accum})")
+    run_dir = cfg.run.dir
+    if world.main:
+        os.makedirs(run_dir, exist_ok=True)
+        _check_same_run(cfg, run_dir)
+        source, vocab, fingerprint, teacher = batch_source(cfg, quiet, log)
+        world.barrier()
+    else:
+        world.barrier()  # rank 0 builds the cache first
+        source, vocab, fingerprint, teacher = batch_source(cfg, quiet, log)
+    if world.size > 1:
+        log(f"data parallel: {world.size} ranks, {t.batch_size // world.size} rows each")
+
+    mx.random.seed(cfg.run.seed)
+    model, tok, scfg = _load_student(cfg, fingerprint, vocab)
+    ev = None
+    if world.main:
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+        ev = eval_targets(cfg, run_dir, vocab, log, teacher)
     teacher_targets = None
     if teacher is not None:
         t_forward = models.logits_fn(teacher, vocab)
@@ -210,26 +274,20 @@ def fit(cfg: Config, quiet: bool = False, log=print) -> None:
             lp = losses.log_softmax(mx.stop_gradient(t_forward(x)), cfg.loss.temperature)
             return {"logprobs": lp}
 
-    t = cfg.train
     adapter_cfg = models.setup_training(model, t.mode, t.lora_rank, t.lora_layers,
                                         t.lora_scale, t.lora_dropout)
     opt = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=t.weight_decay)
+    opt.init(model.trainable_parameters())
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    step, history = 0, []
-    ckpts = _checkpoints(run_dir)
-    if ckpts:
-        state = restore_checkpoint(ckpts[-1], model, opt)
-        step, history = state["step"], state.get("loss_window", [])
-        # Drop metrics logged after the checkpoint: they will be logged again.
-        if os.path.exists(metrics_path):
-            with open(metrics_path, "r+b") as f:
-                f.truncate(state["metrics_bytes"])
-        log(f"resuming {run_dir} at step {step}")
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    mx.eval(model.parameters())
+    step, history = _restore(run_dir, model, opt, metrics_path, log) if world.main else (0, [])
+    # Every rank starts from rank 0's weights, optimizer state and step.
+    step = int(world.sum(np.array([step]))[0])
+    model.update(world.from_main(model.trainable_parameters()))
+    opt.state = world.from_main(opt.state)
+    mx.eval(model.parameters(), opt.state)
     log(f"student: {models.trainable_count(model):,} trainable parameters ({t.mode}), "
-        f"{source.rows} {'cached' if teacher is None else 'online'} rows, {t.iters} steps of {t.batch_size}x{cfg.data.seq_len}")
+        f"{source.rows} {'cached' if teacher is None else 'online'} rows, {t.iters} steps "
+        f"of {t.batch_size}x{cfg.data.seq_len}")
 
     forward = models.logits_fn(model, vocab)
     lc = cfg.loss
@@ -247,20 +305,22 @@ def fit(cfg: Config, quiet: bool = False, log=print) -> None:
         (loss, (ntok, kd, ce)), grads = grad_fn(model, x, mask, labels, targets)
         return loss, ntok, kd, ce, grads
 
-    micro = t.batch_size // t.grad_accum
-    batches = source.batches(t.batch_size, cfg.run.seed, start_step=step)
+    share = t.batch_size // world.size
+    micro = share // t.grad_accum
+    batches = source.batches(t.batch_size, cfg.run.seed, start_step=step, rank=world.rank,
+                             size=world.size)
     bar = Progress(t.iters, "train", "tok", quiet)
     bar.done = step
     t_report, tok_report = time.time(), 0
-    metrics_f = open(metrics_path, "a")
+    metrics_f = open(metrics_path, "a") if world.main else None
     try:
         while step < t.iters:
             mx.random.seed(cfg.run.seed * 1_000_003 + step)  # RNG is a function of the step
             x, mask, labels, targets = to_arrays(next(batches))
             if teacher_targets is not None:
                 targets = teacher_targets(x)
-            acc, tot_n, parts = None, 0.0, np.zeros(3)
-            for m0 in range(0, t.batch_size, micro):
+            acc, sums = None, np.zeros(4)  # sums: trained tokens, loss, kd, ce (x tokens)
+            for m0 in range(0, share, micro):
                 sl = slice(m0, m0 + micro)
                 loss, ntok, kd, ce, grads = micro_step(
                     x[sl], mask[sl], labels[sl], {k: v[sl] for k, v in targets.items()})
@@ -268,20 +328,24 @@ def fit(cfg: Config, quiet: bool = False, log=print) -> None:
                 # Weight micro-batches by trained tokens: the sum equals one big batch's mean.
                 acc = tree_map(lambda g: g * n, grads) if acc is None else \
                     tree_map(lambda a, g: a + g * n, acc, grads)
-                tot_n += n
-                parts += np.array([loss.item(), kd.item(), ce.item()]) * n
-            grads = tree_map(lambda g: g / max(tot_n, 1.0), acc)
+                sums += np.array([1.0, loss.item(), kd.item(), ce.item()]) * n
+            sums = world.sum(sums)
+            if world.size > 1:
+                acc = tree_map(lambda g: g * world.size, nn.average_gradients(acc))
+            grads = tree_map(lambda g: g / max(sums[0], 1.0), acc)
             if t.grad_clip > 0:
                 grads, _ = optim.clip_grad_norm(grads, t.grad_clip)
             opt.update(model, grads)
             mx.eval(model.parameters(), opt.state)
             step += 1
-            tok_report += x.size
-            loss_v, kd_v, ce_v = parts / max(tot_n, 1.0)
+            tok_report += x.size * world.size
+            loss_v, kd_v, ce_v = sums[1:] / max(sums[0], 1.0)
             if not math.isfinite(loss_v):
                 raise FloatingPointError(f"loss became {loss_v} at step {step}; lower train.lr")
-            bar.update(1, units=x.size, postfix=f"loss {loss_v:.3f}")
-            history.append(loss_v)
+            bar.update(1, units=x.size * world.size, postfix=f"loss {loss_v:.3f}")
+            history.append(float(loss_v))
+            if not world.main:
+                continue
             rec = None
             if step % t.report_every == 0 or step == t.iters:
                 dt = time.time() - t_report
@@ -302,12 +366,16 @@ def fit(cfg: Config, quiet: bool = False, log=print) -> None:
             if step % t.save_every == 0 or step == t.iters:
                 save_checkpoint(run_dir, step, model, opt, metrics_f.tell(), history)
     finally:
-        metrics_f.close()
+        if metrics_f is not None:
+            metrics_f.close()
         bar.close()
 
+    if not world.main:
+        return False
     if t.mode == "full":
         models.save_full_model(model, tok, scfg, cfg.student.model,
                                os.path.join(run_dir, "model"))
     else:
         models.save_adapters(model, adapter_cfg, cfg.student.model, run_dir)
     plots.plot_metrics(metrics_path, os.path.join(run_dir, "plots"))
+    return True
