@@ -39,6 +39,9 @@ def guarded(fn):
         except _user_errors() as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except FloatingPointError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(3)
         except FileNotFoundError as e:
             click.echo(f"error: {e.filename or e}: file not found", err=True)
             sys.exit(2)

@@ -208,6 +208,50 @@ class World:
         return tree_map(lambda a: mx.distributed.all_sum(a), tree)
 
 
+class RunLock:
+    """One `train` per run directory: a second one would interleave checkpoints and metrics.
+    The lock file holds the owner's pid; a lock whose process is gone is stale and taken."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, ".lock")
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    with open(self.path) as f:
+                        pid = int(f.read().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    raise ConfigError(f"run dir {os.path.dirname(self.path)} is in use by "
+                                      f"process {pid}; wait for it or choose another run.dir")
+                os.remove(self.path)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise ConfigError(f"cannot take the lock {self.path}; remove it if no run is active")
+
+    def __exit__(self, *exc):
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _load_student(cfg: Config, fingerprint: str, vocab: int):
     model, tok, scfg = models.load(cfg.student.model, "student")
     models.check_seq_len(cfg.data.seq_len, scfg, "student")
@@ -238,11 +282,17 @@ def _restore(run_dir: str, model, opt, metrics_path: str, log) -> tuple[int, lis
 def fit(cfg: Config, quiet: bool = False, log=print) -> bool:
     """The training loop. Under `mlx.launch` every rank takes its share of each global batch
     and gradients are averaged; rank 0 alone writes. Returns True on rank 0."""
-    from . import plots
-
     world = World()
     if not world.main:
-        quiet, log = True, (lambda m: None)
+        return _fit(cfg, world, True, lambda m: None)
+    os.makedirs(cfg.run.dir, exist_ok=True)
+    with RunLock(cfg.run.dir):
+        return _fit(cfg, world, quiet, log)
+
+
+def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
+    from . import plots
+
     t = cfg.train
     if t.batch_size % (world.size * t.grad_accum):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by ranks "
@@ -341,7 +391,11 @@ def fit(cfg: Config, quiet: bool = False, log=print) -> bool:
             tok_report += x.size * world.size
             loss_v, kd_v, ce_v = sums[1:] / max(sums[0], 1.0)
             if not math.isfinite(loss_v):
-                raise FloatingPointError(f"loss became {loss_v} at step {step}; lower train.lr")
+                kept = _checkpoints(run_dir)
+                raise FloatingPointError(
+                    f"loss became {loss_v} at step {step}; "
+                    + (f"the last good checkpoint ({os.path.basename(kept[-1])}) is kept; "
+                       if kept else "") + "lower train.lr or raise train.warmup")
             bar.update(1, units=x.size * world.size, postfix=f"loss {loss_v:.3f}")
             history.append(float(loss_v))
             if not world.main:

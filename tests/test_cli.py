@@ -94,3 +94,15 @@ def test_real_process_exit_code(tiny, tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "loss.name='kl'" in p.stderr
+
+
+def test_diverging_loss_stops_with_one_line(tiny, tmp_path):
+    ov = tiny_overrides(tiny, tmp_path, **{"train.lr": 1e30, "train.warmup": 0,
+                                           "train.iters": 6, "train.save_every": 2})
+    res = invoke("train", "-q", *ov)
+    assert res.exit_code == 3, res.output
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: loss became"), err
+    assert "lower train.lr" in err[0]
+    assert "Traceback" not in res.output
+    assert not os.path.exists(tmp_path / "run" / "model")  # nothing final written

@@ -145,3 +145,26 @@ def test_compare_teacher_against_itself(tiny):
     assert abs(s["kl"]) < 1e-5 and s["agree_top1"] == 1.0 and s["agree_top5"] == 1.0
     assert s["ce"] == t["ce"] and s["ece"] == t["ece"] and 0.0 <= t["ece"] <= 1.0
     assert res["tokens"] == int(packed.loss_mask.sum())  # every trained position counted
+
+
+def test_second_train_on_a_busy_run_dir_refuses(tiny, tmp_path):
+    import subprocess
+
+    from mlxdistill.config import ConfigError
+    from mlxdistill.trainer import RunLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen(["sleep", "30"])
+    try:
+        (run_dir / ".lock").write_text(str(holder.pid))
+        with pytest.raises(ConfigError, match=f"in use by process {holder.pid}"):
+            run(tiny, tmp_path, **{"train.iters": 2})
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and the run proceeds, then releases it
+    cfg, res = run(tiny, tmp_path, **{"train.iters": 2})
+    assert res is not None and not (run_dir / ".lock").exists()
+    with RunLock(str(run_dir)):
+        assert (run_dir / ".lock").read_text() == str(os.getpid())
