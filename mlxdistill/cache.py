@@ -355,6 +355,36 @@ class ShardReader:
                      {k: take(k) for k in keys})
 
 
+def check_contents(t: dict, m: dict, rows: int, name: str) -> None:
+    """Shapes, dtypes and values of one shard against its manifest: what sha256 cannot say
+    when the producer itself was wrong."""
+    L, V = m["seq_len"], m["vocab_size"]
+    width = m.get("n") if m["mode"] == "sample" else m.get("k")
+    want = {"input_ids": ((rows, L), "int32"), "loss_mask": ((rows, L), "uint8"),
+            "next_ids": ((rows,), "int32"), "ids": ((rows, L, width), None)}
+    want.update({"counts": ((rows, L, width), "uint8")} if m["mode"] == "sample"
+                else {"logprobs": ((rows, L, width), "float16")})
+    for key, (shape, dtype) in want.items():
+        if key not in t:
+            raise CacheError(f"shard {name} lacks tensor {key!r}")
+        if t[key].shape != shape or (dtype and str(t[key].dtype) != dtype):
+            raise CacheError(f"shard {name}: {key} is {t[key].dtype}{list(t[key].shape)}, "
+                             f"expected {dtype or 'ids'}{list(shape)}")
+    if str(t["ids"].dtype) != np.dtype(id_dtype(V)).name:
+        raise CacheError(f"shard {name}: ids are {t['ids'].dtype}, expected "
+                         f"{np.dtype(id_dtype(V)).name} for vocab {V}")
+    if t["ids"].max(initial=0) >= V or t["input_ids"].min(initial=0) < 0 or \
+            t["input_ids"].max(initial=0) >= V:
+        raise CacheError(f"shard {name} holds token ids outside the vocabulary of {V}")
+    if m["mode"] == "sample":
+        if (t["counts"].astype(np.int64).sum(-1) != m["n"]).any():
+            raise CacheError(f"shard {name}: draws per position do not sum to n={m['n']}")
+    else:
+        lp = t["logprobs"].astype(np.float32)
+        if not np.isfinite(lp).all() or (np.exp(lp).sum(-1) > 1.0 + 1e-2).any():
+            raise CacheError(f"shard {name}: log-probabilities not finite or summing above 1")
+
+
 def summary(cache_dir: str) -> dict:
     """`mlxdistill inspect`: manifest summary after full verification."""
     reader = ShardReader(cache_dir, verify=False)
@@ -362,6 +392,8 @@ def summary(cache_dir: str) -> dict:
     if os.path.exists(vpath):
         os.remove(vpath)  # inspect always re-hashes everything
     reader.verify()
+    for i, sh in enumerate(reader.shards):
+        check_contents(reader.load_shard(i), reader.manifest, sh["rows"], sh["file"])
     target_bpt, file_bpt = reader.bytes_per_token()
     m = reader.manifest
     return {

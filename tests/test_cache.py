@@ -133,3 +133,22 @@ def test_training_refuses_a_complete_cache_with_other_settings(tiny, tmp_path):
     cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{"cache.n": 16}))
     with pytest.raises(cache_mod.CacheError, match="n=8"):
         ensure_cache(cfg, True, lambda m: None)
+
+
+@pytest.mark.parametrize("mode", ["sample", "topk"])
+def test_inspect_finds_bad_contents_behind_a_valid_sha(tiny, tmp_path, mode):
+    """A shard rewritten by a faulty producer, with the manifest updated to match, is still
+    caught by the content checks of `inspect`, which name the shard."""
+    from safetensors.numpy import save_file
+
+    cfg, m = build(tiny, tmp_path, **{"cache.mode": mode, "cache.k": 8})
+    name = m["shards"][1]["file"]
+    path = os.path.join(cfg.cache.dir, name)
+    t = load_file(path)
+    t["ids"][0, 0, 0] = 60000  # beyond the 64-token vocabulary
+    save_file(t, path)
+    m["shards"][1]["sha256"] = cache_mod.shard_sha256(path)
+    with open(os.path.join(cfg.cache.dir, "manifest.json"), "w") as f:
+        json.dump(m, f)
+    with pytest.raises(cache_mod.CacheError, match=f"{name} holds token ids outside"):
+        cache_mod.summary(cfg.cache.dir)
