@@ -104,6 +104,18 @@ def cache(config_path, quiet, overrides):
                 f"mode {m['mode']}")
 
 
+@main.command()
+@config_opt
+@quiet_opt
+@overrides_arg
+@guarded
+def generate(config_path, quiet, overrides):
+    """Teacher-written answers for generate.prompts -> generate.out (resumes)."""
+    from .generate import generate as run_generate
+
+    run_generate(_load(config_path, overrides), quiet=quiet, log=_log(quiet))
+
+
 @main.command("eval")
 @click.argument("run_dir")
 @click.option("--data", "data_path", default=None, help="JSONL/.txt to evaluate on "

@@ -168,11 +168,24 @@ class RunConfig:
 class GenerateConfig:
     prompts: str = "data/prompts.jsonl"
     out: str = "data/generated.jsonl"
-    n: int = 1
+    n: int = 1  # answers per prompt
     max_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 1.0
+    # null | exact | regex:PATTERN | module:function (see generate.py)
     verifier: Optional[str] = None
+    system: Optional[str] = None  # system prompt for chat prompts
+    batch_size: int = 8  # prompts per batched generation call
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("n", "max_tokens", "batch_size"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and v >= 1,
+                   f"generate.{key}={v!r} must be a positive integer")
+        _positive("generate.temperature", self.temperature, allow_zero=True)
+        _check(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
+               f"generate.top_p={self.top_p!r} must be in (0, 1]")
 
 
 @dataclass(frozen=True)

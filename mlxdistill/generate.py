@@ -1,0 +1,190 @@
+"""Sequence-level distillation data: the teacher writes answers to prompts -> JSONL.
+
+Input lines: {"prompt": ...} or {"messages": [...]}, optionally with "answer" (a reference
+for the verifier). Output lines are mlx_lm's completions or chat format, so the file feeds
+`mlxdistill cache` / `train` directly (prompt tokens masked). A sidecar
+`OUT.manifest.json` records provenance (teacher fingerprint, settings, seed) and the
+verifier's pass rate.
+
+Resume: lines go to `OUT.partial` and `OUT.progress.json` records, after every batch, how
+many prompts are done and how many bytes are valid; a killed run truncates the partial file
+to that size and continues, and OUT appears (by rename) only when complete.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import time
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from . import models
+from .config import Config, ConfigError
+from .data import DataError
+from .progress import Progress
+
+
+def read_prompts(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        raise DataError(f"prompts file {path} not found; set generate.prompts")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not (
+                    isinstance(rec.get("prompt"), str) or isinstance(rec.get("messages"), list)):
+                raise DataError(f"{path}:{lineno}: expected a 'prompt' string or a 'messages' "
+                                "list")
+            out.append(rec)
+    if not out:
+        raise DataError(f"prompts file {path} is empty")
+    return out
+
+
+def load_verifier(spec: Optional[str]) -> Optional[Callable[[dict, str], bool]]:
+    """None, "exact" (completion == record["answer"], stripped), "regex:PATTERN" (group 1 of
+    the last match in the completion == record["answer"]), or "module:function" called as
+    fn(record, completion) -> bool."""
+    if not spec:
+        return None
+    if spec == "exact":
+        return lambda rec, text: text.strip() == str(rec.get("answer", "")).strip()
+    if spec.startswith("regex:"):
+        try:
+            pat = re.compile(spec[len("regex:"):])
+        except re.error as e:
+            raise ConfigError(f"generate.verifier={spec!r}: bad regular expression ({e})") from None
+
+        def check(rec, text):
+            found = pat.findall(text)
+            if not found:
+                return False
+            last = found[-1] if isinstance(found[-1], str) else found[-1][0]
+            return last.strip() == str(rec.get("answer", "")).strip()
+
+        return check
+    mod, sep, fn = spec.partition(":")
+    if not sep or not mod or not fn:
+        raise ConfigError(f"generate.verifier={spec!r}: use exact, regex:PATTERN or "
+                          "module:function")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"generate.verifier={spec!r} cannot be imported ({e})") from None
+
+
+def prompt_tokens(tok, rec: dict, system: Optional[str]) -> list[int]:
+    if "messages" in rec:
+        msgs = ([{"role": "system", "content": system}] if system else []) + rec["messages"]
+        if getattr(tok, "chat_template", None) is not None:
+            return list(tok.apply_chat_template(msgs, add_generation_prompt=True))
+        text = "".join(f"{m.get('role', 'user')}: {m.get('content', '')}\n" for m in msgs)
+        return list(tok.encode(text + "assistant: ", add_special_tokens=False))
+    text = (system + "\n\n" if system else "") + rec["prompt"]
+    return list(tok.encode(text, add_special_tokens=False))
+
+
+def output_record(rec: dict, completion: str, system: Optional[str]) -> dict:
+    if "messages" in rec:
+        msgs = ([{"role": "system", "content": system}] if system else []) + rec["messages"]
+        return {"messages": msgs + [{"role": "assistant", "content": completion}]}
+    return {"prompt": rec["prompt"], "completion": completion}
+
+
+def _atomic_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def generate(cfg: Config, quiet: bool = False, log=print) -> dict:
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    g = cfg.generate
+    prompts = read_prompts(g.prompts)
+    verify = load_verifier(g.verifier)
+    identity = {"teacher": cfg.teacher.model,
+                "teacher_fingerprint": models.config_fingerprint(cfg.teacher.model),
+                "prompts": g.prompts, "n": g.n, "max_tokens": g.max_tokens,
+                "temperature": g.temperature, "top_p": g.top_p, "verifier": g.verifier,
+                "system": g.system, "batch_size": g.batch_size, "seed": g.seed}
+    partial, ppath = g.out + ".partial", g.out + ".progress.json"
+    mpath = g.out + ".manifest.json"
+    if os.path.exists(g.out) and os.path.exists(mpath):
+        with open(mpath) as f:
+            done_manifest = json.load(f)
+        if done_manifest.get("settings") == identity:
+            log(f"{g.out} is complete ({done_manifest['lines']} lines); nothing to do")
+            return done_manifest
+    prog = {"settings": identity, "done": 0, "bytes": 0, "kept": 0, "rejected": 0,
+            "verifier_errors": 0}
+    if os.path.exists(ppath) and os.path.exists(partial):
+        with open(ppath) as f:
+            old = json.load(f)
+        if old.get("settings") != identity:
+            raise ConfigError(f"{partial} was started with other settings; delete it and "
+                              f"{ppath} or restore the settings")
+        prog = old
+        log(f"resuming {g.out}: {prog['done']}/{len(prompts)} prompts done")
+    os.makedirs(os.path.dirname(os.path.abspath(g.out)), exist_ok=True)
+    with open(partial, "a+b") as f:
+        f.truncate(prog["bytes"])  # drop a line half-written by a killed run
+
+    teacher, tok, _ = models.load(cfg.teacher.model, "teacher")
+    sampler = make_sampler(temp=g.temperature, top_p=g.top_p if g.top_p < 1.0 else 0.0)
+    bar = Progress(len(prompts), "generate", "tok", quiet)
+    bar.done = prog["done"]
+    t0, ntok = time.time(), 0
+    with open(partial, "ab") as out:
+        for start in range(prog["done"], len(prompts), g.batch_size):
+            batch = prompts[start:start + g.batch_size]
+            # One seed per batch: a resumed run regenerates later batches identically.
+            mx.random.seed(g.seed * 1_000_003 + start)
+            toks = [prompt_tokens(tok, rec, g.system) for rec in batch for _ in range(g.n)]
+            resp = batch_generate(teacher, tok, toks, max_tokens=g.max_tokens, sampler=sampler)
+            lines = []
+            for i, text in enumerate(resp.texts):
+                rec = batch[i // g.n]
+                ok = True
+                if verify is not None:
+                    try:
+                        ok = bool(verify(rec, text))
+                    except Exception:  # a faulty verifier rejects, and is reported
+                        ok = False
+                        prog["verifier_errors"] += 1
+                prog["kept" if ok else "rejected"] += 1
+                if ok:
+                    lines.append(json.dumps(output_record(rec, text, g.system),
+                                            ensure_ascii=False) + "\n")
+            out.write("".join(lines).encode("utf-8"))
+            out.flush()
+            os.fsync(out.fileno())
+            prog["done"] = start + len(batch)
+            prog["bytes"] = out.tell()
+            _atomic_json(ppath, prog)
+            ntok += resp.stats.generation_tokens
+            bar.update(len(batch), units=resp.stats.generation_tokens)
+    bar.close()
+    total = prog["kept"] + prog["rejected"]
+    manifest = {"settings": identity, "prompts_total": len(prompts), "lines": prog["kept"],
+                "kept": prog["kept"], "rejected": prog["rejected"],
+                "verifier_errors": prog["verifier_errors"],
+                "pass_rate": round(prog["kept"] / max(total, 1), 4)}
+    _atomic_json(mpath, manifest)
+    os.replace(partial, g.out)
+    os.remove(ppath)
+    dt = time.time() - t0
+    log(f"generated {g.out}: {prog['kept']} answers kept of {total}"
+        + (f" (pass rate {manifest['pass_rate']:.1%})" if verify else "")
+        + (f", {ntok / dt:,.0f} tok/s" if ntok and dt > 0 else ""))
+    return manifest

@@ -1,0 +1,112 @@
+"""`mlxdistill generate`: deterministic, resumable, verified teacher-written data."""
+
+import json
+import os
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from mlxdistill import generate as gen_mod
+from mlxdistill.cli import main
+from mlxdistill.config import ConfigError, load_config
+from mlxdistill.data import DataError, pack
+
+
+def prompts_file(tmp_path, n=5):
+    p = tmp_path / "prompts.jsonl"
+    recs = [{"prompt": "the king", "answer": "x"} for _ in range(n - 1)]
+    recs.append({"messages": [{"role": "user", "content": "the queen"}]})
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return str(p)
+
+
+def cfg_for(tiny, tmp_path, out="gen.jsonl", **extra):
+    ov = {"teacher.model": tiny["teacher"], "generate.prompts": prompts_file(tmp_path),
+          "generate.out": str(tmp_path / out), "generate.max_tokens": 6,
+          "generate.batch_size": 2, "generate.n": 2, "generate.temperature": 1.0, **extra}
+    return load_config(None, [f"{k}={v}" for k, v in ov.items()])
+
+
+QUIET = dict(quiet=True, log=lambda m: None)
+
+
+def test_deterministic_and_mlx_lm_formats(tiny, tmp_path):
+    a = gen_mod.generate(cfg_for(tiny, tmp_path, "a.jsonl"), **QUIET)
+    gen_mod.generate(cfg_for(tiny, tmp_path, "b.jsonl"), **QUIET)
+    ta, tb = (tmp_path / "a.jsonl").read_text(), (tmp_path / "b.jsonl").read_text()
+    assert ta == tb and a["lines"] == 10 and a["pass_rate"] == 1.0
+    recs = [json.loads(x) for x in ta.splitlines()]
+    assert "completion" in recs[0] and recs[-1]["messages"][-1]["role"] == "assistant"
+    assert not (tmp_path / "a.jsonl.partial").exists()
+    # feeds the data pipeline: the prompt is masked, the completion trained
+    from mlx_lm.utils import load_tokenizer
+    from pathlib import Path
+
+    packed = pack(str(tmp_path / "a.jsonl"), load_tokenizer(Path(tiny["teacher"])), 64)
+    assert packed.loss_mask.sum() > 0 and packed.loss_mask[0, 0] == 0
+
+
+def test_resume_after_kill_never_duplicates(tiny, tmp_path, monkeypatch):
+    gen_mod.generate(cfg_for(tiny, tmp_path, "full.jsonl"), **QUIET)
+    real = gen_mod._atomic_json
+    calls = {"n": 0}
+
+    def dying(path, obj):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the second batch's lines are written, before its record
+            with open(str(tmp_path / "cut.jsonl.partial"), "ab") as f:
+                f.write(b'{"prompt": "half a li')  # and a torn line, as after a kill
+            raise KeyboardInterrupt
+        return real(path, obj)
+
+    monkeypatch.setattr(gen_mod, "_atomic_json", dying)
+    cfg = cfg_for(tiny, tmp_path, "cut.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        gen_mod.generate(cfg, **QUIET)
+    monkeypatch.setattr(gen_mod, "_atomic_json", real)
+    assert not (tmp_path / "cut.jsonl").exists()
+    logs = []
+    gen_mod.generate(cfg, quiet=True, log=logs.append)
+    assert any("resuming" in m and "2/5" in m for m in logs)
+    assert (tmp_path / "cut.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
+
+
+def test_verifier_keeps_and_rejects(tiny, tmp_path, monkeypatch):
+    mod = tmp_path / "myverif.py"
+    mod.write_text("def keep_chat(rec, text):\n    return 'messages' in rec\n"
+                   "def boom(rec, text):\n    raise RuntimeError('bad')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("myverif", None)
+    m = gen_mod.generate(cfg_for(tiny, tmp_path, "v.jsonl",
+                                 **{"generate.verifier": "myverif:keep_chat"}), **QUIET)
+    assert m["kept"] == 2 and m["rejected"] == 8 and m["pass_rate"] == 0.2
+    lines = (tmp_path / "v.jsonl").read_text().splitlines()
+    assert all("messages" in json.loads(x) for x in lines)
+    m = gen_mod.generate(cfg_for(tiny, tmp_path, "boom.jsonl",
+                                 **{"generate.verifier": "myverif:boom"}), **QUIET)
+    assert m["kept"] == 0 and m["verifier_errors"] == 10
+    exact = gen_mod.load_verifier("exact")
+    assert exact({"answer": " 42 "}, "42") and not exact({"answer": "4"}, "42")
+    rx = gen_mod.load_verifier(r"regex:answer is (\d+)")
+    assert rx({"answer": "7"}, "so the answer is 3, no, the answer is 7")
+    assert not rx({"answer": "7"}, "no number here")
+
+
+def test_bad_generate_input(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        gen_mod.read_prompts(str(bad))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        gen_mod.read_prompts(str(empty))
+    with pytest.raises(ConfigError, match="generate.max_tokens=0"):
+        load_config(None, ["generate.max_tokens=0"])
+    with pytest.raises(ConfigError, match="module:function"):
+        gen_mod.load_verifier("nonsense")
+    res = CliRunner().invoke(main, ["generate", f"generate.prompts={bad}",
+                                    f"teacher.model={tiny['teacher']}"])
+    assert res.exit_code == 2 and res.stderr.strip().count("\n") == 0
+    assert os.path.exists(bad)
