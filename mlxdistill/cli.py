@@ -162,5 +162,34 @@ def export(run_dir, out, bits, group_size, force):
     export_run(run_dir, out, int(bits), group_size, force, log=click.echo)
 
 
+@main.command()
+@click.argument("model_or_run")
+@click.option("--bits", default="16,8,4", show_default=True,
+              help="Precisions to profile (of 32,16,8,4); the first is the fidelity reference.")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True)
+@click.option("--gen-tokens", type=int, default=64, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--group-size", type=int, default=64, show_default=True)
+@click.option("-o", "--out", "out_dir", default=None,
+              help="Folder for profile.json + profile.png (default: RUN_DIR/profile).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@guarded
+def profile(model_or_run, bits, prompt_tokens, gen_tokens, repeats, group_size, out_dir,
+            as_json):
+    """Latency, memory and fidelity per precision, projected onto target devices."""
+    from .config import ConfigError
+    from .profile import format_report, run_profile
+
+    try:
+        bits_list = [int(b) for b in bits.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--bits {bits!r} must be a comma-separated list such as 16,8,4") \
+            from None
+    log = (lambda m: None) if as_json else click.echo
+    rep = run_profile(model_or_run, bits_list, prompt_tokens, gen_tokens, repeats, group_size,
+                      out_dir, log=log)
+    click.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

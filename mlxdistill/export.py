@@ -88,7 +88,7 @@ def model_card(run_dir: str, base: str, bits: int, rt: dict, ev: Optional[dict])
 
 def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
                force: bool = False, log=print) -> dict:
-    from mlx_lm.utils import quantize_model, save_config, save_model
+    from mlx_lm.utils import save_config, save_model
 
     from .evaluate import _load_run_config, load_trained_student
 
@@ -116,7 +116,7 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
         model.set_dtype(mx.float16)
         config["torch_dtype"] = "float16"
     else:
-        model, config = quantize_model(model, config, group_size, bits)
+        model, config = models.quantize(model, config, group_size, bits)
     config.pop("quantization_config", None)
 
     tmp = out.rstrip("/") + ".tmp"

@@ -201,6 +201,18 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def quantize(model, config: dict, group_size: int, bits: int):
+    """mlx_lm's affine quantization, without its print to stdout (which would corrupt
+    `--json` output)."""
+    import contextlib
+    import io
+
+    from mlx_lm.utils import quantize_model
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return quantize_model(model, config, group_size, bits)
+
+
 def logits_fn(model, vocab_size: int):
     """The model's logits sliced to the shared vocabulary."""
 
