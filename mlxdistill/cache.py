@@ -171,8 +171,10 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
         log(f"resuming cache {c.dir}: {len(done)}/{nshards} shards already written")
     todo_rows = sum(min(c.shard_rows, packed.rows - i * c.shard_rows)
                     for i in range(nshards) if i not in done)
-    bar = Progress(todo_rows * cfg.data.seq_len, f"teacher pass ({c.mode})", "tok", quiet)
-    bar.total = todo_rows
+    what = f"n={c.n} draws" if c.mode == "sample" else f"top-{c.k}"
+    log(f"teacher pass: {todo_rows} rows x {cfg.data.seq_len} tokens through "
+        f"{cfg.teacher.model} ({c.mode}, {what}, T={c.temperature}) -> {c.dir}")
+    bar = Progress(todo_rows, f"teacher pass ({c.mode})", "tok", quiet)
     forward = models.logits_fn(teacher, match.vocab_size)
     idt = id_dtype(match.vocab_size)
     t0 = time.time()
@@ -211,8 +213,7 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
     bar.close()
     if todo_rows:
         dt = time.time() - t0
-        log(f"teacher pass: {todo_rows} rows, {todo_rows * cfg.data.seq_len / dt:,.0f} tok/s, "
-            f"{dt:.0f} s -> {c.dir}")
+        log(f"teacher pass done: {todo_rows * cfg.data.seq_len / dt:,.0f} tok/s, {dt:.0f} s")
     return manifest
 
 

@@ -413,7 +413,7 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
                 rec = {**(rec or {"step": step}), **validate(model, ev, vocab)}
                 if not bar.enabled and not quiet:
                     log(f"step {step}/{t.iters}: " + ", ".join(
-                        f"{k} {v}" for k, v in rec.items() if k != "step"))
+                        f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
             if rec is not None:
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
@@ -429,7 +429,10 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
     if t.mode == "full":
         models.save_full_model(model, tok, scfg, cfg.student.model,
                                os.path.join(run_dir, "model"))
+        log(f"saved the student to {os.path.join(run_dir, 'model')} (mlx_lm folder)")
     else:
         models.save_adapters(model, adapter_cfg, cfg.student.model, run_dir)
+        log(f"saved {t.mode} adapters to {run_dir} (mlx_lm.generate --model "
+            f"{cfg.student.model} --adapter-path {run_dir})")
     plots.plot_metrics(metrics_path, os.path.join(run_dir, "plots"))
     return True
