@@ -29,6 +29,12 @@ VERIFIED = ".verified.json"
 TARGET_KEYS = {"topk": ("ids", "logprobs"), "sample": ("ids", "counts")}
 
 
+def target_keys(manifest: dict) -> list[str]:
+    """Per-position teacher tensors of a cache: its distribution, then any hidden states."""
+    return list(TARGET_KEYS[manifest["mode"]]) + [
+        f"hidden.{layer}" for layer in manifest.get("hidden_resolved") or []]
+
+
 class CacheError(ValueError):
     """A cache that is missing, corrupt or built from something else; one-line message."""
 
@@ -86,7 +92,7 @@ def topk_targets(logprobs: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 IDENTITY_KEYS = ("format_version", "teacher_fingerprint", "tokenizer_fingerprint", "vocab_size",
                  "mode", "n", "k", "temperature", "seq_len", "dataset_sha256", "max_rows",
-                 "mask_prompt", "seed", "shard_rows")
+                 "mask_prompt", "seed", "shard_rows", "hidden_layers")
 
 
 def read_manifest(cache_dir: str) -> dict:
@@ -118,7 +124,7 @@ def config_identity(cfg: Config) -> dict:
         "k": c.k if c.mode == "topk" else None, "temperature": c.temperature,
         "seq_len": cfg.data.seq_len, "dataset_sha256": data_mod.file_sha256(cfg.data.train),
         "max_rows": cfg.data.max_rows, "mask_prompt": cfg.data.mask_prompt, "seed": c.seed,
-        "shard_rows": c.shard_rows,
+        "shard_rows": c.shard_rows, "hidden_layers": list(c.hidden_layers),
     }
 
 
@@ -144,6 +150,8 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
     models.check_seq_len(cfg.data.seq_len, scfg, "student")
     if c.mode == "topk" and c.k > match.vocab_size:
         raise ConfigError(f"cache.k={c.k} exceeds the vocabulary size {match.vocab_size}")
+    hidden = models.resolve_layers(c.hidden_layers, models.num_layers(teacher),
+                                   "cache.hidden_layers")
 
     want = {**config_identity(cfg), "tokenizer_fingerprint": match.fingerprint,
             "vocab_size": match.vocab_size}
@@ -157,6 +165,8 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
             return manifest
     else:
         manifest = {**want, "teacher": cfg.teacher.model, "dataset": cfg.data.train,
+                    "teacher_layers": models.num_layers(teacher), "hidden_resolved": hidden,
+                    "hidden_size": int(tcfg.get("hidden_size", 0)) or None,
                     "shards": [], "complete": False}
 
     packed = data_mod.pack(cfg.data.train, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
@@ -176,6 +186,7 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
         f"{cfg.teacher.model} ({c.mode}, {what}, T={c.temperature}) -> {c.dir}")
     bar = Progress(todo_rows, f"teacher pass ({c.mode})", "tok", quiet)
     forward = models.logits_fn(teacher, match.vocab_size)
+    captured, _ = models.capture_layers(teacher, hidden)
     idt = id_dtype(match.vocab_size)
     t0 = time.time()
     for i in range(nshards):
@@ -184,7 +195,7 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
         lo, hi = i * c.shard_rows, min((i + 1) * c.shard_rows, packed.rows)
         tensors = {"input_ids": packed.input_ids[lo:hi], "loss_mask": packed.loss_mask[lo:hi],
                    "next_ids": packed.next_ids[lo:hi]}
-        outs: dict[str, list] = {k: [] for k in TARGET_KEYS[c.mode]}
+        outs: dict[str, list] = {k: [] for k in target_keys(manifest)}
         key = mx.random.key(c.seed * 1_000_003 + i)  # per shard: resume redraws identically
         for b in range(lo, hi, c.batch_size):
             x = mx.array(packed.input_ids[b:min(b + c.batch_size, hi)])
@@ -198,6 +209,8 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
                 ids, counts = sample_targets(logits, c.n, sub)
                 outs["ids"].append(ids.astype(idt))
                 outs["counts"].append(counts)
+            for layer in hidden:
+                outs[f"hidden.{layer}"].append(np.asarray(captured[layer].astype(mx.float16)))
             bar.update(x.shape[0], units=x.size)
         tensors.update({k: np.concatenate(v) for k, v in outs.items()})
         name = f"shard-{i:05d}.safetensors"
@@ -351,7 +364,7 @@ class ShardReader:
         def take(key):
             return np.stack([loaded[si][key][r] for si, r in want])
 
-        keys = TARGET_KEYS[self.mode]
+        keys = target_keys(self.manifest)
         return data_mod.Batch(take("input_ids"), take("loss_mask"), take("next_ids"),
                      {k: take(k) for k in keys})
 
@@ -371,6 +384,12 @@ def check_contents(t: dict, m: dict, rows: int, name: str) -> None:
         if t[key].shape != shape or (dtype and str(t[key].dtype) != dtype):
             raise CacheError(f"shard {name}: {key} is {t[key].dtype}{list(t[key].shape)}, "
                              f"expected {dtype or 'ids'}{list(shape)}")
+    for layer in m.get("hidden_resolved") or []:
+        want[f"hidden.{layer}"] = ((rows, L, m["hidden_size"]), "float16")
+    for key, (shape, dtype) in want.items():
+        if key.startswith("hidden.") and (key not in t or t[key].shape != shape
+                                          or str(t[key].dtype) != dtype):
+            raise CacheError(f"shard {name}: {key} missing or not float16{list(shape)}")
     if str(t["ids"].dtype) != np.dtype(id_dtype(V)).name:
         raise CacheError(f"shard {name}: ids are {t['ids'].dtype}, expected "
                          f"{np.dtype(id_dtype(V)).name} for vocab {V}")
@@ -405,5 +424,6 @@ def summary(cache_dir: str) -> dict:
         "shards": len(reader.shards), "dataset": m.get("dataset"),
         "dataset_sha256": m.get("dataset_sha256"),
         "bytes_per_token": round(target_bpt, 2), "file_bytes_per_token": round(file_bpt, 2),
+        "hidden_layers": m.get("hidden_resolved") or [],
         "verified": True,
     }

@@ -88,8 +88,9 @@ class CacheConfig:
                f"cache.n={self.n!r} must be an integer in 1..255 (draws per position)")
         _check(isinstance(self.k, int) and self.k >= 1, f"cache.k={self.k!r} must be >= 1")
         _positive("cache.temperature", self.temperature)
-        _check(len(self.hidden_layers) == 0,
-               "cache.hidden_layers is not available yet; leave it empty ([])")
+        _check(all(isinstance(i, int) and not isinstance(i, bool) for i in self.hidden_layers),
+               f"cache.hidden_layers={list(self.hidden_layers)!r} must be a list of layer "
+               "indices")
         _check(isinstance(self.shard_rows, int) and self.shard_rows >= 1,
                f"cache.shard_rows={self.shard_rows!r} must be a positive integer")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
@@ -106,6 +107,10 @@ class LossConfig:
     temperature: float = 1.0
     beta: float = 0.5  # jsd: 0 = forward KL, 1 = reverse KL (TRL's generalized JSD)
     skew: float = 0.1  # skew_kl / skew_reverse_kl mixture weight (DistiLLM)
+    # Hidden-state distillation (when the cache holds cache.hidden_layers):
+    hidden_weight: float = 1.0
+    hidden_loss: str = "cosine"  # cosine | mse
+    hidden_student_layers: tuple = ()  # student block per cached teacher layer; () = same depth
 
     def __post_init__(self):
         _one_of("loss.name", self.name, LOSSES)
@@ -116,6 +121,8 @@ class LossConfig:
                f"loss.beta={self.beta!r} must be in [0, 1]")
         _check(isinstance(self.skew, (int, float)) and 0.0 < self.skew < 1.0,
                f"loss.skew={self.skew!r} must be in (0, 1)")
+        _positive("loss.hidden_weight", self.hidden_weight, allow_zero=True)
+        _one_of("loss.hidden_loss", self.hidden_loss, ("cosine", "mse"))
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,8 @@ class Config:
                or self.loss.name == "forward_kl",
                f"loss.name={self.loss.name} needs the teacher's probabilities, which a sampled "
                "cache does not hold (only draws); use cache.mode=topk or loss.name=forward_kl")
+        _check(self.teacher.mode == "cache" or not self.cache.hidden_layers,
+               "cache.hidden_layers needs teacher.mode=cache (hidden states come from the cache)")
         _check(self.teacher.mode == "online" or self.loss.temperature == self.cache.temperature,
                f"loss.temperature={self.loss.temperature} differs from cache.temperature="
                f"{self.cache.temperature}: cached teacher distributions cannot be re-tempered "
@@ -213,6 +222,7 @@ class Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["cache"]["hidden_layers"] = list(d["cache"]["hidden_layers"])
+        d["loss"]["hidden_student_layers"] = list(d["loss"]["hidden_student_layers"])
         return d
 
 

@@ -116,6 +116,21 @@ def kd_loss(student_logits: mx.array, targets: dict, mask: mx.array,
     return loss * (temperature ** 2), ntok
 
 
+def hidden_loss(pred: mx.array, target: mx.array, mask: mx.array,
+                kind: str = "cosine") -> tuple[mx.array, mx.array]:
+    """Feature distillation: projected student states against cached teacher states.
+    "mse" averages the squared error over the width; "cosine" is 1 - cosine similarity,
+    which ignores scale (intermediate states are not normalised, and their norms differ
+    between models)."""
+    p, t = pred.astype(mx.float32), target.astype(mx.float32)
+    if kind == "mse":
+        per = ((p - t) ** 2).mean(-1)
+    else:
+        cos = (p * t).sum(-1) / (mx.linalg.norm(p, axis=-1) * mx.linalg.norm(t, axis=-1) + _EPS)
+        per = 1.0 - cos
+    return masked_mean(per, mask)
+
+
 def ce_loss(student_logits: mx.array, labels: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
     """Hard-label cross-entropy; labels < 0 (no next token) are ignored."""
     logp = log_softmax(student_logits)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError
@@ -145,6 +146,57 @@ def check_seq_len(seq_len: int, config: dict, what: str) -> None:
 
 def num_layers(model) -> int:
     return len(model.layers)
+
+
+def capture_layers(model, indices) -> tuple[dict, callable]:
+    """Record the outputs of transformer blocks `indices` in a dict on every forward pass.
+
+    MLX has no forward hooks, and wrapping a block in another module would rename its
+    parameters (breaking checkpoints and mlx_lm loading); so each chosen block's class is
+    swapped for a subclass whose __call__ also stores the output. Returns (store, undo)."""
+    store: dict = {}
+    undo = []
+    for i in indices:
+        layer = model.layers[i]
+        cls = layer.__class__
+
+        def call(self, *args, _cls=cls, _i=i, **kwargs):
+            out = _cls.__call__(self, *args, **kwargs)
+            store[_i] = out[0] if isinstance(out, tuple) else out
+            return out
+
+        layer.__class__ = type(f"Captured{cls.__name__}", (cls,), {"__call__": call})
+        undo.append((layer, cls))
+
+    def restore():
+        for layer, c in undo:
+            layer.__class__ = c
+
+    return store, restore
+
+
+def resolve_layers(indices, n: int, key: str) -> list[int]:
+    """Negative indices count from the end; anything outside the model is a config error."""
+    out = []
+    for i in indices:
+        if not isinstance(i, int) or not -n <= i < n:
+            raise ConfigError(f"{key}: layer {i!r} is out of range for a model with {n} "
+                              f"layers (use 0..{n - 1} or negative from the end)")
+        out.append(i % n)
+    return out
+
+
+def default_layer_map(teacher_layers: list[int], n_teacher: int, n_student: int) -> list[int]:
+    """Student block for each teacher block at the same relative depth."""
+    return [max(0, round((t + 1) * n_student / n_teacher) - 1) for t in teacher_layers]
+
+
+class Projector(nn.Module):
+    """Learned linear maps from student to teacher hidden width, one per mapped layer."""
+
+    def __init__(self, d_student: int, d_teacher: int, count: int):
+        super().__init__()
+        self.maps = [nn.Linear(d_student, d_teacher, bias=False) for _ in range(count)]
 
 
 def setup_training(model, mode: str, rank: int, layers: int, scale: float,

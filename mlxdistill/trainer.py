@@ -56,19 +56,41 @@ def ensure_cache(cfg: Config, quiet: bool, log) -> cache_mod.ShardReader:
 
 
 def batch_source(cfg: Config, quiet: bool, log):
-    """(batches, vocab size, tokenizer fingerprint, live teacher or None) for the teacher mode:
-    a verified cache (built if missing), or packed rows plus the teacher kept in memory."""
+    """(batches, vocab size, tokenizer fingerprint, live teacher or None, cache manifest or
+    None) for the teacher mode: a verified cache (built if missing), or packed rows plus the
+    teacher kept in memory."""
     if cfg.teacher.mode == "cache":
         reader = ensure_cache(cfg, quiet, log)
         m = reader.manifest
-        return reader, m["vocab_size"], m["tokenizer_fingerprint"], None
+        return reader, m["vocab_size"], m["tokenizer_fingerprint"], None, m
     teacher, ttok, tcfg = models.load(cfg.teacher.model, "teacher")
     scfg, stok = models.load_meta(cfg.student.model, "student")
     match = models.check_vocab(ttok, tcfg, stok, scfg)
     models.check_seq_len(cfg.data.seq_len, tcfg, "teacher")
     packed = data_mod.pack(cfg.data.train, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
                            cfg.data.max_rows)
-    return data_mod.PackedRows(packed), match.vocab_size, match.fingerprint, teacher
+    return data_mod.PackedRows(packed), match.vocab_size, match.fingerprint, teacher, None
+
+
+def setup_hidden(cfg: Config, model, student_cfg: dict, manifest: Optional[dict]):
+    """Hidden-state distillation when the cache holds teacher states: capture the mapped
+    student blocks and attach one learned projection per pair. Returns (pairs, store,
+    projector) or None. The projector rides on the student as `distill_proj` so the one
+    optimizer and checkpoint cover it; it is taken off before the student is saved."""
+    t_layers = (manifest or {}).get("hidden_resolved") or []
+    if not t_layers:
+        return None
+    n_s = models.num_layers(model)
+    s_layers = list(cfg.loss.hidden_student_layers) or models.default_layer_map(
+        t_layers, manifest["teacher_layers"], n_s)
+    if len(s_layers) != len(t_layers):
+        raise ConfigError(f"loss.hidden_student_layers has {len(s_layers)} entries for "
+                          f"{len(t_layers)} cached teacher layers {t_layers}")
+    s_layers = models.resolve_layers(s_layers, n_s, "loss.hidden_student_layers")
+    store, _ = models.capture_layers(model, s_layers)
+    model.distill_proj = models.Projector(int(student_cfg["hidden_size"]),
+                                          manifest["hidden_size"], len(t_layers))
+    return list(zip(s_layers, t_layers)), store
 
 
 def _checkpoints(run_dir: str) -> list[str]:
@@ -301,11 +323,11 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
     if world.main:
         os.makedirs(run_dir, exist_ok=True)
         _check_same_run(cfg, run_dir)
-        source, vocab, fingerprint, teacher = batch_source(cfg, quiet, log)
+        source, vocab, fingerprint, teacher, manifest = batch_source(cfg, quiet, log)
         world.barrier()
     else:
         world.barrier()  # rank 0 builds the cache first
-        source, vocab, fingerprint, teacher = batch_source(cfg, quiet, log)
+        source, vocab, fingerprint, teacher, manifest = batch_source(cfg, quiet, log)
     if world.size > 1:
         log(f"data parallel: {world.size} ranks, {t.batch_size // world.size} rows each")
 
@@ -326,6 +348,7 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
 
     adapter_cfg = models.setup_training(model, t.mode, t.lora_rank, t.lora_layers,
                                         t.lora_scale, t.lora_dropout)
+    hidden = setup_hidden(cfg, model, scfg, manifest)
     opt = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=t.weight_decay)
     opt.init(model.trainable_parameters())
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -345,15 +368,23 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
     def loss_fn(_model, x, mask, labels, targets):
         loss, ntok, kd, ce = losses.distill_loss(forward(x), targets, labels, mask, lc.alpha,
                                                  lc.temperature, lc.name, lc.beta, lc.skew)
-        return loss, (ntok, kd, ce)
+        hid = mx.array(0.0)
+        if hidden is not None:
+            pairs, store = hidden
+            for j, (ls, lt) in enumerate(pairs):
+                pred = model.distill_proj.maps[j](store[ls])
+                hid = hid + losses.hidden_loss(pred, targets[f"hidden.{lt}"], mask,
+                                               lc.hidden_loss)[0] / len(pairs)
+            loss = loss + lc.hidden_weight * hid
+        return loss, (ntok, kd, ce, hid)
 
     grad_fn = nn.value_and_grad(model, loss_fn)
     state = [model.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def micro_step(x, mask, labels, targets):
-        (loss, (ntok, kd, ce)), grads = grad_fn(model, x, mask, labels, targets)
-        return loss, ntok, kd, ce, grads
+        (loss, (ntok, kd, ce, hid)), grads = grad_fn(model, x, mask, labels, targets)
+        return loss, ntok, kd, ce, hid, grads
 
     share = t.batch_size // world.size
     micro = share // t.grad_accum
@@ -369,16 +400,16 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
             x, mask, labels, targets = to_arrays(next(batches))
             if teacher_targets is not None:
                 targets = teacher_targets(x)
-            acc, sums = None, np.zeros(4)  # sums: trained tokens, loss, kd, ce (x tokens)
+            acc, sums = None, np.zeros(5)  # trained tokens, loss, kd, ce, hidden (x tokens)
             for m0 in range(0, share, micro):
                 sl = slice(m0, m0 + micro)
-                loss, ntok, kd, ce, grads = micro_step(
+                loss, ntok, kd, ce, hid, grads = micro_step(
                     x[sl], mask[sl], labels[sl], {k: v[sl] for k, v in targets.items()})
                 n = ntok.item()
                 # Weight micro-batches by trained tokens: the sum equals one big batch's mean.
                 acc = tree_map(lambda g: g * n, grads) if acc is None else \
                     tree_map(lambda a, g: a + g * n, acc, grads)
-                sums += np.array([1.0, loss.item(), kd.item(), ce.item()]) * n
+                sums += np.array([1.0, loss.item(), kd.item(), ce.item(), hid.item()]) * n
             sums = world.sum(sums)
             if world.size > 1:
                 acc = tree_map(lambda g: g * world.size, nn.average_gradients(acc))
@@ -389,7 +420,7 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
             mx.eval(model.parameters(), opt.state)
             step += 1
             tok_report += x.size * world.size
-            loss_v, kd_v, ce_v = sums[1:] / max(sums[0], 1.0)
+            loss_v, kd_v, ce_v, hid_v = sums[1:] / max(sums[0], 1.0)
             if not math.isfinite(loss_v):
                 kept = _checkpoints(run_dir)
                 raise FloatingPointError(
@@ -408,6 +439,8 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
                        "lr": float(opt.learning_rate.item()),
                        "tok_per_s": round(tok_report / max(dt, 1e-9), 1),
                        "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 3)}
+                if hidden is not None:
+                    rec["hidden"] = round(float(hid_v), 5)
                 history, t_report, tok_report = [], time.time(), 0
             if ev is not None and (step % t.eval_every == 0 or step == t.iters):
                 rec = {**(rec or {"step": step}), **validate(model, ev, vocab)}
@@ -426,6 +459,9 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
 
     if not world.main:
         return False
+    if hidden is not None:  # training-only: keep it beside the student, not inside it
+        mx.save_safetensors(os.path.join(run_dir, "hidden_projector.safetensors"),
+                            dict(tree_flatten(model.pop("distill_proj").parameters())))
     if t.mode == "full":
         models.save_full_model(model, tok, scfg, cfg.student.model,
                                os.path.join(run_dir, "model"))
