@@ -154,12 +154,17 @@ def inspect(cache_dir, as_json):
 @click.option("--group-size", type=int, default=64, show_default=True,
               help="Quantization group size (8 and 4 bits).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--tune-iters", type=int, default=0, show_default=True,
+              help="8/4-bit: steps of distillation-aware tuning of the quantization scales "
+                   "and biases against the run's teacher cache (0: off).")
+@click.option("--tune-lr", type=float, default=1e-4, show_default=True)
 @guarded
-def export(run_dir, out, bits, group_size, force):
+def export(run_dir, out, bits, group_size, force, tune_iters, tune_lr):
     """Fuse, optionally quantize and verify RUN_DIR's student into OUT."""
     from .export import export_run
 
-    export_run(run_dir, out, int(bits), group_size, force, log=click.echo)
+    export_run(run_dir, out, int(bits), group_size, force, log=click.echo,
+               tune_iters=tune_iters, tune_lr=tune_lr)
 
 
 @main.command()

@@ -25,6 +25,7 @@ from .config import ConfigError
 
 BITS = (16, 8, 4)
 ROUND_TRIP_ROWS = 4
+TUNE_EVAL_ROWS = 8
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -64,6 +65,50 @@ def round_trip(ref_logits: mx.array, out: str, rows: mx.array, vocab: int) -> di
             "kl_reference_to_export": round(kl.item(), 8)}
 
 
+def tune_quantized(model, reader, vocab: int, iters: int, lr: float, batch_size: int,
+                   seed: int) -> list[float]:
+    """Distillation-aware quantization: train only the quantization scales and biases so the
+    quantized student's distribution moves back towards the teacher's, from the same cache
+    the student was trained on (mlx_lm's DWQ idea, without a second teacher pass). Packed
+    weights stay fixed; updates accumulate in float32. Returns the loss per step."""
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+
+    from .trainer import to_arrays
+
+    def unfreeze(_, m):
+        if hasattr(m, "bits") and hasattr(m, "group_size") and \
+                getattr(m, "mode", "affine") == "affine":
+            m.unfreeze(keys=["scales", "biases"], recurse=False)
+
+    model.freeze()
+    model.apply_to_modules(unfreeze)
+    dtypes = tree_map(lambda a: a.dtype, model.trainable_parameters())
+    params = tree_map(lambda a: a.astype(mx.float32), model.trainable_parameters())
+    opt = optim.Adam(learning_rate=lr)
+
+    def loss_fn(p, x, mask, targets):
+        model.update(tree_map(lambda a, d: a.astype(d), p, dtypes))
+        return losses.kd_loss(_logits(model, x, vocab), targets, mask)[0]
+
+    grad_fn = mx.value_and_grad(loss_fn)
+    history = []
+    for _, batch in zip(range(iters), reader.batches(batch_size, seed)):
+        x, mask, _labels, targets = to_arrays(batch)
+        loss, grads = grad_fn(params, x, mask, targets)
+        params = opt.apply_gradients(grads, params)
+        mx.eval(params, loss)
+        history.append(loss.item())
+    model.update(tree_map(lambda a, d: a.astype(d), params, dtypes))
+    mx.eval(model.parameters())
+    return history
+
+
+def teacher_kl(model, teacher_lp: mx.array, rows: mx.array, vocab: int) -> float:
+    lp = losses.log_softmax(_logits(model, rows, vocab))
+    return round(losses.dense_kl_pos(lp, teacher_lp).mean().item(), 6)
+
+
 def model_card(run_dir: str, base: str, bits: int, rt: dict, ev: Optional[dict]) -> str:
     lines = [f"# {os.path.basename(os.path.abspath(run_dir))} (mlxdistill export)", "",
              f"Student distilled from `{base}` with mlxdistill; {bits}-bit weights.", "",
@@ -87,7 +132,8 @@ def model_card(run_dir: str, base: str, bits: int, rt: dict, ev: Optional[dict])
 
 
 def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
-               force: bool = False, log=print) -> dict:
+               force: bool = False, log=print, tune_iters: int = 0,
+               tune_lr: float = 1e-4) -> dict:
     from mlx_lm.utils import save_config, save_model
 
     from .evaluate import _load_run_config, load_trained_student
@@ -112,11 +158,14 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
     ref_logits = _logits(model, rows, vocab)  # the model as evaluated after training
     mx.eval(ref_logits)
 
+    tuning = None
     if bits == 16:
         model.set_dtype(mx.float16)
         config["torch_dtype"] = "float16"
     else:
         model, config = models.quantize(model, config, group_size, bits)
+        if tune_iters > 0:
+            tuning = _tune(cfg, model, tok, vocab, tune_iters, tune_lr, log)
     config.pop("quantization_config", None)
 
     tmp = out.rstrip("/") + ".tmp"
@@ -138,7 +187,7 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
     ev_path = os.path.join(run_dir, "eval.json")
     ev = json.load(open(ev_path)) if os.path.exists(ev_path) else None
     report = {"run_dir": run_dir, "bits": bits, "group_size": group_size if bits < 16 else None,
-              "fused_layers": nfused, "round_trip": rt,
+              "fused_layers": nfused, "round_trip": rt, "tuning": tuning,
               "files": sorted(os.listdir(tmp)) + ["README.md", "export.json"],
               "size_bytes": sum(os.path.getsize(p) for p in glob.glob(os.path.join(tmp, "*")))}
     with open(os.path.join(tmp, "README.md"), "w") as f:
@@ -151,3 +200,31 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
         f"round trip: top-1 agreement {rt['top1_agreement']}, max |Δlogit| "
         f"{rt['max_abs_logit_diff']}")
     return report
+
+
+def _tune(cfg, model, tok, vocab: int, iters: int, lr: float, log) -> dict:
+    """Tune a quantized student against the run's teacher cache; KL to the live teacher on
+    held-out rows before and after says whether it helped."""
+    from .cache import CacheError, ShardReader
+
+    if cfg.teacher.mode != "cache":
+        raise ConfigError("quantization tuning reads the run's teacher cache; this run used "
+                          "teacher.mode=online")
+    try:
+        reader = ShardReader(cfg.cache.dir)
+    except CacheError as e:
+        raise ConfigError(f"quantization tuning needs the run's cache: {e}") from None
+    teacher = models.load(cfg.teacher.model, "teacher")[0]
+    held = cfg.data.test or cfg.data.valid
+    packed = data_mod.pack(held, tok, cfg.data.seq_len, cfg.data.mask_prompt, TUNE_EVAL_ROWS)
+    rows = mx.array(packed.input_ids)
+    teacher_lp = losses.log_softmax(_logits(teacher, rows, vocab))
+    mx.eval(teacher_lp)
+    del teacher
+    before = teacher_kl(model, teacher_lp, rows, vocab)
+    hist = tune_quantized(model, reader, vocab, iters, lr, cfg.train.batch_size, cfg.run.seed)
+    after = teacher_kl(model, teacher_lp, rows, vocab)
+    log(f"quantization tuning: {iters} steps, held-out KL to teacher {before} -> {after}")
+    return {"iters": iters, "lr": lr, "heldout_rows": int(rows.shape[0]),
+            "kl_to_teacher_before": before, "kl_to_teacher_after": after,
+            "loss_first": round(hist[0], 5), "loss_last": round(hist[-1], 5)}

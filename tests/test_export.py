@@ -66,3 +66,14 @@ def test_export_refuses_nonempty_out_and_bad_run(lora_run, tmp_path):
     assert res.exit_code == 2 and "not a run directory" in res.stderr
     res = CliRunner().invoke(main, ["export", run_dir, "-o", str(tmp_path / "o"), "--bits", "3"])
     assert res.exit_code != 0
+
+
+def test_distillation_aware_quantization_lowers_kl(lora_run):
+    run_dir, d = lora_run
+    res = CliRunner().invoke(main, ["export", run_dir, "-o", str(d / "tuned"), "--bits", "4",
+                                    "--group-size", "32", "--tune-iters", "30",
+                                    "--tune-lr", "1e-3"])
+    assert res.exit_code == 0, res.output
+    tuning = json.load(open(d / "tuned" / "export.json"))["tuning"]
+    assert tuning["kl_to_teacher_after"] < tuning["kl_to_teacher_before"], tuning
+    assert tuning["loss_last"] < tuning["loss_first"]
