@@ -80,9 +80,24 @@ class CacheConfig:
     shard_rows: int = 256  # rows per shard: the unit of resume after a kill
     batch_size: int = 8  # rows per teacher forward pass
     seed: int = 0
+    # Multi-teacher: more caches (other teachers, same data settings) mixed with this one.
+    mix: tuple = ()
+    mix_weights: tuple = ()  # one per cache, cache.dir first; () = equal
+    mix_mode: str = "weights"  # weights | confidence
 
     def __post_init__(self):
         _one_of("cache.mode", self.mode, ("sample", "topk"))
+        _one_of("cache.mix_mode", self.mix_mode, ("weights", "confidence"))
+        _check(all(isinstance(d, str) for d in self.mix),
+               f"cache.mix={list(self.mix)!r} must be a list of cache directories")
+        if self.mix_weights:
+            _check(len(self.mix_weights) == len(self.mix) + 1,
+                   f"cache.mix_weights has {len(self.mix_weights)} entries; it needs one per "
+                   f"cache ({len(self.mix) + 1}: cache.dir, then cache.mix)")
+            _check(all(isinstance(w, (int, float)) and w >= 0 for w in self.mix_weights)
+                   and sum(self.mix_weights) > 0,
+                   f"cache.mix_weights={list(self.mix_weights)!r} must be non-negative, not "
+                   "all zero")
         # uint8 counts hold at most 255 draws of one id.
         _check(isinstance(self.n, int) and 1 <= self.n <= 255,
                f"cache.n={self.n!r} must be an integer in 1..255 (draws per position)")
@@ -221,7 +236,8 @@ class Config:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["cache"]["hidden_layers"] = list(d["cache"]["hidden_layers"])
+        for key in ("hidden_layers", "mix", "mix_weights"):
+            d["cache"][key] = list(d["cache"][key])
         d["loss"]["hidden_student_layers"] = list(d["loss"]["hidden_student_layers"])
         return d
 

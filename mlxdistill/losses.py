@@ -58,7 +58,12 @@ def buckets(logp_s: mx.array, targets: dict) -> tuple[mx.array, mx.array]:
     lp_t = targets["logprobs"].astype(mx.float32)
     if "ids" not in targets:
         return lp_t, logp_s
+    # Slots marked -inf are empty (a multi-teacher merge pads with them): no mass on either
+    # side, so a padding id repeated there is not counted twice in the student's tail.
+    valid = lp_t > -mx.inf
+    lp_t = mx.where(valid, lp_t, -1e4)
     lq = mx.take_along_axis(logp_s, targets["ids"].astype(mx.int32), axis=-1)
+    lq = mx.where(valid, lq, -1e4)
     tail_t = mx.log(mx.maximum(1.0 - mx.exp(lp_t).sum(-1, keepdims=True), _EPS))
     tail_s = mx.log(mx.maximum(1.0 - mx.exp(lq).sum(-1, keepdims=True), _EPS))
     return mx.concatenate([lp_t, tail_t], -1), mx.concatenate([lq, tail_s], -1)

@@ -62,6 +62,17 @@ def batch_source(cfg: Config, quiet: bool, log):
     if cfg.teacher.mode == "cache":
         reader = ensure_cache(cfg, quiet, log)
         m = reader.manifest
+        if cfg.cache.mix:
+            from .multi import MixedReader
+
+            c = cfg.cache
+            weights = list(c.mix_weights) or [1.0] * (len(c.mix) + 1)
+            weights = [w / sum(weights) for w in weights]
+            reader = MixedReader([reader] + [cache_mod.ShardReader(d) for d in c.mix],
+                                 weights, c.mix_mode)
+            log(f"multi-teacher: {len(weights)} caches, {c.mix_mode} "
+                + ("" if c.mix_mode == "confidence" else
+                   "(" + ", ".join(f"{w:.2f}" for w in weights) + ")"))
         return reader, m["vocab_size"], m["tokenizer_fingerprint"], None, m
     teacher, ttok, tcfg = models.load(cfg.teacher.model, "teacher")
     scfg, stok = models.load_meta(cfg.student.model, "student")

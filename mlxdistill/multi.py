@@ -1,0 +1,114 @@
+"""Multi-teacher distillation: several caches over one token stream, combined per position.
+
+`cache.mix: [caches/other, ...]` names caches built by other teachers (with `mlxdistill
+cache` and the same data settings) next to `cache.dir`. Per position their distributions are
+combined either as a mixture with `cache.mix_weights` (one weight per cache, `cache.dir`
+first) or, with `cache.mix_mode: confidence`, by taking the teacher most sure of its top
+token. The result has the same form as one cache's targets, so every loss applies as is.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from . import data as data_mod
+from .cache import CacheError, ShardReader
+
+# Settings that must agree for the caches to describe the same positions.
+SAME_STREAM = ("tokenizer_fingerprint", "vocab_size", "seq_len", "dataset_sha256", "max_rows",
+               "mask_prompt", "shard_rows", "rows", "mode")
+
+
+def check_same_stream(readers: list[ShardReader]) -> None:
+    first = readers[0].manifest
+    for r in readers[1:]:
+        for key in SAME_STREAM:
+            if r.manifest.get(key) != first.get(key):
+                raise CacheError(
+                    f"cache {r.dir} has {key}={r.manifest.get(key)!r} but {readers[0].dir} has "
+                    f"{first.get(key)!r}; multi-teacher caches must cover the same token "
+                    "stream with the same cache.mode")
+
+
+def _merge(ids: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum the weights of equal ids per position: [..., m] -> unique ids, weights (padded 0)."""
+    shape = ids.shape
+    ids2, w2 = ids.reshape(-1, shape[-1]).astype(np.int64), w.reshape(-1, shape[-1])
+    order = np.argsort(ids2, axis=1, kind="stable")
+    s = np.take_along_axis(ids2, order, 1)
+    sw = np.take_along_axis(w2, order, 1)
+    first = np.ones_like(s, dtype=bool)
+    first[:, 1:] = s[:, 1:] != s[:, :-1]
+    group = np.cumsum(first, axis=1) - 1
+    rows = np.broadcast_to(np.arange(s.shape[0])[:, None], s.shape)
+    out_w = np.zeros(s.shape, dtype=np.float32)
+    np.add.at(out_w, (rows, group), sw)
+    out_ids = np.zeros(s.shape, dtype=ids.dtype)
+    out_ids[rows[first], group[first]] = s[first]
+    return out_ids.reshape(shape), out_w.reshape(shape)
+
+
+def _probs(targets: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, probabilities, residual mass) of one cache's targets."""
+    if "counts" in targets:
+        c = targets["counts"].astype(np.float32)
+        p = c / np.maximum(c.sum(-1, keepdims=True), 1.0)
+        return targets["ids"], p, np.zeros(p.shape[:-1], np.float32)
+    p = np.exp(targets["logprobs"].astype(np.float32))
+    return targets["ids"], p, np.clip(1.0 - p.sum(-1), 0.0, 1.0)
+
+
+def combine(targets: list[dict], weights: list[float], mode: str = "weights") -> dict:
+    """One target dict from several teachers' targets for the same positions."""
+    parts = [_probs(t) for t in targets]
+    if mode == "confidence":
+        top = np.stack([p.max(-1) for _, p, _ in parts])  # [teachers, B, L]
+        pick = top.argmax(0)
+        width = max(p.shape[-1] for _, p, _ in parts)
+        ids = np.zeros(pick.shape + (width,), dtype=parts[0][0].dtype)
+        p = np.zeros(pick.shape + (width,), dtype=np.float32)
+        for t, (i, q, _) in enumerate(parts):
+            sel = pick == t
+            ids[sel, : i.shape[-1]] = i[sel]
+            p[sel, : q.shape[-1]] = q[sel]
+        residual = None
+    else:
+        ids = np.concatenate([i for i, _, _ in parts], -1)
+        p = np.concatenate([w * q for w, (_, q, _) in zip(weights, parts)], -1)
+        ids, p = _merge(ids, p)
+        residual = sum(w * r for w, (_, _, r) in zip(weights, parts))
+    if "counts" in targets[0]:
+        # Mixture of empirical distributions: weights in place of counts (normalised by
+        # the loss), so the sampled estimator stays unbiased for the mixture.
+        return {"ids": ids, "counts": p}
+    del residual  # implied: the top-k loss treats 1 - sum(p) as the tail bucket
+    # Empty slots (padding after merging) get -inf: the loss skips them.
+    with np.errstate(divide="ignore"):
+        lp = np.where(p > 0, np.log(p), -np.inf).astype(np.float16)
+    return {"ids": ids, "logprobs": lp}
+
+
+class MixedReader:
+    """Several verified caches read in lockstep; batches carry the combined targets."""
+
+    def __init__(self, readers: list[ShardReader], weights: list[float], mode: str):
+        check_same_stream(readers)
+        self.readers, self.weights, self.mode = readers, weights, mode
+        self.manifest = readers[0].manifest
+        self.rows = readers[0].rows
+
+    def batches(self, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                size: int = 1) -> Iterator[data_mod.Batch]:
+        its = [r.batches(batch_size, seed, start_step, rank, size) for r in self.readers]
+        while True:
+            bs = [next(it) for it in its]
+            for b, r in zip(bs[1:], self.readers[1:]):
+                if not np.array_equal(b.input_ids, bs[0].input_ids):
+                    raise CacheError(f"cache {r.dir} holds other tokens than "
+                                     f"{self.readers[0].dir} at the same position")
+            hidden = {k: v for k, v in bs[0].targets.items() if k.startswith("hidden.")}
+            targets = combine([b.targets for b in bs], self.weights, self.mode)
+            yield data_mod.Batch(bs[0].input_ids, bs[0].loss_mask, bs[0].next_ids,
+                                 {**targets, **hidden})
