@@ -5,8 +5,8 @@
     python scripts/ablate.py --only sample16,topk64
 
 Each variant is a normal `mlxdistill train` run under runs/ablate/NAME, evaluated against
-the live teacher on data.test. Results go to runs/ablate/results.json after every variant
-(a rerun skips finished ones) and a markdown table to runs/ablate/results.md.
+the live teacher on data.test. Results go to results/ablation.json after every variant (a
+rerun skips finished ones) and the markdown table to results/ablation.md.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from mlxdistill.config import load_config  # noqa: E402
 from mlxdistill.trainer import train  # noqa: E402
 
 OUT = "runs/ablate"
+RESULTS = "results"
 VARIANTS = {
     "plain_ce": ("plain CE (no teacher)", {"loss.alpha": 1.0}),
     "online_dense": ("online teacher, dense forward KL", {"teacher.mode": "online"}),
@@ -50,9 +51,11 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
-    os.makedirs(OUT, exist_ok=True)
-    rpath = os.path.join(OUT, "results.json")
-    results = json.load(open(rpath)) if os.path.exists(rpath) else {}
+    os.makedirs(RESULTS, exist_ok=True)
+    rpath = os.path.join(RESULTS, "ablation.json")
+    saved = json.load(open(rpath)) if os.path.exists(rpath) else {}
+    # Finished variants are reused only when they ran with the same overrides.
+    results = saved.get("variants", {}) if saved.get("overrides") == args.overrides else {}
     for name in names:
         if name in results:
             continue
@@ -73,7 +76,7 @@ def main() -> None:
             "after": res["student_after"],
         }
         with open(rpath + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"overrides": args.overrides, "variants": results}, f, indent=2)
         os.replace(rpath + ".tmp", rpath)
     rows = ["| objective (targets) | bytes/token | held-out CE | KL(teacher‖student) | "
             "top-1 agree | ECE | train tok/s |", "|---|---|---|---|---|---|---|"]
@@ -93,7 +96,7 @@ def main() -> None:
         rows.append(f"| {r['label']} | {bpt} | {a['ce']:.3f} | {a['kl']:.3f} | "
                     f"{a['agree_top1']:.3f} | {a['ece']:.3f} | {r['train_tok_per_s']:,.0f} |")
     table = "\n".join(rows)
-    with open(os.path.join(OUT, "results.md"), "w") as f:
+    with open(os.path.join(RESULTS, "ablation.md"), "w") as f:
         f.write(table + "\n")
     print(table)
 

@@ -5,7 +5,8 @@
 
 Runs the config as given (distillation, reusing its run if already finished) and again with
 loss.alpha=1 (hard-label CE only, teacher unused) into RUN_DIR-ce, evaluates both against the
-live teacher on data.test, and writes RUN_DIR-ce/compare.json plus a markdown table.
+live teacher on data.test, and writes --out (default results/ce_baseline.json) with the
+markdown table that README.md shows.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ METRICS = [("ce", "held-out CE (nats)"), ("kl", "KL(teacher‖student)"),
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-c", "--config", default=None)
+    ap.add_argument("--out", default="results/ce_baseline.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     kd_cfg = load_config(args.config, args.overrides)
@@ -54,7 +56,8 @@ def main() -> None:
            "data": kd["data"], "tokens": kd["tokens"], "teacher": kd["teacher"],
            "before": kd["student_before"], "plain_ce": ce["student_after"],
            "distilled": kd["student_after"], "wall_s": times, "table": table}
-    path = os.path.join(ce_cfg.run.dir, "compare.json")
+    path = args.out
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=2)
     os.replace(path + ".tmp", path)
