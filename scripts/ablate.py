@@ -39,10 +39,15 @@ VARIANTS = {
 }
 
 
+# Variants identical to the default run and to scripts/ce_baseline.py's CE run share their
+# run and cache directories, so a finished default run is evaluated, not retrained.
+SHARED_RUNS = {"sample16": "runs/default", "plain_ce": "runs/default-ce"}
+
+
 def cache_dir(extra: dict) -> str:
     mode = extra.get("cache.mode", "sample")
     size = extra.get("cache.k", 64) if mode == "topk" else extra.get("cache.n", 16)
-    return f"caches/ablate-{mode}{size}"
+    return "caches/default" if (mode, size) == ("sample", 16) else f"caches/ablate-{mode}{size}"
 
 
 def main() -> None:
@@ -60,7 +65,8 @@ def main() -> None:
         if name in results:
             continue
         label, extra = VARIANTS[name]
-        ov = {"run.dir": f"{OUT}/{name}", "cache.dir": cache_dir(extra), **extra}
+        ov = {"run.dir": SHARED_RUNS.get(name, f"{OUT}/{name}"), "cache.dir": cache_dir(extra),
+              **extra}
         cfg = load_config(None, args.overrides + [f"{k}={v}" for k, v in ov.items()])
         print(f"== {name}: {label}", flush=True)
         t0 = time.time()
