@@ -226,7 +226,9 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
     bar.close()
     if todo_rows:
         dt = time.time() - t0
-        log(f"teacher pass done: {todo_rows * cfg.data.seq_len / dt:,.0f} tok/s, {dt:.0f} s")
+        manifest["pass_tok_per_s"] = round(todo_rows * cfg.data.seq_len / dt, 1)
+        _atomic_json(mpath, manifest)
+        log(f"teacher pass done: {manifest['pass_tok_per_s']:,.0f} tok/s, {dt:.0f} s")
     return manifest
 
 
