@@ -58,14 +58,24 @@ def shard_sha256(path: str) -> str:
 
 # ---------------------------------------------------------------- teacher -> targets
 
-def sample_targets(logits: mx.array, n: int, key: mx.array) -> tuple[np.ndarray, np.ndarray]:
+def sample_targets(logits: mx.array, n: int, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """n draws per position from softmax(logits), as unique ids + counts (padded with count 0).
 
     The empirical distribution counts/n is an unbiased estimate of the teacher distribution,
     so the student's cross-entropy against it has the forward-KL gradient in expectation
-    (Sparse Logit Sampling, Anshumann et al. 2025)."""
-    draws = mx.random.categorical(logits, num_samples=n, key=key)  # [..., n]
-    s = np.sort(np.asarray(draws, dtype=np.int64).reshape(-1, n), axis=1)
+    (Sparse Logit Sampling, Anshumann et al. 2025). Drawn by inverse CDF: one cumulative sum
+    per position and a binary search per draw. mx.random.categorical with num_samples makes
+    n Gumbel noises per vocabulary entry, which measured 13x slower for n=16, V=4096."""
+    vocab = logits.shape[-1]
+    cdf = np.asarray(mx.cumsum(mx.softmax(logits.astype(mx.float32), axis=-1), axis=-1))
+    cdf = cdf.reshape(-1, vocab)
+    u = rng.random((cdf.shape[0], n)) * cdf[:, -1:]
+    draws = np.empty((cdf.shape[0], n), dtype=np.int64)
+    for i in range(cdf.shape[0]):  # a batched searchsorted; ~3 us per row
+        draws[i] = np.searchsorted(cdf[i], u[i], side="right")
+    np.minimum(draws, vocab - 1, out=draws)
+    s = np.sort(draws, axis=1)
     first = np.ones_like(s, dtype=bool)
     first[:, 1:] = s[:, 1:] != s[:, :-1]
     group = np.cumsum(first, axis=1) - 1
@@ -196,7 +206,7 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
         tensors = {"input_ids": packed.input_ids[lo:hi], "loss_mask": packed.loss_mask[lo:hi],
                    "next_ids": packed.next_ids[lo:hi]}
         outs: dict[str, list] = {k: [] for k in target_keys(manifest)}
-        key = mx.random.key(c.seed * 1_000_003 + i)  # per shard: resume redraws identically
+        rng = np.random.default_rng([c.seed, i])  # per shard: a resume redraws identically
         for b in range(lo, hi, c.batch_size):
             x = mx.array(packed.input_ids[b:min(b + c.batch_size, hi)])
             logits = forward(x).astype(mx.float32) / c.temperature
@@ -205,8 +215,7 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
                 outs["ids"].append(ids.astype(idt))
                 outs["logprobs"].append(lp)
             else:
-                key, sub = mx.random.split(key)
-                ids, counts = sample_targets(logits, c.n, sub)
+                ids, counts = sample_targets(logits, c.n, rng)
                 outs["ids"].append(ids.astype(idt))
                 outs["counts"].append(counts)
             for layer in hidden:
