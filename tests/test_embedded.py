@@ -4,6 +4,8 @@ import glob
 import json
 import os
 
+import pytest
+
 from conftest import ROOT
 from mlx.utils import tree_flatten
 
@@ -32,11 +34,20 @@ def test_weights_small_and_loadable():
     assert ttok.decode(ttok.encode(text, add_special_tokens=False)) == text
 
 
-def test_build_report_meets_teacher_bar():
-    """The recorded teacher beats the student's own plain-CE result by >= 0.3 nats."""
+def test_recorded_results_meet_the_bars():
+    """The figures README reports (results/ce_baseline.json, written by
+    scripts/ce_baseline.py) meet the bars of the embedded default: the teacher is >= 0.3 nats
+    better than the student trained alone for the default budget, and the distilled student
+    beats both its starting point and that plain-CE student on held-out CE and KL."""
+    with open(os.path.join(ROOT, "results", "ce_baseline.json")) as f:
+        r = json.load(f)
+    teacher, before, ce, kd = r["teacher"], r["before"], r["plain_ce"], r["distilled"]
+    assert teacher["ce"] <= ce["ce"] - 0.3
+    assert kd["ce"] < ce["ce"] and kd["kl"] < ce["kl"]
+    assert kd["ce"] < before["ce"] and kd["kl"] < before["kl"]
+    assert kd["accuracy"] > before["accuracy"] and kd["agree_top1"] > before["agree_top1"]
     with open(os.path.join(W, "build.json")) as f:
-        build = json.load(f)
-    assert build["teacher"]["test_ce"] < build["student"]["test_ce"]
+        assert json.load(f)["teacher"]["test_ce"] == pytest.approx(teacher["ce"], abs=0.02)
 
 
 def test_default_objective_lowers_full_vocab_kl(tmp_path):
