@@ -45,32 +45,38 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def read_records(path: str) -> list[dict]:
+def read_jsonl(path: str, valid, expected: str, what: str = "dataset") -> list[dict]:
+    """JSON objects, one per non-blank line; `valid(rec)` must hold for each. Errors name the
+    file and line number."""
     if not os.path.isfile(path):
-        raise DataError(f"dataset {path} not found; check the data.* paths in your config")
-    if path.endswith(".txt"):
+        raise DataError(f"{what} {path} not found; check the paths in your config")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must "
+                                "be one JSON object") from None
+            if not isinstance(rec, dict) or not valid(rec):
+                raise DataError(f"{path}:{lineno}: expected {expected}")
+            records.append(rec)
+    if not records:
+        raise DataError(f"{what} {path} is empty; it needs at least one record")
+    return records
+
+
+def read_records(path: str) -> list[dict]:
+    if path.endswith(".txt") and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             docs = [d.strip() for d in f.read().split("\n\n")]
-        records = [{"text": d} for d in docs if d]
-    else:
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must "
-                                    "be one JSON object") from None
-                if not isinstance(rec, dict) or not (
-                        "text" in rec or "messages" in rec or "completion" in rec):
-                    raise DataError(f"{path}:{lineno}: expected a 'text', 'prompt'/'completion' "
-                                    "or 'messages' record")
-                records.append(rec)
-    if not records:
-        raise DataError(f"dataset {path} is empty; it needs at least one record")
-    return records
+        if not any(docs):
+            raise DataError(f"dataset {path} is empty; it needs at least one record")
+        return [{"text": d} for d in docs if d]
+    return read_jsonl(path, lambda r: "text" in r or "messages" in r or "completion" in r,
+                      "a 'text', 'prompt'/'completion' or 'messages' record")
 
 
 def _encode(tokenizer, text: str) -> list[int]:

@@ -24,30 +24,14 @@ import mlx.core as mx
 
 from . import models
 from .config import Config, ConfigError
-from .data import DataError
+from .data import read_jsonl
 from .progress import Progress
 
 
 def read_prompts(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        raise DataError(f"prompts file {path} not found; set generate.prompts")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not (
-                    isinstance(rec.get("prompt"), str) or isinstance(rec.get("messages"), list)):
-                raise DataError(f"{path}:{lineno}: expected a 'prompt' string or a 'messages' "
-                                "list")
-            out.append(rec)
-    if not out:
-        raise DataError(f"prompts file {path} is empty")
-    return out
+    return read_jsonl(path, lambda r: isinstance(r.get("prompt"), str)
+                      or isinstance(r.get("messages"), list),
+                      "a 'prompt' string or a 'messages' list", what="prompts file")
 
 
 def load_verifier(spec: Optional[str]) -> Optional[Callable[[dict, str], bool]]:
