@@ -51,15 +51,17 @@ def test_recorded_results_meet_the_bars():
 
 
 def test_default_objective_lowers_full_vocab_kl(tmp_path):
-    """A few steps of the default objective (16 sampled teacher tokens per position) lower
-    KL(teacher ‖ student) over the full vocabulary on held-out text."""
+    """A few steps of the default objective (16 sampled teacher tokens per position, a short
+    warmup so that 40 short steps move the student) lower KL(teacher ‖ student) over the full
+    vocabulary on held-out text."""
     test_small = tmp_path / "test.jsonl"
     with open(os.path.join(ROOT, "data", "test.jsonl")) as f:
         test_small.write_text("".join(f.readlines()[:6]))
     cfg = load_config(None, [
-        f"cache.dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}", "data.max_rows=64",
-        "train.iters=16", "train.eval_every=8", "train.save_every=16", "train.eval_rows=2",
+        f"cache.dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}", "data.max_rows=96",
+        "train.iters=40", "train.eval_every=20", "train.save_every=40", "train.eval_rows=2",
+        "train.warmup=5", "data.seq_len=128",
         f"data.test={test_small}"])
     assert cfg.cache.mode == "sample" and cfg.loss.name == "forward_kl"
     res = trainer.train(cfg, quiet=True, log=lambda m: None)
-    assert res["student_after"]["kl"] < res["student_before"]["kl"] - 0.01, res
+    assert res["student_after"]["kl"] < res["student_before"]["kl"] - 0.05, res
