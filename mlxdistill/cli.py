@@ -12,6 +12,7 @@ import click
 
 from . import BLAS
 
+
 def _user_errors() -> tuple:
     from .cache import CacheError
     from .config import ConfigError
