@@ -139,8 +139,9 @@ def eval_targets(cfg: Config, run_dir: str, vocab_size: int, log,
     if os.path.exists(path):
         return dict(mx.load(path))
     if teacher is None:  # cache mode: load it for this once, freed on return
-        teacher = models.load(cfg.teacher.model, "teacher")[0]
-    _, ttok = models.load_meta(cfg.teacher.model, "teacher")
+        teacher, ttok, _ = models.load(cfg.teacher.model, "teacher")
+    else:
+        _, ttok = models.load_meta(cfg.teacher.model, "teacher")
     packed = data_mod.pack(cfg.data.valid, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
                            cfg.train.eval_rows)
     x = mx.array(packed.input_ids)
