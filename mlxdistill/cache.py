@@ -75,17 +75,28 @@ def sample_targets(logits: mx.array, n: int, rng: np.random.Generator
     for i in range(cdf.shape[0]):  # a batched searchsorted; ~3 us per row
         draws[i] = np.searchsorted(cdf[i], u[i], side="right")
     np.minimum(draws, vocab - 1, out=draws)
-    s = np.sort(draws, axis=1)
+    ids, counts = merge_ids(draws, np.ones(draws.shape, dtype=np.float32))
+    shape = tuple(logits.shape[:-1]) + (n,)
+    return ids.reshape(shape), counts.astype(np.uint8).reshape(shape)
+
+
+def merge_ids(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum the weights of equal ids per position: [..., m] -> unique ids first, their summed
+    weights, then padding (id 0, weight 0)."""
+    shape = ids.shape
+    ids2, w2 = ids.reshape(-1, shape[-1]).astype(np.int64), weights.reshape(-1, shape[-1])
+    order = np.argsort(ids2, axis=1, kind="stable")
+    s = np.take_along_axis(ids2, order, 1)
+    sw = np.take_along_axis(w2, order, 1)
     first = np.ones_like(s, dtype=bool)
     first[:, 1:] = s[:, 1:] != s[:, :-1]
     group = np.cumsum(first, axis=1) - 1
     rows = np.broadcast_to(np.arange(s.shape[0])[:, None], s.shape)
-    counts = np.zeros(s.shape, dtype=np.uint8)
-    np.add.at(counts, (rows, group), 1)
-    ids = np.zeros(s.shape, dtype=np.int64)
-    ids[rows[first], group[first]] = s[first]
-    shape = tuple(logits.shape[:-1]) + (n,)
-    return ids.reshape(shape), counts.reshape(shape)
+    out_w = np.zeros(s.shape, dtype=np.float32)
+    np.add.at(out_w, (rows, group), sw)
+    out_ids = np.zeros(s.shape, dtype=ids.dtype)
+    out_ids[rows[first], group[first]] = s[first]
+    return out_ids.reshape(shape), out_w.reshape(shape)
 
 
 def topk_targets(logprobs: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -389,18 +400,14 @@ def check_contents(t: dict, m: dict, rows: int, name: str) -> None:
             "next_ids": ((rows,), "int32"), "ids": ((rows, L, width), None)}
     want.update({"counts": ((rows, L, width), "uint8")} if m["mode"] == "sample"
                 else {"logprobs": ((rows, L, width), "float16")})
+    for layer in m.get("hidden_resolved") or []:
+        want[f"hidden.{layer}"] = ((rows, L, m["hidden_size"]), "float16")
     for key, (shape, dtype) in want.items():
         if key not in t:
             raise CacheError(f"shard {name} lacks tensor {key!r}")
         if t[key].shape != shape or (dtype and str(t[key].dtype) != dtype):
             raise CacheError(f"shard {name}: {key} is {t[key].dtype}{list(t[key].shape)}, "
                              f"expected {dtype or 'ids'}{list(shape)}")
-    for layer in m.get("hidden_resolved") or []:
-        want[f"hidden.{layer}"] = ((rows, L, m["hidden_size"]), "float16")
-    for key, (shape, dtype) in want.items():
-        if key.startswith("hidden.") and (key not in t or t[key].shape != shape
-                                          or str(t[key].dtype) != dtype):
-            raise CacheError(f"shard {name}: {key} missing or not float16{list(shape)}")
     if str(t["ids"].dtype) != np.dtype(id_dtype(V)).name:
         raise CacheError(f"shard {name}: ids are {t['ids'].dtype}, expected "
                          f"{np.dtype(id_dtype(V)).name} for vocab {V}")

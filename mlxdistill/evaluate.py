@@ -74,13 +74,12 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
             _accumulate(st, "ce", ce * n)
             pred = mx.argmax(lp, -1)
             _accumulate(st, "accuracy", ((pred == labels) * m).sum())
-            conf = mx.exp(mx.max(lp, -1))
             keep = np.array(mask).reshape(-1)
+            conf = np.array(mx.exp(mx.max(lp, -1))).reshape(-1)[keep]
             bins = calib.setdefault(name, np.zeros((3, ECE_BINS)))
-            idx = np.minimum((np.array(conf).reshape(-1)[keep] * ECE_BINS).astype(int),
-                             ECE_BINS - 1)
+            idx = np.minimum((conf * ECE_BINS).astype(int), ECE_BINS - 1)
             np.add.at(bins[0], idx, 1.0)
-            np.add.at(bins[1], idx, np.array(conf).reshape(-1)[keep])
+            np.add.at(bins[1], idx, conf)
             np.add.at(bins[2], idx, np.array(pred == labels).reshape(-1)[keep])
             if name != "teacher":
                 _accumulate(st, "kl", (losses.dense_kl_pos(lp, lp_t) * m).sum())

@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from . import data as data_mod
-from .cache import CacheError, ShardReader
+from .cache import CacheError, ShardReader, merge_ids
 
 # Settings that must agree for the caches to describe the same positions.
 SAME_STREAM = ("tokenizer_fingerprint", "vocab_size", "seq_len", "dataset_sha256", "max_rows",
@@ -30,24 +30,6 @@ def check_same_stream(readers: list[ShardReader]) -> None:
                     f"cache {r.dir} has {key}={r.manifest.get(key)!r} but {readers[0].dir} has "
                     f"{first.get(key)!r}; multi-teacher caches must cover the same token "
                     "stream with the same cache.mode")
-
-
-def _merge(ids: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum the weights of equal ids per position: [..., m] -> unique ids, weights (padded 0)."""
-    shape = ids.shape
-    ids2, w2 = ids.reshape(-1, shape[-1]).astype(np.int64), w.reshape(-1, shape[-1])
-    order = np.argsort(ids2, axis=1, kind="stable")
-    s = np.take_along_axis(ids2, order, 1)
-    sw = np.take_along_axis(w2, order, 1)
-    first = np.ones_like(s, dtype=bool)
-    first[:, 1:] = s[:, 1:] != s[:, :-1]
-    group = np.cumsum(first, axis=1) - 1
-    rows = np.broadcast_to(np.arange(s.shape[0])[:, None], s.shape)
-    out_w = np.zeros(s.shape, dtype=np.float32)
-    np.add.at(out_w, (rows, group), sw)
-    out_ids = np.zeros(s.shape, dtype=ids.dtype)
-    out_ids[rows[first], group[first]] = s[first]
-    return out_ids.reshape(shape), out_w.reshape(shape)
 
 
 def _probs(targets: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -77,7 +59,7 @@ def combine(targets: list[dict], weights: list[float], mode: str = "weights") ->
     else:
         ids = np.concatenate([i for i, _, _ in parts], -1)
         p = np.concatenate([w * q for w, (_, q, _) in zip(weights, parts)], -1)
-        ids, p = _merge(ids, p)
+        ids, p = merge_ids(ids, p)
         residual = sum(w * r for w, (_, _, r) in zip(weights, parts))
     if "counts" in targets[0]:
         # Mixture of empirical distributions: weights in place of counts (normalised by

@@ -85,9 +85,10 @@ def batch_source(cfg: Config, quiet: bool, log):
 
 def setup_hidden(cfg: Config, model, student_cfg: dict, manifest: Optional[dict]):
     """Hidden-state distillation when the cache holds teacher states: capture the mapped
-    student blocks and attach one learned projection per pair. Returns (pairs, store,
-    projector) or None. The projector rides on the student as `distill_proj` so the one
-    optimizer and checkpoint cover it; it is taken off before the student is saved."""
+    student blocks and attach one learned projection per pair. Returns ([(student layer,
+    teacher layer)], captured outputs) or None. The projector rides on the student as
+    `distill_proj` so the one optimizer and checkpoint cover it; it is taken off before the
+    student is saved."""
     t_layers = (manifest or {}).get("hidden_resolved") or []
     if not t_layers:
         return None
