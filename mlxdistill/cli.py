@@ -197,5 +197,23 @@ def profile(model_or_run, bits, prompt_tokens, gen_tokens, repeats, group_size, 
     click.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
 
 
+@main.command()
+@config_opt
+@click.option("--probe", is_flag=True, help="Also run both passes briefly here: measured "
+              "peak memory and the time the run will take.")
+@click.option("--memory-gb", type=float, default=None,
+              help="Plan for a machine with this much memory instead of this one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@overrides_arg
+@guarded
+def plan(config_path, probe, memory_gb, as_json, overrides):
+    """Will CONFIG fit? Peak memory of the teacher pass and training, cache size, time."""
+    from .plan import format_plan, plan as make_plan
+
+    p = make_plan(_load(config_path, overrides), probe=probe,
+                  memory_bytes=int(memory_gb * (1 << 30)) if memory_gb else None)
+    click.echo(json.dumps(p, indent=2) if as_json else format_plan(p))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,6 +22,26 @@ from .config import ConfigError
 
 class ModelError(ValueError):
     """A user error about a model folder; the message is one line."""
+
+
+_log = logging.getLogger(__name__)
+SUPPORTED_HINT = "llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, starcoder2, ..."
+
+
+def model_classes(config: dict, what: str):
+    """mlx_lm's (Model, ModelArgs) for a config; an architecture mlx_lm does not know is a
+    user error naming its model_type (mlx_lm's own message names only a module)."""
+    from mlx_lm.utils import _get_classes
+
+    mt = config.get("model_type")
+    if not mt:
+        raise ModelError(f"{what}: config.json has no model_type; it is not an mlx_lm model")
+    try:
+        return _get_classes(config)
+    except ValueError:
+        raise ModelError(f"{what} has model_type {mt!r}, an architecture mlx_lm does not "
+                         f"support; use a model of a supported family ({SUPPORTED_HINT}) or "
+                         "upgrade mlx-lm") from None
 
 
 def compute_dtype() -> Optional[mx.Dtype]:
@@ -44,6 +65,11 @@ def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = 
         if not _model_files_present(path):
             raise ModelError(f"{what} model folder {path} has no config.json + *.safetensors; "
                              "convert it with `mlx_lm.convert` first")
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                model_classes(json.load(f), f"{what} model {path}")
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{path}/config.json is not valid JSON ({e.msg})") from None
     try:
         model, tokenizer, config = mlx_load(path, adapter_path=adapter_path, lazy=lazy,
                                             return_config=True)
@@ -105,14 +131,54 @@ def check_vocab(teacher_tok, teacher_cfg: dict, student_tok, student_cfg: dict) 
         tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
         differ = sum(1 for t, i in tv.items() if sv.get(t) != i)
         raise ModelError(
-            f"teacher and student tokenizers differ ({differ} of {len(tv)} teacher tokens map "
-            f"to other ids or are missing); logit distillation needs one vocabulary: pick a "
-            "student from the teacher's family")
+            f"teacher and student tokenizers differ (vocabulary fingerprints: teacher "
+            f"{ft[:12]}, student {fs[:12]}; {differ} of {len(tv)} teacher tokens map to other "
+            "ids or are missing); logit distillation needs one vocabulary: pick a student of "
+            "the teacher's family (e.g. Qwen2.5-0.5B for a Qwen2.5 teacher, Llama-3.2-1B for "
+            "Llama-3.1)")
+    note = chat_template_note(teacher_tok, student_tok)
+    if note and (ft, note) not in _warned:
+        _warned.add((ft, note))
+        _log.warning(note)
     size = min(logits_size(teacher_cfg), logits_size(student_cfg))
     ntok = len(teacher_tok.get_vocab())
     if size < ntok:
         raise ModelError(f"model vocab_size {size} is smaller than the tokenizer's {ntok} tokens")
     return VocabMatch(ft, size)
+
+
+_warned: set = set()
+_SAMPLE_CHAT = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+
+
+def _template(tok) -> Optional[str]:
+    t = getattr(tok, "chat_template", None)
+    return json.dumps(t, sort_keys=True) if isinstance(t, dict) else t
+
+
+def chat_template_note(teacher_tok, student_tok) -> Optional[str]:
+    """Why the pair's chat templates disagree, or None. Chat data is rendered once, with the
+    teacher's template, and the student learns from those tokens: a student whose own
+    template renders turns differently meets another format at inference."""
+    t, s = _template(teacher_tok), _template(student_tok)
+    if t == s:
+        return None
+    head = "teacher and student chat templates differ: "
+    tail = ("; chat data is rendered with the teacher's template for both, so the student "
+            "learns the teacher's turn format")
+    if t is None or s is None:
+        has, lacks = ("student", "teacher") if t is None else ("teacher", "student")
+        return (head + f"the {has}'s tokenizer has one, the {lacks}'s none" + tail
+                + ("" if t else " (plain 'role: content' lines, no template)"))
+    try:
+        rt = teacher_tok.apply_chat_template(_SAMPLE_CHAT, tokenize=False)
+        rs = student_tok.apply_chat_template(_SAMPLE_CHAT, tokenize=False)
+    except Exception as e:  # a template that cannot render is itself the reason
+        return head + f"rendering a sample chat failed ({type(e).__name__}: {e})" + tail
+    if rt == rs:
+        return None  # different source, same rendering: nothing the student would notice
+    return (head + f"a sample chat renders as {rt[:60]!r} with the teacher's and "
+            f"{rs[:60]!r} with the student's" + tail)
 
 
 def config_fingerprint(path: str) -> str:

@@ -1,0 +1,547 @@
+"""Will this run fit? Peak memory of the teacher pass and of training, cache size on disk and
+(optionally) time, estimated from the models' config.json files before anything is loaded.
+
+Weights are counted exactly: the model's mlx_lm class is built lazily from its config (MLX
+arrays are lazy, so no weight memory is allocated) and its parameter shapes are read, with
+quantized layers at their packed size. Activations follow from what MLX keeps for the
+backward pass of a pre-norm transformer block, per token and layer, and from the float32
+logits [batch, seq_len, vocab] whose log-softmax and gradient dominate small students with
+large vocabularies. `--probe` measures both passes on this machine for the time estimate and
+to check the memory model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from . import losses, models
+from .config import Config, ConfigError
+from .models import ModelError
+
+GB = 1 << 30
+
+
+# ---------------------------------------------------------------- model configs
+
+def read_config(path: str, what: str) -> dict:
+    """config.json of a local model folder, or of a hub id (the file alone is fetched, or read
+    from the local Hugging Face cache)."""
+    if os.path.isdir(path):
+        cpath = os.path.join(path, "config.json")
+        if not os.path.isfile(cpath):
+            raise ModelError(f"{what} model folder {path} has no config.json")
+        with open(cpath) as f:
+            return json.load(f)
+    if path.startswith((".", "/")) or path.count("/") != 1:
+        raise ModelError(f"{what} model folder {path} not found; set {what}.model to an "
+                         "mlx_lm model folder or a hub id")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        with open(hf_hub_download(path, "config.json")) as f:
+            return json.load(f)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot read config.json of the {what} model {path} (not a local "
+                         f"folder, and the hub fetch failed: {msg})") from None
+
+
+def lazy_model(config: dict, what: str):
+    """The model built from its config without evaluating any weight."""
+    model_cls, args_cls = models.model_classes(config, what)
+    return model_cls(args_cls.from_dict(config))
+
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs from a config: counts and widths, no weights."""
+    model_type: str
+    params: int
+    weight_bytes: int  # as loaded here (packed where quantized)
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    q_dim: int
+    kv_dim: int
+    vocab: int
+    bits: Optional[int]  # quantization bits, None for full precision
+    softcap: bool  # Gemma-2 style final-logit soft-capping (tanh over the logits)
+    fused: int  # outputs of fused projections per layer (Phi-3 qkv_proj, gate_up_proj)
+    lora_params: dict = field(default_factory=dict)  # rank -> LoRA params over all layers
+
+
+def dtype_bytes(config: dict) -> int:
+    """Bytes per float weight as `models.load` leaves them: float32 on CPU (mlx[cpu] has no
+    fast half-precision matmul), the checkpoint's own dtype on Metal."""
+    if models.compute_dtype() is not None:
+        return 4
+    dt = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return 4 if "32" in dt else 2
+
+
+def model_shape(config: dict, what: str, rank: int = 8,
+                quantize: Optional[tuple[int, int]] = None) -> ModelShape:
+    """Exact parameter count and loaded size of a model from its config alone. `quantize`
+    (bits, group) sizes it as if converted to that precision."""
+    model = lazy_model(config, what)
+    q = config.get("quantization") or config.get("quantization_config") or {}
+    bits, group = (quantize or (q.get("bits"), q.get("group_size") or 64))
+    fbytes = dtype_bytes(config)
+    params = wbytes = 0
+    lora: dict = {}
+    fused = 0
+    seen = set()
+    layer_ids = {id(m) for layer in model.layers for _, m in layer.named_modules()}
+    for _, m in model.named_modules():
+        own = {k: v for k, v in m.items() if isinstance(v, mx.array)}
+        for k, v in own.items():
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            params += v.size
+            packable = (k == "weight" and hasattr(m, "to_quantized") and v.ndim == 2
+                        and bits and v.shape[-1] % group == 0)
+            if packable:
+                # bits per weight, plus a scale and a bias per group in the float dtype
+                wbytes += v.size * bits // 8 + 2 * (v.size // group) * fbytes
+            else:
+                wbytes += v.size * fbytes
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and id(m) in layer_ids:
+            out_d, in_d = m.weight.shape
+            lora[id(m)] = in_d + out_d  # LoRA adds A [in, r] and B [r, out]
+    for name, m in model.layers[0].named_modules():
+        # A fused projection's output is one more array beside the q/k/v or gate/up it is
+        # split into.
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and ("qkv" in name or "gate_up" in name):
+            fused += int(m.weight.shape[0])
+    heads = int(config.get("num_attention_heads") or 1)
+    hidden = int(config.get("hidden_size") or 0)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv = int(config.get("num_key_value_heads") or heads)
+    return ModelShape(
+        model_type=config["model_type"], params=int(params), weight_bytes=int(wbytes),
+        layers=len(model.layers), hidden=hidden,
+        ffn=int(config.get("intermediate_size") or 4 * hidden), heads=heads,
+        q_dim=heads * head_dim, kv_dim=kv * head_dim, vocab=models.logits_size(config),
+        bits=int(bits) if bits else None,
+        softcap=bool(config.get("final_logit_softcapping")), fused=fused,
+        lora_params={"per_rank_per_layer": sum(lora.values()) / max(1, len(model.layers))})
+
+
+# Floats kept per token by one training step, measured on MLX's CPU backend by varying one
+# dimension at a time of a Llama block (tests/test_plan.py re-checks the sum on every family):
+#  - logits: the [B, L, V] float32 logits, their log-softmax, exp and gradients: 7 copies
+#    live at the peak (3 in a forward-only teacher pass: logits, softmax, its cumsum).
+#  - per layer, saved for the backward pass: the residual input and the two normed inputs,
+#    q/k/v before and after RoPE and the attention output (4 d + 3 q + 3 kv), the MLP's gate,
+#    up, sigmoid, SiLU and product (5 ffn), the attention probabilities (heads x L).
+#  - once, at the peak (the last layer's backward): 2 ffn, 2 heads x L, and the head's
+#    d-sized buffers (22 d when the embedding is trained, 8 d when it is frozen).
+TRAIN_LOGIT_COPIES = 7
+TEACHER_LOGIT_COPIES = 3
+SOFTCAP_EXTRA_COPIES = {"train": 3, "teacher": 2}  # logits / cap, tanh, * cap
+TRAIN_FULL_COPIES = 3  # weights + AdamW's two moments (gradients are freed as they apply)
+
+
+def train_activation_floats(s: ModelShape, seq_len: int, full: bool) -> float:
+    """Floats per token a training step keeps at its peak, besides the logits."""
+    attn = s.heads * seq_len
+    per_layer = 4 * s.hidden + 3 * s.q_dim + 3 * s.kv_dim + 5 * s.ffn + attn + s.fused
+    once = 2 * s.ffn + 2 * attn + (22 if full else 8) * s.hidden
+    return s.layers * per_layer + once
+
+
+def teacher_activation_floats(s: ModelShape, seq_len: int) -> float:
+    """Floats per token of a forward pass without gradients: one layer's transients."""
+    return 9.3 * s.hidden + 4 * s.ffn + 1.2 * s.heads * seq_len + s.fused
+
+
+def target_floats(cfg: Config) -> float:
+    """The loss's per-position work on the sparse targets (gathered log-probs, weights)."""
+    return 6 * (cfg.cache.n if cfg.cache.mode == "sample" else cfg.cache.k + 1)
+
+
+def cache_bytes_per_token(cfg: Config, vocab: int, hidden: int) -> float:
+    """Bytes per cached token on disk, as cache.py writes shards: input_ids int32, loss_mask
+    uint8, then n ids + uint8 counts (sample) or k ids + float16 log-probs (top-k), plus
+    float16 hidden states per cached layer."""
+    c = cfg.cache
+    idb = 2 if vocab <= 65536 else 4
+    per = c.n * (idb + 1) if c.mode == "sample" else c.k * (idb + 2)
+    return 4 + 1 + per + 2 * hidden * len(c.hidden_layers)
+
+
+def estimate_training(cfg: Config, s: ModelShape) -> dict:
+    """Peak bytes of one training step of the student `s`, by part."""
+    t = cfg.train
+    full = t.mode == "full"
+    micro = t.batch_size // t.grad_accum
+    tokens = micro * cfg.data.seq_len
+    act = dtype_bytes_for(s)
+    if full:
+        trainable = s.params
+        state = trainable * 4 * (TRAIN_FULL_COPIES - 1) + (trainable * 4 if t.grad_accum > 1
+                                                           else 0)
+    else:
+        n = s.layers if t.lora_layers == -1 else min(t.lora_layers, s.layers)
+        trainable = int(s.lora_params["per_rank_per_layer"] * t.lora_rank * n)
+        # LoRA weights, their gradients and AdamW's two moments, all float32
+        state = trainable * 4 * 4
+    copies = TRAIN_LOGIT_COPIES + (SOFTCAP_EXTRA_COPIES["train"] if s.softcap else 0)
+    parts = {
+        "weights": s.weight_bytes,
+        "trainable_state": int(state),
+        "activations": int(tokens * train_activation_floats(s, cfg.data.seq_len, full) * act),
+        "logits": int(tokens * s.vocab * 4 * copies),
+        "targets": int(tokens * target_floats(cfg) * 4),
+    }
+    return {"trainable_params": int(trainable), "micro_batch": micro, "parts": parts,
+            "peak_bytes": sum(parts.values())}
+
+
+def estimate_teacher(cfg: Config, s: ModelShape) -> dict:
+    """Peak bytes of one teacher-pass batch (cache.batch_size rows), by part."""
+    tokens = cfg.cache.batch_size * cfg.data.seq_len
+    copies = TEACHER_LOGIT_COPIES + (SOFTCAP_EXTRA_COPIES["teacher"] if s.softcap else 0)
+    parts = {
+        "weights": s.weight_bytes,
+        "activations": int(tokens * teacher_activation_floats(s, cfg.data.seq_len)
+                           * dtype_bytes_for(s)),
+        "logits": int(tokens * s.vocab * 4 * copies),
+    }
+    return {"parts": parts, "peak_bytes": sum(parts.values())}
+
+
+def dtype_bytes_for(s: ModelShape) -> int:
+    return 4 if models.compute_dtype() is not None else 2
+
+
+# ---------------------------------------------------------------- measured probe
+
+def _fake_targets(cfg: Config, batch: int, vocab: int) -> dict:
+    """Cache-shaped teacher targets of the configured mode (values do not change the cost)."""
+    c, L = cfg.cache, cfg.data.seq_len
+    rng = np.random.default_rng(0)
+    idt = np.uint16 if vocab <= 65536 else np.int32
+    if c.mode == "sample":
+        return {"ids": mx.array(rng.integers(0, vocab, (batch, L, c.n)).astype(idt)),
+                "counts": mx.array(np.ones((batch, L, c.n), np.uint8))}
+    k = min(c.k, vocab)
+    return {"ids": mx.array(rng.integers(0, vocab, (batch, L, k)).astype(idt)),
+            "logprobs": mx.array(np.full((batch, L, k), -np.log(k), np.float16))}
+
+
+def probe_training(cfg: Config, steps: int = 2) -> dict:
+    """Load the student as `train` does and run `steps` optimizer steps of the configured
+    micro-batch on random tokens, the step built as the trainer builds it: peak MLX memory
+    (weights included) and seconds per step after the first (compiled) one."""
+    import mlx.optimizers as optim
+
+    t = cfg.train
+    model, _, scfg = models.load(cfg.student.model, "student")
+    vocab = models.logits_size(scfg)
+    models.setup_training(model, t.mode, t.lora_rank, t.lora_layers, t.lora_scale,
+                          t.lora_dropout)
+    opt = optim.AdamW(learning_rate=t.lr, weight_decay=t.weight_decay)
+    opt.init(model.trainable_parameters())
+    mx.eval(model.parameters(), opt.state)
+    forward = models.logits_fn(model, vocab)
+    lc = cfg.loss
+
+    def loss_fn(_model, x, mask, labels, targets):
+        loss, ntok, _, _ = losses.distill_loss(forward(x), targets, labels, mask, lc.alpha,
+                                               lc.temperature, lc.name, lc.beta, lc.skew)
+        return loss, ntok
+
+    grad_fn = nn.value_and_grad(model, loss_fn)
+    state = [model.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def micro_step(x, mask, labels, targets):
+        (loss, ntok), grads = grad_fn(model, x, mask, labels, targets)
+        return loss, ntok, grads
+
+    micro = t.batch_size // t.grad_accum
+    L = cfg.data.seq_len
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.integers(0, vocab, (micro, L)).astype(np.int32))
+    labels = mx.array(rng.integers(0, vocab, (micro, L)).astype(np.int32))
+    mask = mx.ones((micro, L), dtype=mx.uint8)
+    targets = _fake_targets(cfg, micro, vocab)
+    # The trainer keeps the validation rows' teacher distributions (float16) in memory.
+    ev = mx.zeros((t.eval_rows, L, vocab), dtype=mx.float16) if cfg.data.valid and \
+        t.eval_rows else None
+    mx.eval(x, labels, mask, targets, ev)
+    mx.reset_peak_memory()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        acc, total = None, 0.0
+        for _ in range(t.grad_accum):
+            loss, ntok, grads = micro_step(x, mask, labels, targets)
+            n = ntok.item()
+            acc = tree_map(lambda g: g * n, grads) if acc is None else \
+                tree_map(lambda a, g: a + g * n, acc, grads)
+            total += n
+        grads = tree_map(lambda g: g / total, acc)
+        if t.grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, t.grad_clip)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        times.append(time.perf_counter() - t0)
+        del acc, grads
+    peak = mx.get_peak_memory()
+    return {"peak_bytes": int(peak), "step_s": float(np.median(times[1:] or times)),
+            "tokens_per_step": t.batch_size * L}
+
+
+def probe_teacher(cfg: Config, batches: int = 2) -> dict:
+    """Run the teacher over `batches` cache batches of random tokens as the cache pass does:
+    peak MLX memory and tokens per second."""
+    from .cache import sample_targets, topk_targets
+
+    c = cfg.cache
+    teacher, _, tcfg = models.load(cfg.teacher.model, "teacher")
+    vocab = models.logits_size(tcfg)
+    forward = models.logits_fn(teacher, vocab)
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.integers(0, vocab, (c.batch_size, cfg.data.seq_len)).astype(np.int32))
+    mx.eval(x)
+    mx.reset_peak_memory()
+    times = []
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        logits = forward(x).astype(mx.float32) / c.temperature
+        if c.mode == "topk":
+            topk_targets(logits - mx.logsumexp(logits, axis=-1, keepdims=True), c.k)
+        else:
+            sample_targets(logits, c.n, rng)
+        times.append(time.perf_counter() - t0)
+        del logits
+    peak = mx.get_peak_memory()
+    dt = float(np.median(times[1:] or times))
+    return {"peak_bytes": int(peak), "tok_per_s": x.size / dt}
+
+
+# ---------------------------------------------------------------- the plan
+
+def machine_memory() -> tuple[int, str]:
+    """Bytes this machine can give MLX: Metal's recommended working set on a Mac, physical
+    RAM elsewhere."""
+    if mx.metal.is_available():
+        info = mx.metal.device_info()
+        return int(info["max_recommended_working_set_size"]), "Metal working set"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+
+
+def dataset_rows(cfg: Config) -> tuple[Optional[int], str]:
+    """Packed training rows: counted with the teacher's tokenizer when it is local (records
+    are tokenized only until data.max_rows is reached), else estimated at 4 bytes of text
+    per token."""
+    from . import data as data_mod
+
+    path, L, cap = cfg.data.train, cfg.data.seq_len, cfg.data.max_rows
+    if not os.path.isfile(path):
+        return cap, "data.max_rows" if cap else "unknown (data.train not found)"
+    if os.path.isdir(cfg.teacher.model):
+        try:
+            _, tok = models.load_meta(cfg.teacher.model, "teacher")
+            eos = tok.eos_token_id is not None
+            tokens = 0
+            for rec in data_mod.read_records(path):
+                segs = data_mod.record_segments(tok, rec, cfg.data.mask_prompt)
+                tokens += sum(len(ids) for ids, _ in segs) + eos
+                if cap and tokens >= cap * L:
+                    break
+            rows = -(-tokens // L)
+            return (min(rows, cap) if cap else rows), "tokenized"
+        except Exception:  # the estimate below still says something useful
+            pass
+    rows = max(1, os.path.getsize(path) // (4 * L))
+    return (min(rows, cap) if cap else rows), "estimated from the file size"
+
+
+def _with(cfg: Config, section: str, **changes) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section),
+                                                                    **changes)})
+
+
+def training_total(cfg: Config, s: ModelShape, bpt: float) -> dict:
+    est = estimate_training(cfg, s)
+    L = cfg.data.seq_len
+    ev = cfg.train.eval_rows * L * s.vocab * 2 if cfg.data.valid else 0
+    # The reader holds the shard being read and the one prefetched behind it.
+    host = 2 * cfg.cache.shard_rows * L * bpt if cfg.teacher.mode == "cache" else 0
+    est["parts"]["eval_targets"] = int(ev)
+    est["mlx_bytes"] = sum(est["parts"].values())  # what mx.get_peak_memory counts
+    est["parts"]["shard_buffers"] = int(host)  # numpy, outside MLX
+    est["peak_bytes"] = sum(est["parts"].values())
+    return est
+
+
+def teacher_total(cfg: Config, s: ModelShape, bpt: float, rows: Optional[int]) -> dict:
+    est = estimate_teacher(cfg, s)
+    L, B = cfg.data.seq_len, cfg.cache.batch_size
+    # One shard accumulates on the host, with the batch's CDF copied out for sampling and the
+    # packed dataset (int32 ids + uint8 mask).
+    cdf = B * L * s.vocab * 4 + B * L * cfg.cache.n * 8 if cfg.cache.mode == "sample" else 0
+    est["mlx_bytes"] = sum(est["parts"].values())
+    est["parts"]["shard_buffers"] = int(cfg.cache.shard_rows * L * bpt + cdf
+                                        + (rows or 0) * L * 5)
+    est["peak_bytes"] = sum(est["parts"].values())
+    return est
+
+
+def _fit_knobs(cfg: Config, est_fn, budget: int, what: str) -> list[str]:
+    """Settings that bring the estimate under `budget`, each on its own."""
+    knobs = []
+    if what == "train":
+        t = cfg.train
+        for k in (2, 4, 8, 16, 32):
+            if k > t.grad_accum and t.batch_size % k == 0 and \
+                    est_fn(_with(cfg, "train", grad_accum=k)) <= budget:
+                knobs.append(f"train.grad_accum={k} (micro-batch {t.batch_size // k}, same "
+                             "global batch)")
+                break
+        if t.mode == "full" and est_fn(_with(cfg, "train", mode="lora")) <= budget:
+            knobs.append("train.mode=lora")
+    else:
+        for b in (4, 2, 1):
+            if b < cfg.cache.batch_size and est_fn(_with(cfg, "cache", batch_size=b)) <= budget:
+                knobs.append(f"cache.batch_size={b}")
+                break
+    L = cfg.data.seq_len // 2
+    while L >= 64:
+        if est_fn(_with(cfg, "data", seq_len=L)) <= budget:
+            knobs.append(f"data.seq_len={L}")
+            break
+        L //= 2
+    return knobs
+
+
+def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None) -> dict:
+    """The whole estimate for a config; `probe` also measures both passes here."""
+    tconf = read_config(cfg.teacher.model, "teacher")
+    sconf = read_config(cfg.student.model, "student")
+    ts = model_shape(tconf, f"teacher model {cfg.teacher.model}")
+    ss = model_shape(sconf, f"student model {cfg.student.model}")
+    vocab = min(ts.vocab, ss.vocab)
+    bpt = cache_bytes_per_token(cfg, vocab, ts.hidden)
+    rows, rows_how = dataset_rows(cfg)
+    budget, budget_what = (memory_bytes, "given") if memory_bytes else machine_memory()
+
+    def train_fn(c):
+        return training_total(c, ss, bpt)["peak_bytes"]
+
+    def teacher_fn(c):
+        return teacher_total(c, ts, bpt, rows)["peak_bytes"]
+
+    train_est = training_total(cfg, ss, bpt)
+    teacher_est = teacher_total(cfg, ts, bpt, rows) if cfg.teacher.mode == "cache" else None
+    if cfg.teacher.mode == "online":  # both models in memory, the teacher's logits per batch
+        train_est["parts"]["teacher"] = estimate_teacher(
+            _with(cfg, "cache", batch_size=cfg.train.batch_size // cfg.train.grad_accum),
+            ts)["peak_bytes"]
+        train_est["peak_bytes"] = sum(train_est["parts"].values())
+        train_est["mlx_bytes"] += train_est["parts"]["teacher"]
+    out = {
+        "teacher": {"model": cfg.teacher.model, "model_type": ts.model_type,
+                    "params": ts.params, "weight_bytes": ts.weight_bytes, "bits": ts.bits},
+        "student": {"model": cfg.student.model, "model_type": ss.model_type,
+                    "params": ss.params, "weight_bytes": ss.weight_bytes, "bits": ss.bits,
+                    "mode": cfg.train.mode, "trainable_params": train_est["trainable_params"]},
+        "vocab_size": vocab,
+        "training": train_est,
+        "teacher_pass": teacher_est,
+        "cache": {"mode": cfg.cache.mode, "bytes_per_token": bpt, "rows": rows,
+                  "rows_from": rows_how, "tokens": rows * cfg.data.seq_len if rows else None,
+                  "disk_bytes": int(rows * cfg.data.seq_len * bpt) if rows else None},
+        "machine": {"memory_bytes": int(budget), "memory": budget_what},
+    }
+    out["training"]["fits"] = train_est["peak_bytes"] <= budget
+    out["training"]["knobs"] = [] if out["training"]["fits"] else \
+        _fit_knobs(cfg, train_fn, budget, "train")
+    if teacher_est is not None:
+        teacher_est["fits"] = teacher_est["peak_bytes"] <= budget
+        knobs = [] if teacher_est["fits"] else _fit_knobs(cfg, teacher_fn, budget, "teacher")
+        if not teacher_est["fits"] and not ts.bits:
+            q4 = model_shape(tconf, f"teacher model {cfg.teacher.model}", quantize=(4, 64))
+            if teacher_total(cfg, q4, bpt, rows)["peak_bytes"] <= budget:
+                knobs.append("a 4-bit teacher (mlx_lm.convert --quantize --q-bits 4, or an "
+                             f"mlx-community 4-bit repo): weights {q4.weight_bytes / GB:.1f} GB")
+        teacher_est["knobs"] = knobs
+    if probe:
+        if cfg.teacher.mode == "cache":
+            tp = probe_teacher(cfg)
+            teacher_est["measured_peak_bytes"] = tp["peak_bytes"]
+            teacher_est["tok_per_s"] = round(tp["tok_per_s"], 1)
+            if rows:
+                teacher_est["seconds"] = round(rows * cfg.data.seq_len / tp["tok_per_s"], 1)
+        sp = probe_training(cfg)
+        train_est["measured_peak_bytes"] = sp["peak_bytes"]
+        train_est["step_s"] = round(sp["step_s"], 4)
+        train_est["seconds"] = round(cfg.train.iters * sp["step_s"], 1)
+    return out
+
+
+def _gb(b: Optional[float]) -> str:
+    if b is None:
+        return "?"
+    return f"{b / GB:.2f} GB" if b >= GB / 4 else f"{b / (1 << 20):.1f} MB"
+
+
+def _parts(est: dict) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {_gb(v)}" for k, v in est["parts"].items() if v)
+
+
+def format_plan(p: dict) -> str:
+    t, s, c, m = p["teacher"], p["student"], p["cache"], p["machine"]
+
+    def model_line(d):
+        prec = f"{d['bits']}-bit" if d["bits"] else "full precision"
+        return (f"{d['model']} ({d['model_type']}, {d['params'] / 1e6:,.1f} M params, {prec}, "
+                f"{_gb(d['weight_bytes'])})")
+
+    lines = [f"teacher:  {model_line(t)}",
+             f"student:  {model_line(s)}; {s['mode']}: {s['trainable_params'] / 1e6:,.2f} M "
+             "trainable",
+             f"machine:  {_gb(m['memory_bytes'])} ({m['memory']})"]
+    for name, est in (("teacher pass", p["teacher_pass"]), ("training", p["training"])):
+        if est is None:
+            continue
+        verdict = "fits" if est["fits"] else "does NOT fit"
+        line = f"{name + ':':<14}peak {_gb(est['peak_bytes'])} -> {verdict}  [{_parts(est)}]"
+        if "measured_peak_bytes" in est:
+            line += (f"; MLX arrays estimated {_gb(est['mlx_bytes'])}, measured here "
+                     f"{_gb(est['measured_peak_bytes'])}")
+        lines.append(line)
+        for k in est.get("knobs") or []:
+            lines.append(f"    to fit: {k}")
+        if not est["fits"] and not est.get("knobs"):
+            lines.append("    no single setting makes it fit; use a smaller model or a larger "
+                         "machine")
+    rows = "?" if c["rows"] is None else f"{c['rows']:,}"
+    lines.append(f"cache:    {c['mode']}, {c['bytes_per_token']:.0f} B/token x {rows} rows "
+                 f"({c['rows_from']}) -> {_gb(c['disk_bytes'])} on disk")
+    tp, tr = p["teacher_pass"] or {}, p["training"]
+    if "seconds" in tr or "seconds" in tp:
+        lines.append(f"time:     teacher pass {tp.get('seconds', '?')} s "
+                     f"({tp.get('tok_per_s', '?')} tok/s), training {tr.get('seconds', '?')} s "
+                     f"({tr.get('step_s', '?')} s/step), measured here")
+    else:
+        lines.append("time:     run with --probe to measure on this machine")
+    return "\n".join(lines)
