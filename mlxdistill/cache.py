@@ -12,15 +12,16 @@ import os
 import queue
 import threading
 import time
-from typing import Iterator
+from typing import Iterator, Optional
 
 import mlx.core as mx
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from . import data as data_mod
-from . import models
+from . import files, models
 from .config import Config, ConfigError
+from .distributed import World
 from .progress import Progress
 
 FORMAT_VERSION = 1
@@ -45,11 +46,7 @@ def id_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 65536 else np.int32
 
 
-def _atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+_atomic_json = files.atomic_json
 
 
 def shard_sha256(path: str) -> str:
@@ -113,7 +110,9 @@ def topk_targets(logprobs: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 IDENTITY_KEYS = ("format_version", "teacher_fingerprint", "tokenizer_fingerprint", "vocab_size",
                  "mode", "n", "k", "temperature", "seq_len", "dataset_sha256", "max_rows",
-                 "mask_prompt", "seed", "shard_rows", "hidden_layers")
+                 "mask_prompt", "seed", "shard_rows", "hidden_layers", "long_lines")
+# Identity keys added after format 1 shipped: what a manifest without them was built with.
+LEGACY = {"long_lines": "split"}
 
 
 def read_manifest(cache_dir: str) -> dict:
@@ -146,6 +145,7 @@ def config_identity(cfg: Config) -> dict:
         "seq_len": cfg.data.seq_len, "dataset_sha256": data_mod.file_sha256(cfg.data.train),
         "max_rows": cfg.data.max_rows, "mask_prompt": cfg.data.mask_prompt, "seed": c.seed,
         "shard_rows": c.shard_rows, "hidden_layers": list(c.hidden_layers),
+        "long_lines": cfg.data.long_lines,
     }
 
 
@@ -153,7 +153,7 @@ def check_compatible(manifest: dict, want: dict, cache_dir: str) -> None:
     for key in IDENTITY_KEYS:
         if key not in want:
             continue
-        if manifest.get(key) != want.get(key):
+        if manifest.get(key, LEGACY.get(key)) != want.get(key):
             raise CacheError(
                 f"cache {cache_dir} was built with {key}={manifest.get(key)!r} but this config "
                 f"needs {want.get(key)!r}; point cache.dir elsewhere or delete the cache")
@@ -161,10 +161,18 @@ def check_compatible(manifest: dict, want: dict, cache_dir: str) -> None:
 
 # ---------------------------------------------------------------- writer
 
-def build(cfg: Config, quiet: bool = False, log=print) -> dict:
-    """Run the teacher over data.train and write the cache; resumes a killed build."""
+def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = None) -> dict:
+    """Run the teacher over data.train and write the cache; resumes a killed build.
+
+    Under `mlx.launch` the ranks take the missing shards round-robin and write them into the
+    one cache directory (which they must share); rank 0 alone reads and writes the manifest,
+    merging every rank's shard records after each round. Shard contents depend only on the
+    shard index and the seed, so any number of ranks builds the same cache."""
+    world = world or World(cfg.run.dist_timeout)
+    if not world.main:
+        quiet, log = True, (lambda m: None)  # rank 0 reports for all
     c = cfg.cache
-    teacher, ttok, tcfg = models.load(cfg.teacher.model, "teacher")
+    teacher, ttok, tcfg = models.load_role(cfg, "teacher")
     scfg, stok = models.load_meta(cfg.student.model, "student")
     match = models.check_vocab(ttok, tcfg, stok, scfg)
     models.check_seq_len(cfg.data.seq_len, tcfg, "teacher")
@@ -177,42 +185,61 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
     want = {**config_identity(cfg), "tokenizer_fingerprint": match.fingerprint,
             "vocab_size": match.vocab_size}
     os.makedirs(c.dir, exist_ok=True)
+    if world.main:  # before any rank writes: the others wait for rank 0's manifest below
+        files.remove_stale_tmp(c.dir)  # partial shards of a killed pass: never read, just space
     mpath = os.path.join(c.dir, MANIFEST)
-    if os.path.exists(mpath):
+    if world.main and os.path.exists(mpath):
         manifest = read_manifest(c.dir)
         check_compatible(manifest, want, c.dir)
-        if manifest.get("complete"):
-            log(f"cache {c.dir} is complete ({manifest['rows']} rows); nothing to do")
-            return manifest
     else:
         manifest = {**want, "teacher": cfg.teacher.model, "dataset": cfg.data.train,
                     "teacher_layers": models.num_layers(teacher), "hidden_resolved": hidden,
                     "hidden_size": int(tcfg.get("hidden_size", 0)) or None,
                     "shards": [], "complete": False}
+    # Every rank follows rank 0's view of the cache.
+    manifest = world.bcast(manifest, "reading the cache manifest")
+    if manifest.get("complete"):
+        log(f"cache {c.dir} is complete ({manifest['rows']} rows); nothing to do")
+        return manifest
 
     packed = data_mod.pack(cfg.data.train, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
-                           cfg.data.max_rows)
+                           cfg.data.max_rows, cfg.data.long_lines)
+    if (note := packed.long_report(cfg.data.seq_len, cfg.data.long_lines, cfg.data.train)):
+        log(note)
     nshards = -(-packed.rows // c.shard_rows)
     manifest.update(rows=packed.rows, tokens=int(packed.rows * cfg.data.seq_len),
                     trained_tokens=int(packed.loss_mask.sum()), num_shards=nshards)
-    done = {s["index"] for s in manifest["shards"]
-            if os.path.isfile(os.path.join(c.dir, s["file"]))}
+    done = set(world.bcast([s["index"] for s in manifest["shards"]
+                            if os.path.isfile(os.path.join(c.dir, s["file"]))],
+                           "reading the cache manifest"))
     manifest["shards"] = [s for s in manifest["shards"] if s["index"] in done]
     if done:
         log(f"resuming cache {c.dir}: {len(done)}/{nshards} shards already written")
     todo_rows = sum(min(c.shard_rows, packed.rows - i * c.shard_rows)
                     for i in range(nshards) if i not in done)
+    _check_free_space(c.dir, manifest, todo_rows)
     what = f"n={c.n} draws" if c.mode == "sample" else f"top-{c.k}"
     log(f"teacher pass: {todo_rows} rows x {cfg.data.seq_len} tokens through "
         f"{cfg.teacher.model} ({c.mode}, {what}, T={c.temperature}) -> {c.dir}")
-    bar = Progress(todo_rows, f"teacher pass ({c.mode})", "tok", quiet)
+    todo = [i for i in range(nshards) if i not in done]
+    if world.size > 1:
+        log(f"teacher pass split over {world.size} ranks: {len(todo)} shards, round-robin")
+    bar = Progress(sum(min(c.shard_rows, packed.rows - i * c.shard_rows)
+                       for i in todo[world.rank::world.size]),
+                   f"teacher pass ({c.mode})", "tok", quiet)
     forward = models.logits_fn(teacher, match.vocab_size)
     captured, _ = models.capture_layers(teacher, hidden)
     idt = id_dtype(match.vocab_size)
     t0 = time.time()
-    for i in range(nshards):
-        if i in done:
-            continue
+    pending: list[dict] = []  # this rank's shard records not yet in the manifest
+
+    def merge() -> None:
+        records = [r for part in world.gather(pending, "merging shard records") for r in part]
+        pending.clear()
+        if world.main:
+            _merge_records(c.dir, mpath, manifest, records, nshards)
+
+    for i in _round_robin(todo, world, merge):
         lo, hi = i * c.shard_rows, min((i + 1) * c.shard_rows, packed.rows)
         tensors = {"input_ids": packed.input_ids[lo:hi], "loss_mask": packed.loss_mask[lo:hi],
                    "next_ids": packed.next_ids[lo:hi]}
@@ -234,22 +261,42 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
             bar.update(x.shape[0], units=x.size)
         tensors.update({k: np.concatenate(v) for k, v in outs.items()})
         name = f"shard-{i:05d}.safetensors"
-        final = os.path.join(c.dir, name)
-        tmp = final + ".tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
-        sha = shard_sha256(tmp)
-        os.replace(tmp, final)
-        manifest["shards"].append({"index": i, "file": name, "rows": hi - lo, "sha256": sha})
-        manifest["shards"].sort(key=lambda s: s["index"])
-        manifest["complete"] = len(manifest["shards"]) == nshards
-        _atomic_json(mpath, manifest)
+        with files.atomic_path(os.path.join(c.dir, name)) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
+            sha = shard_sha256(tmp)
+        pending.append({"index": i, "file": name, "rows": hi - lo, "sha256": sha})
     bar.close()
-    if todo_rows:
+    if todo_rows and world.main:
         dt = time.time() - t0
         manifest["pass_tok_per_s"] = round(todo_rows * cfg.data.seq_len / dt, 1)
         _atomic_json(mpath, manifest)
         log(f"teacher pass done: {manifest['pass_tok_per_s']:,.0f} tok/s, {dt:.0f} s")
-    return manifest
+    return world.bcast(manifest, "sharing the cache manifest")
+
+
+def _round_robin(todo: list[int], world: World, after_round) -> Iterator[int]:
+    """This rank's items of `todo` (item j goes to rank j % size); `after_round()` runs on
+    every rank once per round of `size` items (it holds a collective), so each rank takes
+    part in every round even when the last one has nothing left for it."""
+    for j in range(0, len(todo), world.size):
+        if j + world.rank < len(todo):
+            yield todo[j + world.rank]
+        after_round()
+
+
+def _merge_records(cache_dir: str, mpath: str, manifest: dict, records: list[dict],
+                   nshards: int) -> None:
+    """Rank 0: add a round's shard records to the manifest and rewrite it atomically, so a
+    killed pass loses at most the round in flight."""
+    for r in records:
+        if not os.path.isfile(os.path.join(cache_dir, r["file"])):
+            raise CacheError(f"shard {r['file']} written by another rank is not in {cache_dir} "
+                             "as rank 0 sees it: cache.dir must be a folder all ranks share "
+                             "(a network volume), or build the cache with one process")
+    manifest["shards"].extend(records)
+    manifest["shards"].sort(key=lambda s: s["index"])
+    manifest["complete"] = len(manifest["shards"]) == nshards
+    _atomic_json(mpath, manifest)
 
 
 # ---------------------------------------------------------------- reader
@@ -270,10 +317,10 @@ class ShardReader:
                              "`mlxdistill cache` with the same config to finish it")
         self.shards = self.manifest["shards"]
         for s in self.shards:
-            name = s["file"]
-            if os.path.basename(name) != name or name.startswith(".") or "\\" in name:
-                raise CacheError(f"manifest of {cache_dir} names shard {name!r} outside the "
-                                 "cache directory; refusing to read it")
+            try:
+                files.inside(cache_dir, s["file"], f"the manifest of {cache_dir}")
+            except files.PathError as e:
+                raise CacheError(str(e)) from None
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
         self.rows = int(self.offsets[-1])
         if self.rows == 0:
@@ -307,7 +354,9 @@ class ShardReader:
             _atomic_json(vpath, seen)
 
     def load_shard(self, i: int) -> dict:
-        path = os.path.join(self.dir, self.shards[i]["file"])
+        sh = self.shards[i]
+        path = os.path.join(self.dir, sh["file"])
+        check_header(path, sh["file"], expected_tensors(self.manifest, sh["rows"]))
         try:
             return load_file(path)
         except Exception as e:
@@ -391,26 +440,89 @@ class ShardReader:
                      {k: take(k) for k in keys})
 
 
-def check_contents(t: dict, m: dict, rows: int, name: str) -> None:
-    """Shapes, dtypes and values of one shard against its manifest: what sha256 cannot say
-    when the producer itself was wrong."""
-    L, V = m["seq_len"], m["vocab_size"]
-    width = m.get("n") if m["mode"] == "sample" else m.get("k")
+def expected_tensors(m: dict, rows: int) -> dict[str, tuple[tuple, str]]:
+    """Every tensor a shard of `rows` rows must hold: name -> (shape, numpy dtype name)."""
+    L, width = m["seq_len"], m.get("n") if m["mode"] == "sample" else m.get("k")
     want = {"input_ids": ((rows, L), "int32"), "loss_mask": ((rows, L), "uint8"),
-            "next_ids": ((rows,), "int32"), "ids": ((rows, L, width), None)}
+            "next_ids": ((rows,), "int32"),
+            "ids": ((rows, L, width), np.dtype(id_dtype(m["vocab_size"])).name)}
     want.update({"counts": ((rows, L, width), "uint8")} if m["mode"] == "sample"
                 else {"logprobs": ((rows, L, width), "float16")})
     for layer in m.get("hidden_resolved") or []:
         want[f"hidden.{layer}"] = ((rows, L, m["hidden_size"]), "float16")
+    return want
+
+
+def estimate_bytes(m: dict, rows: int) -> int:
+    """Bytes on disk of `rows` cached rows (headers aside): what `cache` checks against the
+    free space before it starts."""
+    return sum(int(np.prod(shape)) * np.dtype(dt).itemsize
+               for shape, dt in expected_tensors(m, rows).values())
+
+
+def _check_free_space(cache_dir: str, m: dict, rows: int) -> None:
+    need = estimate_bytes(m, rows) + (64 << 20)  # margin: headers, manifest, other writers
+    free = files.free_bytes(cache_dir)
+    if need > free:
+        raise CacheError(f"cache {cache_dir} needs about {files.human(need)} for {rows} rows "
+                         f"but only {files.human(free)} is free there; free space, lower "
+                         "data.max_rows or point cache.dir at a bigger disk")
+
+
+_ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F16": 2, "BF16": 2, "U16": 2, "I16": 2, "F32": 4,
+              "U32": 4, "I32": 4, "F64": 8, "I64": 8, "U64": 8}
+_NP_TO_ST = {"int32": "I32", "uint8": "U8", "uint16": "U16", "float16": "F16"}
+
+
+def check_header(path: str, name: str, want: dict) -> None:
+    """Refuse a shard whose safetensors header disagrees with its own bytes or with the
+    manifest, before any tensor is allocated: a lying header must not make the reader
+    allocate gigabytes or read past the end of the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(size - 8, 100 << 20):
+            raise CacheError(f"shard {name}: header length {n} does not fit its {size} bytes "
+                             "(truncated or corrupt); delete it and rerun `mlxdistill cache`")
+        try:
+            header = json.loads(f.read(n))
+            spans = sorted((int(t["data_offsets"][0]), int(t["data_offsets"][1]), k)
+                           for k, t in header.items() if k != "__metadata__")
+            nbytes = {k: int(np.prod(t["shape"], dtype=np.int64)) * _ST_DTYPES[t["dtype"]]
+                      for k, t in header.items() if k != "__metadata__"}
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise CacheError(f"shard {name}: unreadable safetensors header; delete it and "
+                             "rerun `mlxdistill cache`") from None
+    pos = 0
+    for lo, hi, key in spans:
+        if lo != pos or hi - lo != nbytes[key]:
+            raise CacheError(f"shard {name}: tensor {key} declares {nbytes[key]} bytes at "
+                             f"[{lo}, {hi}) which its data does not match; refusing it")
+        pos = hi
+    if pos != size - 8 - n:
+        raise CacheError(f"shard {name}: tensors declare {pos} bytes but the file holds "
+                         f"{size - 8 - n} (truncated or padded); delete it and rerun "
+                         "`mlxdistill cache`")
     for key, (shape, dtype) in want.items():
+        t = header.get(key)
+        if t is None:
+            raise CacheError(f"shard {name} lacks tensor {key!r}")
+        if list(t["shape"]) != list(shape) or t["dtype"] != _NP_TO_ST[dtype]:
+            raise CacheError(f"shard {name}: {key} is declared {t['dtype']}{t['shape']}, "
+                             f"expected {_NP_TO_ST[dtype]}{list(shape)} from the manifest")
+
+
+def check_contents(t: dict, m: dict, rows: int, name: str) -> None:
+    """Shapes, dtypes and values of one shard against its manifest: what sha256 cannot say
+    when the producer itself was wrong."""
+    V = m["vocab_size"]
+    for key, (shape, dtype) in expected_tensors(m, rows).items():
         if key not in t:
             raise CacheError(f"shard {name} lacks tensor {key!r}")
-        if t[key].shape != shape or (dtype and str(t[key].dtype) != dtype):
+        if t[key].shape != shape or str(t[key].dtype) != dtype:
             raise CacheError(f"shard {name}: {key} is {t[key].dtype}{list(t[key].shape)}, "
-                             f"expected {dtype or 'ids'}{list(shape)}")
-    if str(t["ids"].dtype) != np.dtype(id_dtype(V)).name:
-        raise CacheError(f"shard {name}: ids are {t['ids'].dtype}, expected "
-                         f"{np.dtype(id_dtype(V)).name} for vocab {V}")
+                             f"expected {dtype}{list(shape)}")
     if t["ids"].max(initial=0) >= V or t["input_ids"].min(initial=0) < 0 or \
             t["input_ids"].max(initial=0) >= V:
         raise CacheError(f"shard {name} holds token ids outside the vocabulary of {V}")
@@ -421,6 +533,9 @@ def check_contents(t: dict, m: dict, rows: int, name: str) -> None:
         lp = t["logprobs"].astype(np.float32)
         if not np.isfinite(lp).all() or (np.exp(lp).sum(-1) > 1.0 + 1e-2).any():
             raise CacheError(f"shard {name}: log-probabilities not finite or summing above 1")
+    for key in t:
+        if key.startswith("hidden.") and not np.isfinite(t[key].astype(np.float32)).all():
+            raise CacheError(f"shard {name}: {key} holds non-finite values")
 
 
 def summary(cache_dir: str) -> dict:

@@ -17,9 +17,16 @@ def _user_errors() -> tuple:
     from .cache import CacheError
     from .config import ConfigError
     from .data import DataError
+    from .files import PathError
     from .models import ModelError
 
-    return (ConfigError, DataError, CacheError, ModelError)
+    return (ConfigError, DataError, CacheError, ModelError, PathError)
+
+
+def _rank_lost() -> type:
+    from .distributed import DistributedError
+
+    return DistributedError
 
 
 def _log(quiet: bool):
@@ -40,11 +47,24 @@ def guarded(fn):
         except _user_errors() as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except _rank_lost() as e:  # another rank died or hung: stop, saying so
+            from .distributed import EXIT_CODE
+
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_CODE)
         except FloatingPointError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(3)
         except FileNotFoundError as e:
             click.echo(f"error: {e.filename or e}: file not found", err=True)
+            sys.exit(2)
+        except OSError as e:  # disk full, read-only or forbidden directory: fixable by the user
+            from .files import os_error_message
+
+            msg = os_error_message(e)
+            if msg is None:
+                raise
+            click.echo(f"error: {msg}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("\ninterrupted; run the same command again to resume", err=True)
@@ -98,11 +118,14 @@ def train(config_path, quiet, overrides):
 def cache(config_path, quiet, overrides):
     """Run the teacher over data.train and write the cache (resumes a killed pass)."""
     from .cache import build
+    from .distributed import World
 
     cfg = _load(config_path, overrides)
-    m = build(cfg, quiet=quiet, log=_log(quiet))
-    _log(quiet)(f"cache {cfg.cache.dir}: {m['rows']} rows, {m['tokens']} tokens, "
-                f"mode {m['mode']}")
+    world = World(cfg.run.dist_timeout)
+    log = _log(quiet or not world.main)  # rank 0 reports for all
+    log(world.describe())
+    m = build(cfg, quiet=quiet, log=log, world=world)
+    log(f"cache {cfg.cache.dir}: {m['rows']} rows, {m['tokens']} tokens, mode {m['mode']}")
 
 
 @main.command()

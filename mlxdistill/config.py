@@ -40,14 +40,23 @@ def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
 class TeacherConfig:
     model: str = "weights/teacher"
     mode: str = "cache"  # cache | online
+    # Run a model folder's own Python (config.json `model_file`)? Never by default.
+    trust_remote_code: bool = False
 
     def __post_init__(self):
         _one_of("teacher.mode", self.mode, ("cache", "online"))
+        _check(isinstance(self.trust_remote_code, bool),
+               f"teacher.trust_remote_code={self.trust_remote_code!r} must be true or false")
 
 
 @dataclass(frozen=True)
 class StudentConfig:
     model: str = "weights/student"
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _check(isinstance(self.trust_remote_code, bool),
+               f"student.trust_remote_code={self.trust_remote_code!r} must be true or false")
 
 
 @dataclass(frozen=True)
@@ -60,10 +69,14 @@ class DataConfig:
     max_rows: Optional[int] = None
     # Train only on completions / assistant turns of prompt-completion and chat data.
     mask_prompt: bool = True
+    # A record longer than seq_len: split (runs on into the next row) | truncate (keep its
+    # first seq_len tokens). Either way the count is reported.
+    long_lines: str = "split"
 
     def __post_init__(self):
         _check(isinstance(self.seq_len, int) and self.seq_len >= 2,
                f"data.seq_len={self.seq_len!r} must be an integer >= 2")
+        _one_of("data.long_lines", self.long_lines, ("split", "truncate"))
         if self.max_rows is not None:
             _check(isinstance(self.max_rows, int) and self.max_rows > 0,
                    f"data.max_rows={self.max_rows!r} must be a positive integer or null")
@@ -159,11 +172,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_rows: int = 8  # valid rows whose teacher distributions are kept for periodic eval
     report_every: int = 10
+    keep_checkpoints: int = 2  # newest checkpoints kept in run.dir/checkpoints
+    # Steps with a non-finite loss or gradient that may be skipped (update dropped, data moves
+    # on) before the run stops; 0 stops at the first, keeping the last good checkpoint.
+    nonfinite_skips: int = 0
 
     def __post_init__(self):
         _one_of("train.mode", self.mode, ("full", "lora", "dora"))
         for key in ("iters", "batch_size", "grad_accum", "lora_rank", "save_every",
-                    "eval_every", "report_every"):
+                    "eval_every", "report_every", "keep_checkpoints"):
             v = getattr(self, key)
             _check(isinstance(v, int) and v >= 1, f"train.{key}={v!r} must be a positive integer")
         _check(self.batch_size % self.grad_accum == 0,
@@ -176,6 +193,8 @@ class TrainConfig:
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _positive("train.eval_rows", self.eval_rows, allow_zero=True)
+        _check(isinstance(self.nonfinite_skips, int) and self.nonfinite_skips >= 0,
+               f"train.nonfinite_skips={self.nonfinite_skips!r} must be an integer >= 0")
         _check(0.0 <= self.min_lr_ratio <= 1.0,
                f"train.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
 
@@ -184,6 +203,12 @@ class TrainConfig:
 class RunConfig:
     dir: str = "runs/default"
     seed: int = 0
+    # Seconds a rank waits for the others inside one collective before it stops with an
+    # error (several ranks only): a dead or hung rank must not leave the rest waiting forever.
+    dist_timeout: float = 600.0
+
+    def __post_init__(self):
+        _positive("run.dist_timeout", self.dist_timeout)
 
 
 @dataclass(frozen=True)
@@ -316,10 +341,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        why = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
+        raise ConfigError(f"{path}{where}: not valid YAML ({why}); fix the file") from None
     _check(isinstance(raw, dict), f"{path}: top level must be a mapping of sections")
     for section, body in parse_overrides(overrides or []).items():
         if isinstance(raw.get(section), dict):
@@ -353,7 +379,7 @@ def _anchor_embedded_paths(cfg: Config) -> Config:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    from .files import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)

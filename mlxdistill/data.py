@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -31,6 +32,16 @@ class Packed:
     # The token after each row's last position (-1 at the end of the stream): lets hard-label
     # CE train the last position without storing L+1 tokens per row.
     next_ids: np.ndarray  # int32 [rows]
+    records: int = 0
+    long_records: int = 0  # records longer than seq_len: split across rows or truncated
+
+    def long_report(self, seq_len: int, how: str, path: str) -> Optional[str]:
+        """The line every pass over a dataset prints when records did not fit a row."""
+        if not self.long_records:
+            return None
+        verb = "split across rows" if how == "split" else f"truncated to {seq_len} tokens"
+        return (f"{path}: {self.long_records} of {self.records} records are longer than "
+                f"data.seq_len={seq_len} tokens and were {verb} (data.long_lines={how})")
 
     @property
     def rows(self) -> int:
@@ -116,18 +127,30 @@ def record_segments(tokenizer, rec: dict, mask_prompt: bool) -> list[tuple[list[
 
 
 def pack(path: str, tokenizer, seq_len: int, mask_prompt: bool = True,
-         max_rows: int | None = None) -> Packed:
-    """Tokenize `path` and pack it into rows of `seq_len` tokens."""
+         max_rows: int | None = None, long_lines: str = "split") -> Packed:
+    """Tokenize `path` and pack it into rows of `seq_len` tokens. Records run on into the
+    next row; with long_lines="truncate" a record longer than a row keeps its first
+    `seq_len` tokens instead of being split. Either way the count is in the result."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     trained: list[bool] = []
+    records = long = 0
     for rec in read_records(path):
+        r_ids: list[int] = []
+        r_trained: list[bool] = []
         for seg, t in record_segments(tokenizer, rec, mask_prompt):
-            ids.extend(seg)
-            trained.extend([t] * len(seg))
+            r_ids.extend(seg)
+            r_trained.extend([t] * len(seg))
         if eos is not None:
-            ids.append(eos)
-            trained.append(True)  # learning where a document ends is part of the task
+            r_ids.append(eos)
+            r_trained.append(True)  # learning where a document ends is part of the task
+        records += 1
+        if len(r_ids) > seq_len:
+            long += 1
+            if long_lines == "truncate":
+                r_ids, r_trained = r_ids[:seq_len], r_trained[:seq_len]
+        ids.extend(r_ids)
+        trained.extend(r_trained)
     if len(ids) < 2:
         raise DataError(f"dataset {path} has fewer than 2 tokens; nothing to train on")
     stream = np.asarray(ids, dtype=np.int32)
@@ -147,7 +170,8 @@ def pack(path: str, tokenizer, seq_len: int, mask_prompt: bool = True,
     ends = np.arange(1, rows + 1) * seq_len
     ok = ends < len(stream)
     next_ids[ok] = stream[ends[ok]]
-    return Packed(inp.reshape(rows, seq_len), mask.reshape(rows, seq_len), next_ids)
+    return Packed(inp.reshape(rows, seq_len), mask.reshape(rows, seq_len), next_ids, records,
+                  long)
 
 
 @dataclass

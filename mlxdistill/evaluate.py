@@ -35,9 +35,10 @@ def _load_run_config(run_dir: str):
 
 def load_trained_student(run_dir: str, cfg):
     if os.path.isdir(os.path.join(run_dir, "model")):
-        return models.load(os.path.join(run_dir, "model"), "trained student")[0]
+        return models.load(os.path.join(run_dir, "model"), "trained student",
+                           trust_remote_code=cfg.student.trust_remote_code)[0]
     if os.path.isfile(os.path.join(run_dir, "adapters.safetensors")):
-        return models.load(cfg.student.model, "student", adapter_path=run_dir)[0]
+        return models.load_role(cfg, "student", adapter_path=run_dir)[0]
     raise ConfigError(f"{run_dir} has neither model/ nor adapters.safetensors; the run did not "
                       "finish: rerun `mlxdistill train` with the same config to complete it")
 
@@ -119,8 +120,8 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
     path = data_path or cfg.data.test or cfg.data.valid
     if not path:
         raise ConfigError("no evaluation data: set data.test in the config or pass --data")
-    teacher, ttok, tcfg = models.load(cfg.teacher.model, "teacher")
-    before, stok, scfg = models.load(cfg.student.model, "student")
+    teacher, ttok, tcfg = models.load_role(cfg, "teacher")
+    before, stok, scfg = models.load_role(cfg, "student")
     match = models.check_vocab(ttok, tcfg, stok, scfg)
     after = load_trained_student(run_dir, cfg)
     packed = data_mod.pack(path, ttok, cfg.data.seq_len, cfg.data.mask_prompt)

@@ -17,6 +17,7 @@ import shutil
 from typing import Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from . import data as data_mod
@@ -65,32 +66,59 @@ def round_trip(ref_logits: mx.array, out: str, rows: mx.array, vocab: int) -> di
             "kl_reference_to_export": round(kl.item(), 8)}
 
 
+def _tunable(m) -> bool:
+    return isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and \
+        getattr(m, "mode", "affine") == "affine"
+
+
 def tune_quantized(model, reader, vocab: int, iters: int, lr: float, batch_size: int,
                    seed: int) -> list[float]:
     """Distillation-aware quantization: train only the quantization scales and biases so the
     quantized student's distribution moves back towards the teacher's, from the same cache
-    the student was trained on (mlx_lm's DWQ idea, without a second teacher pass). Packed
-    weights stay fixed; updates accumulate in float32. Returns the loss per step."""
+    the student was trained on (mlx_lm's DWQ idea, without a second teacher pass). The packed
+    integer weights stay fixed. Returns the loss per step.
+
+    The steps run on float32 weights rebuilt as q * scale + bias from the fixed integers q,
+    which is exactly what the quantized matmul computes, differentiable in scale and bias, and
+    on a CPU far faster than the quantized kernels (no fast path there)."""
     import mlx.optimizers as optim
-    from mlx.utils import tree_map
 
     from .trainer import to_arrays
 
-    def unfreeze(_, m):
-        if hasattr(m, "bits") and hasattr(m, "group_size") and \
-                getattr(m, "mode", "affine") == "affine":
-            m.unfreeze(keys=["scales", "biases"], recurse=False)
-
+    qmods = {name: m for name, m in model.named_modules() if _tunable(m)}
+    ints, params, floats = {}, {}, []
+    for name, m in qmods.items():
+        # Dequantizing with scale 1 and bias 0 recovers the integer levels exactly.
+        ints[name] = mx.dequantize(m.weight, mx.ones_like(m.scales), mx.zeros_like(m.biases),
+                                   m.group_size, m.bits).astype(mx.float32)
+        params[name] = {"scales": m.scales.astype(mx.float32),
+                        "biases": m.biases.astype(mx.float32)}
+        if isinstance(m, nn.QuantizedLinear):
+            f = nn.Linear(ints[name].shape[1], ints[name].shape[0], bias="bias" in m)
+            if "bias" in m:
+                f.bias = m.bias.astype(mx.float32)
+        else:
+            f = nn.Embedding(*ints[name].shape)
+        floats.append((name, f))
+    dtypes = {name: m.scales.dtype for name, m in qmods.items()}
+    model.update_modules(tree_unflatten(floats))
+    model.set_dtype(mx.float32)
     model.freeze()
-    model.apply_to_modules(unfreeze)
-    dtypes = tree_map(lambda a: a.dtype, model.trainable_parameters())
-    params = tree_map(lambda a: a.astype(mx.float32), model.trainable_parameters())
-    opt = optim.Adam(learning_rate=lr)
+
+    def weights(p):
+        out = []
+        for name, q in ints.items():
+            m = qmods[name]
+            g = q.reshape(q.shape[0], -1, m.group_size)
+            w = g * p[name]["scales"][..., None] + p[name]["biases"][..., None]
+            out.append((name + ".weight", w.reshape(q.shape)))
+        return tree_unflatten(out)
 
     def loss_fn(p, x, mask, targets):
-        model.update(tree_map(lambda a, d: a.astype(d), p, dtypes))
+        model.update(weights(p))
         return losses.kd_loss(_logits(model, x, vocab), targets, mask)[0]
 
+    opt = optim.Adam(learning_rate=lr, bias_correction=True)
     grad_fn = mx.value_and_grad(loss_fn)
     history = []
     for _, batch in zip(range(iters), reader.batches(batch_size, seed)):
@@ -99,7 +127,12 @@ def tune_quantized(model, reader, vocab: int, iters: int, lr: float, batch_size:
         params = opt.apply_gradients(grads, params)
         mx.eval(params, loss)
         history.append(loss.item())
-    model.update(tree_map(lambda a, d: a.astype(d), params, dtypes))
+    # Back to the quantized modules, with the tuned scales and biases in their own dtype.
+    for name, m in qmods.items():
+        m.scales = params[name]["scales"].astype(dtypes[name])
+        m.biases = params[name]["biases"].astype(dtypes[name])
+    model.update_modules(tree_unflatten(list(qmods.items())))
+    model.set_dtype(mx.float16)
     mx.eval(model.parameters())
     return history
 
@@ -159,10 +192,11 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
     mx.eval(ref_logits)
 
     tuning = None
-    if bits == 16:
-        model.set_dtype(mx.float16)
-        config["torch_dtype"] = "float16"
-    else:
+    # Apps run float16: the unquantized parameters (norms, and scales and biases when
+    # quantized) are stored as float16 too, as mlx_lm.convert does.
+    model.set_dtype(mx.float16)
+    config["torch_dtype"] = "float16"
+    if bits < 16:
         model, config = models.quantize(model, config, group_size, bits)
         if tune_iters > 0:
             tuning = _tune(cfg, model, tok, vocab, tune_iters, tune_lr, log)
@@ -214,7 +248,7 @@ def _tune(cfg, model, tok, vocab: int, iters: int, lr: float, log) -> dict:
         reader = ShardReader(cfg.cache.dir)
     except CacheError as e:
         raise ConfigError(f"quantization tuning needs the run's cache: {e}") from None
-    teacher = models.load(cfg.teacher.model, "teacher")[0]
+    teacher = models.load_role(cfg, "teacher")[0]
     held = cfg.data.test or cfg.data.valid
     packed = data_mod.pack(held, tok, cfg.data.seq_len, cfg.data.mask_prompt, TUNE_EVAL_ROWS)
     rows = mx.array(packed.input_ids)

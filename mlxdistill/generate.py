@@ -25,6 +25,7 @@ import mlx.core as mx
 from . import models
 from .config import Config, ConfigError
 from .data import read_jsonl
+from .distributed import World
 from .progress import Progress
 
 
@@ -90,11 +91,19 @@ def _atomic_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
-def generate(cfg: Config, quiet: bool = False, log=print) -> dict:
+def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = None) -> dict:
+    """Teacher answers for every prompt -> g.out. Under `mlx.launch` each round of the loop
+    gives rank r the r-th batch of prompts; rank 0 gathers the answers and writes them in
+    prompt order. A batch's seed depends only on its position, so the file is the same for
+    any number of ranks, and a resume may even use another number."""
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
     g = cfg.generate
+    world = world or World(cfg.run.dist_timeout)
+    if not world.main:
+        quiet, log = True, (lambda m: None)  # rank 0 reports and writes for all
+    log(world.describe())
     prompts = read_prompts(g.prompts)
     verify = load_verifier(g.verifier)
     identity = {"teacher": cfg.teacher.model,
@@ -104,41 +113,60 @@ def generate(cfg: Config, quiet: bool = False, log=print) -> dict:
                 "system": g.system, "batch_size": g.batch_size, "seed": g.seed}
     partial, ppath = g.out + ".partial", g.out + ".progress.json"
     mpath = g.out + ".manifest.json"
-    if os.path.exists(g.out) and os.path.exists(mpath):
-        with open(mpath) as f:
-            done_manifest = json.load(f)
-        if done_manifest.get("settings") == identity:
-            log(f"{g.out} is complete ({done_manifest['lines']} lines); nothing to do")
-            return done_manifest
     prog = {"settings": identity, "done": 0, "bytes": 0, "kept": 0, "rejected": 0,
             "verifier_errors": 0}
-    if os.path.exists(ppath) and os.path.exists(partial):
-        with open(ppath) as f:
-            old = json.load(f)
-        if old.get("settings") != identity:
-            raise ConfigError(f"{partial} was started with other settings; delete it and "
-                              f"{ppath} or restore the settings")
-        prog = old
-        log(f"resuming {g.out}: {prog['done']}/{len(prompts)} prompts done")
-    os.makedirs(os.path.dirname(os.path.abspath(g.out)), exist_ok=True)
-    with open(partial, "a+b") as f:
-        f.truncate(prog["bytes"])  # drop a line half-written by a killed run
+    finished = None
+    if world.main:  # the files are rank 0's; the other ranks follow its view
+        if os.path.exists(g.out) and os.path.exists(mpath):
+            with open(mpath) as f:
+                done_manifest = json.load(f)
+            if done_manifest.get("settings") == identity:
+                finished = done_manifest
+        if finished is None:
+            if os.path.exists(ppath) and os.path.exists(partial):
+                with open(ppath) as f:
+                    old = json.load(f)
+                if old.get("settings") != identity:
+                    raise ConfigError(f"{partial} was started with other settings; delete it "
+                                      f"and {ppath} or restore the settings")
+                prog = old
+                log(f"resuming {g.out}: {prog['done']}/{len(prompts)} prompts done")
+            os.makedirs(os.path.dirname(os.path.abspath(g.out)), exist_ok=True)
+            with open(partial, "a+b") as f:
+                f.truncate(prog["bytes"])  # drop a line half-written by a killed run
+    finished, first = world.bcast([finished, prog["done"]], "reading the generate progress")
+    if finished is not None:
+        log(f"{g.out} is complete ({finished['lines']} lines); nothing to do")
+        return finished
 
-    teacher, tok, _ = models.load(cfg.teacher.model, "teacher")
+    teacher, tok, _ = models.load_role(cfg, "teacher")
     sampler = make_sampler(temp=g.temperature, top_p=g.top_p if g.top_p < 1.0 else 0.0)
     bar = Progress(len(prompts), "generate", "tok", quiet)
-    bar.done = prog["done"]
+    bar.done = first
     t0, ntok = time.time(), 0
-    with open(partial, "ab") as out:
-        for start in range(prog["done"], len(prompts), g.batch_size):
-            batch = prompts[start:start + g.batch_size]
-            # One seed per batch: a resumed run regenerates later batches identically.
-            mx.random.seed(g.seed * 1_000_003 + start)
-            toks = [prompt_tokens(tok, rec, g.system) for rec in batch for _ in range(g.n)]
-            resp = batch_generate(teacher, tok, toks, max_tokens=g.max_tokens, sampler=sampler)
+    per_round = g.batch_size * world.size
+    out = open(partial, "ab") if world.main else None
+    try:
+        for start in range(first, len(prompts), per_round):
+            mine = start + world.rank * g.batch_size
+            batch = prompts[mine:mine + g.batch_size]
+            texts, gen_tokens = [], 0
+            if batch:
+                # One seed per batch, from its position: a resumed run, or another number of
+                # ranks, regenerates every batch identically.
+                mx.random.seed(g.seed * 1_000_003 + mine)
+                toks = [prompt_tokens(tok, rec, g.system) for rec in batch for _ in range(g.n)]
+                resp = batch_generate(teacher, tok, toks, max_tokens=g.max_tokens,
+                                      sampler=sampler)
+                texts, gen_tokens = list(resp.texts), resp.stats.generation_tokens
+            parts = world.gather([texts, gen_tokens], f"generating prompts from {start}")
+            if not world.main:
+                continue
+            texts = [text for part in parts for text in part[0]]  # rank order = prompt order
+            records = prompts[start:start + per_round]
             lines = []
-            for i, text in enumerate(resp.texts):
-                rec = batch[i // g.n]
+            for i, text in enumerate(texts):
+                rec = records[i // g.n]
                 ok = True
                 if verify is not None:
                     try:
@@ -153,12 +181,18 @@ def generate(cfg: Config, quiet: bool = False, log=print) -> dict:
             out.write("".join(lines).encode("utf-8"))
             out.flush()
             os.fsync(out.fileno())
-            prog["done"] = start + len(batch)
+            prog["done"] = start + len(records)
             prog["bytes"] = out.tell()
             _atomic_json(ppath, prog)
-            ntok += resp.stats.generation_tokens
-            bar.update(len(batch), units=resp.stats.generation_tokens)
-    bar.close()
+            round_tokens = sum(part[1] for part in parts)
+            ntok += round_tokens
+            bar.update(len(records), units=round_tokens)
+    finally:
+        if out is not None:
+            out.close()
+        bar.close()
+    if not world.main:
+        return world.bcast(None, "sharing the generate manifest")
     total = prog["kept"] + prog["rejected"]
     manifest = {"settings": identity, "prompts_total": len(prompts), "lines": prog["kept"],
                 "kept": prog["kept"], "rejected": prog["rejected"],
@@ -171,4 +205,4 @@ def generate(cfg: Config, quiet: bool = False, log=print) -> dict:
     log(f"generated {g.out}: {prog['kept']} answers kept of {total}"
         + (f" (pass rate {manifest['pass_rate']:.1%})" if verify else "")
         + (f", {ntok / dt:,.0f} tok/s" if ntok and dt > 0 else ""))
-    return manifest
+    return world.bcast(manifest, "sharing the generate manifest")

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import files
 from .config import ConfigError
 
 
@@ -54,8 +55,11 @@ def _model_files_present(path: str) -> bool:
         glob.glob(os.path.join(path, "*.safetensors")))
 
 
-def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = False):
-    """(model, tokenizer, config) for a local mlx_lm folder or a hub id (on a Mac)."""
+def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = False,
+         trust_remote_code: bool = False):
+    """(model, tokenizer, config) for a local mlx_lm folder or a hub id (on a Mac). A folder
+    whose config asks to run its own Python (`model_file`) is refused unless
+    `trust_remote_code` (the config's teacher/student.trust_remote_code) is set."""
     from mlx_lm.utils import load as mlx_load
 
     if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
@@ -72,7 +76,8 @@ def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = 
             raise ModelError(f"{path}/config.json is not valid JSON ({e.msg})") from None
     try:
         model, tokenizer, config = mlx_load(path, adapter_path=adapter_path, lazy=lazy,
-                                            return_config=True)
+                                            return_config=True,
+                                            trust_remote_code=trust_remote_code)
     except Exception as e:  # mlx_lm raises many kinds; the user needs the path and the cause
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not os.path.exists(path):
@@ -83,6 +88,12 @@ def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = 
     if dtype is not None:
         model.set_dtype(dtype)
     return model, tokenizer, config
+
+
+def load_role(cfg, role: str, **kw):
+    """load() of the config's teacher or student with its trust_remote_code setting."""
+    section = getattr(cfg, role)
+    return load(section.model, role, trust_remote_code=section.trust_remote_code, **kw)
 
 
 def load_meta(path: str, what: str):
@@ -287,9 +298,8 @@ def trainable_count(model) -> int:
 def save_adapters(model, adapter_config: dict, base_model: str, out_dir: str) -> None:
     """adapters.safetensors + adapter_config.json, as `mlx_lm.lora` writes them."""
     weights = dict(tree_flatten(model.trainable_parameters()))
-    tmp = os.path.join(out_dir, "adapters.safetensors.tmp.safetensors")
-    mx.save_safetensors(tmp, weights)
-    os.replace(tmp, os.path.join(out_dir, "adapters.safetensors"))
+    with files.atomic_path(os.path.join(out_dir, "adapters.safetensors")) as tmp:
+        mx.save_safetensors(tmp, weights)
     cfg = {**adapter_config, "model": base_model}
     _write_json(os.path.join(out_dir, "adapter_config.json"), cfg)
 
@@ -299,24 +309,17 @@ def save_full_model(model, tokenizer, config: dict, src_path: str, out_dir: str)
     and renamed so a half-written model/ never exists."""
     from mlx_lm.utils import save_config, save_model
 
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(tmp, model)
-    save_config(dict(config), os.path.join(tmp, "config.json"))
-    tokenizer.save_pretrained(tmp)
-    for f in glob.glob(os.path.join(src_path, "tokenizer*")) + glob.glob(
-            os.path.join(src_path, "*.model")):
-        if not os.path.exists(os.path.join(tmp, os.path.basename(f))):
-            shutil.copy(f, tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with files.atomic_dir(out_dir) as tmp:
+        save_model(tmp, model)
+        save_config(dict(config), os.path.join(tmp, "config.json"))
+        tokenizer.save_pretrained(tmp)
+        for f in glob.glob(os.path.join(src_path, "tokenizer*")) + glob.glob(
+                os.path.join(src_path, "*.model")):
+            if not os.path.exists(os.path.join(tmp, os.path.basename(f))):
+                shutil.copy(f, tmp)
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+_write_json = files.atomic_json
 
 
 def quantize(model, config: dict, group_size: int, bits: int):

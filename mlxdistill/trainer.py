@@ -25,14 +25,15 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import cache as cache_mod
 from . import data as data_mod
-from . import losses, models
+from . import files, losses, models
 from .config import Config, ConfigError, from_dict, save_config
+from .distributed import World
 from .progress import Progress
 
 # Keys that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = {("train", "iters"), ("train", "save_every"), ("train", "eval_every"),
-                     ("train", "report_every")}
-KEEP_CHECKPOINTS = 2
+                     ("train", "report_every"), ("run", "dist_timeout"), ("train", "keep_checkpoints"),
+                     ("train", "nonfinite_skips")}
 
 
 def lr_schedule(cfg) -> optim.schedulers:
@@ -46,21 +47,32 @@ def lr_schedule(cfg) -> optim.schedulers:
     return optim.join_schedules([warm, cosine], [t.warmup])
 
 
-def ensure_cache(cfg: Config, quiet: bool, log) -> cache_mod.ShardReader:
+def ensure_cache(cfg: Config, quiet: bool, log, world: Optional[World] = None
+                 ) -> cache_mod.ShardReader:
+    """The verified cache of `cfg`, built first if missing or incomplete. Under several ranks
+    all of them run the teacher (rank 0's view of the cache decides), and rank 0 verifies
+    the shards before the others, which then find them already verified."""
+    world = world or World(cfg.run.dist_timeout)
     mpath = os.path.join(cfg.cache.dir, cache_mod.MANIFEST)
-    if not os.path.exists(mpath) or not cache_mod.read_manifest(cfg.cache.dir).get("complete"):
-        cache_mod.build(cfg, quiet=quiet, log=log)
+    need = world.main and (not os.path.exists(mpath)
+                           or not cache_mod.read_manifest(cfg.cache.dir).get("complete"))
+    if world.bcast(need, "checking the cache"):
+        cache_mod.build(cfg, quiet=quiet, log=log, world=world)
+    if not world.main:
+        world.barrier("rank 0's cache verification")
     reader = cache_mod.ShardReader(cfg.cache.dir)
+    if world.main:
+        world.barrier("rank 0's cache verification")
     cache_mod.check_compatible(reader.manifest, cache_mod.config_identity(cfg), cfg.cache.dir)
     return reader
 
 
-def batch_source(cfg: Config, quiet: bool, log):
+def batch_source(cfg: Config, quiet: bool, log, world: Optional[World] = None):
     """(batches, vocab size, tokenizer fingerprint, live teacher or None, cache manifest or
     None) for the teacher mode: a verified cache (built if missing), or packed rows plus the
     teacher kept in memory."""
     if cfg.teacher.mode == "cache":
-        reader = ensure_cache(cfg, quiet, log)
+        reader = ensure_cache(cfg, quiet, log, world)
         m = reader.manifest
         if cfg.cache.mix:
             from .multi import MixedReader
@@ -74,12 +86,14 @@ def batch_source(cfg: Config, quiet: bool, log):
                 + ("" if c.mix_mode == "confidence" else
                    "(" + ", ".join(f"{w:.2f}" for w in weights) + ")"))
         return reader, m["vocab_size"], m["tokenizer_fingerprint"], None, m
-    teacher, ttok, tcfg = models.load(cfg.teacher.model, "teacher")
+    teacher, ttok, tcfg = models.load_role(cfg, "teacher")
     scfg, stok = models.load_meta(cfg.student.model, "student")
     match = models.check_vocab(ttok, tcfg, stok, scfg)
     models.check_seq_len(cfg.data.seq_len, tcfg, "teacher")
     packed = data_mod.pack(cfg.data.train, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
-                           cfg.data.max_rows)
+                           cfg.data.max_rows, cfg.data.long_lines)
+    if (note := packed.long_report(cfg.data.seq_len, cfg.data.long_lines, cfg.data.train)):
+        log(note)
     return data_mod.PackedRows(packed), match.vocab_size, match.fingerprint, teacher, None
 
 
@@ -110,7 +124,7 @@ def _checkpoints(run_dir: str) -> list[str]:
     if not os.path.isdir(d):
         return []
     return sorted(os.path.join(d, n) for n in os.listdir(d)
-                  if n.startswith("step-") and not n.endswith(".tmp")
+                  if n.startswith("step-") and not files.is_tmp(n)
                   and os.path.isfile(os.path.join(d, n, "state.json")))
 
 
@@ -140,7 +154,7 @@ def eval_targets(cfg: Config, run_dir: str, vocab_size: int, log,
     if os.path.exists(path):
         return dict(mx.load(path))
     if teacher is None:  # cache mode: load it for this once, freed on return
-        teacher, ttok, _ = models.load(cfg.teacher.model, "teacher")
+        teacher, ttok, _ = models.load_role(cfg, "teacher")
     else:
         _, ttok = models.load_meta(cfg.teacher.model, "teacher")
     packed = data_mod.pack(cfg.data.valid, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
@@ -154,8 +168,8 @@ def eval_targets(cfg: Config, run_dir: str, vocab_size: int, log,
            "labels": mx.array(data_mod.hard_targets(packed.input_ids, packed.next_ids)),
            "teacher_logprobs": mx.concatenate(lp)}
     mx.eval(out)
-    mx.save_safetensors(path + ".tmp.safetensors", out)
-    os.replace(path + ".tmp.safetensors", path)
+    with files.atomic_path(path) as tmp:
+        mx.save_safetensors(tmp, out)
     log(f"validation: {packed.rows} rows of {cfg.data.valid} with teacher distributions")
     return out
 
@@ -171,25 +185,19 @@ def validate(model, ev: dict, vocab_size: int) -> dict:
             "val_agree": round(ag.item(), 4)}
 
 
-def save_checkpoint(run_dir: str, step: int, model, opt, metrics_bytes: int,
-                    loss_window: list) -> None:
+def save_checkpoint(run_dir: str, step: int, model, opt, state: dict, keep: int) -> None:
+    """Weights, optimizer state and `state` (step, data position, ...) under
+    checkpoints/step-NNNNNN, written as a temp directory and renamed: a save killed half way
+    leaves the previous checkpoints untouched. The newest `keep` are kept."""
     d = os.path.join(run_dir, "checkpoints", f"step-{step:06d}")
-    tmp = d + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    mx.save_safetensors(os.path.join(tmp, "weights.safetensors"),
-                        dict(tree_flatten(model.trainable_parameters())))
-    mx.save_safetensors(os.path.join(tmp, "optimizer.safetensors"),
-                        dict(tree_flatten(opt.state)))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        # The data position is the step itself (order is a function of seed and step);
-        # metrics_bytes lets a resume cut metrics.jsonl back to this point, and the loss
-        # window makes the next logged mean the same as in an uninterrupted run.
-        json.dump({"step": step, "data_step": step, "metrics_bytes": metrics_bytes,
-                   "loss_window": loss_window}, f)
-    shutil.rmtree(d, ignore_errors=True)
-    os.replace(tmp, d)
-    for old in _checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
+    with files.atomic_dir(d) as tmp:
+        mx.save_safetensors(os.path.join(tmp, "weights.safetensors"),
+                            dict(tree_flatten(model.trainable_parameters())))
+        mx.save_safetensors(os.path.join(tmp, "optimizer.safetensors"),
+                            dict(tree_flatten(opt.state)))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, **state}, f)
+    for old in _checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -218,31 +226,6 @@ def train(cfg: Config, quiet: bool = False, log=print) -> Optional[dict]:
     return evaluate.evaluate_run(cfg.run.dir, quiet=quiet, log=log)
 
 
-class World:
-    """The mx.distributed group (one process: size 1, every collective a no-op)."""
-
-    def __init__(self):
-        self.group = mx.distributed.init()
-        self.rank, self.size = self.group.rank(), self.group.size()
-        self.main = self.rank == 0
-
-    def barrier(self) -> None:
-        if self.size > 1:
-            mx.eval(mx.distributed.all_sum(mx.array(0.0)))
-
-    def sum(self, values: np.ndarray) -> np.ndarray:
-        if self.size == 1:
-            return values
-        return np.array(mx.distributed.all_sum(mx.array(values, dtype=mx.float32)))
-
-    def from_main(self, tree):
-        """Rank 0's values of `tree` on every rank (a sum in which the others add zeros)."""
-        if self.size == 1:
-            return tree
-        tree = tree_map(lambda a: a if self.main else mx.zeros_like(a), tree)
-        return tree_map(lambda a: mx.distributed.all_sum(a), tree)
-
-
 class RunLock:
     """One `train` per run directory: a second one would interleave checkpoints and metrics.
     The lock file holds the owner's pid; a lock whose process is gone is stale and taken."""
@@ -260,7 +243,7 @@ class RunLock:
                         pid = int(f.read().strip() or 0)
                 except (OSError, ValueError):
                     pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
+                if pid and pid != os.getpid() and files.pid_alive(pid):
                     raise ConfigError(f"run dir {os.path.dirname(self.path)} is in use by "
                                       f"process {pid}; wait for it or choose another run.dir")
                 os.remove(self.path)  # stale: its process is gone
@@ -277,18 +260,8 @@ class RunLock:
             pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _load_student(cfg: Config, fingerprint: str, vocab: int):
-    model, tok, scfg = models.load(cfg.student.model, "student")
+    model, tok, scfg = models.load_role(cfg, "student")
     models.check_seq_len(cfg.data.seq_len, scfg, "student")
     if models.vocab_fingerprint(tok) != fingerprint:
         raise ConfigError(f"student {cfg.student.model} has another tokenizer than the teacher "
@@ -299,25 +272,26 @@ def _load_student(cfg: Config, fingerprint: str, vocab: int):
     return model, tok, scfg
 
 
-def _restore(run_dir: str, model, opt, metrics_path: str, log) -> tuple[int, list]:
+def _restore(run_dir: str, model, opt, metrics_path: str, log) -> dict:
+    files.remove_stale_tmp(os.path.join(run_dir, "checkpoints"))  # saves cut by a kill
     ckpts = _checkpoints(run_dir)
     if not ckpts:
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
-        return 0, []
+        return {"step": 0}
     state = restore_checkpoint(ckpts[-1], model, opt)
     # Drop metrics logged after the checkpoint: they will be logged again.
     if os.path.exists(metrics_path):
         with open(metrics_path, "r+b") as f:
             f.truncate(state["metrics_bytes"])
     log(f"resuming {run_dir} at step {state['step']}")
-    return state["step"], state.get("loss_window", [])
+    return state
 
 
 def fit(cfg: Config, quiet: bool = False, log=print) -> bool:
     """The training loop. Under `mlx.launch` every rank takes its share of each global batch
     and gradients are averaged; rank 0 alone writes. Returns True on rank 0."""
-    world = World()
+    world = World(cfg.run.dist_timeout)
     if not world.main:
         return _fit(cfg, world, True, lambda m: None)
     os.makedirs(cfg.run.dir, exist_ok=True)
@@ -333,14 +307,12 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by ranks "
                           f"({world.size}) x train.grad_accum ({t.grad_accum})")
     run_dir = cfg.run.dir
+    log(world.describe())
     if world.main:
         os.makedirs(run_dir, exist_ok=True)
         _check_same_run(cfg, run_dir)
-        source, vocab, fingerprint, teacher, manifest = batch_source(cfg, quiet, log)
-        world.barrier()
-    else:
-        world.barrier()  # rank 0 builds the cache first
-        source, vocab, fingerprint, teacher, manifest = batch_source(cfg, quiet, log)
+    # A missing cache is built by all ranks together.
+    source, vocab, fingerprint, teacher, manifest = batch_source(cfg, quiet, log, world)
     if world.size > 1:
         log(f"data parallel: {world.size} ranks, {t.batch_size // world.size} rows each")
 
@@ -365,11 +337,13 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
     opt = optim.AdamW(learning_rate=lr_schedule(cfg), weight_decay=t.weight_decay)
     opt.init(model.trainable_parameters())
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    step, history = _restore(run_dir, model, opt, metrics_path, log) if world.main else (0, [])
+    resumed = _restore(run_dir, model, opt, metrics_path, log) if world.main else {"step": 0}
+    step, history = resumed["step"], resumed.get("loss_window", [])
+    skipped = resumed.get("skipped", 0)
     # Every rank starts from rank 0's weights, optimizer state and step.
-    step = int(world.sum(np.array([step]))[0])
-    model.update(world.from_main(model.trainable_parameters()))
-    opt.state = world.from_main(opt.state)
+    step = int(world.sum(np.array([step]), "agreeing on the resume step")[0])
+    model.update(world.from_main(model.trainable_parameters(), "sharing rank 0's weights"))
+    opt.state = world.from_main(opt.state, "sharing rank 0's optimizer state")
     mx.eval(model.parameters(), opt.state)
     log(f"student: {models.trainable_count(model):,} trainable parameters ({t.mode}), "
         f"{source.rows} {'cached' if teacher is None else 'online'} rows, {t.iters} steps "
@@ -423,37 +397,51 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
                 acc = tree_map(lambda g: g * n, grads) if acc is None else \
                     tree_map(lambda a, g: a + g * n, acc, grads)
                 sums += np.array([1.0, loss.item(), kd.item(), ce.item(), hid.item()]) * n
-            sums = world.sum(sums)
+            sums = world.sum(sums, f"step {step + 1}")
             if world.size > 1:
-                acc = tree_map(lambda g: g * world.size, nn.average_gradients(acc))
+                acc = tree_map(lambda g: g * world.size, world.average_gradients(
+                    acc, f"the gradient all-reduce of step {step + 1}"))
             grads = tree_map(lambda g: g / max(sums[0], 1.0), acc)
-            if t.grad_clip > 0:
-                grads, _ = optim.clip_grad_norm(grads, t.grad_clip)
-            opt.update(model, grads)
-            mx.eval(model.parameters(), opt.state)
+            # max_norm=inf when clipping is off: the norm is still needed for the check below.
+            grads, gnorm = optim.clip_grad_norm(grads, t.grad_clip or float("inf"))
+            loss_v, kd_v, ce_v, hid_v = sums[1:] / max(sums[0], 1.0)
+            gnorm = gnorm.item()  # all ranks hold the same averaged gradients
             step += 1
             tok_report += x.size * world.size
-            loss_v, kd_v, ce_v, hid_v = sums[1:] / max(sums[0], 1.0)
-            if not math.isfinite(loss_v):
+            if math.isfinite(loss_v) and math.isfinite(gnorm):
+                opt.update(model, grads)
+                mx.eval(model.parameters(), opt.state)
+                history.append(float(loss_v))
+            elif skipped < t.nonfinite_skips:
+                skipped += 1  # the weights stay as they were; the data moves on
+                log(f"step {step}: loss {loss_v}, gradient norm {gnorm}; update skipped "
+                    f"({skipped} of train.nonfinite_skips={t.nonfinite_skips})")
+            else:
                 kept = _checkpoints(run_dir)
                 raise FloatingPointError(
-                    f"loss became {loss_v} at step {step}; "
+                    f"loss {loss_v}, gradient norm {gnorm} at step {step}; "
                     + (f"the last good checkpoint ({os.path.basename(kept[-1])}) is kept; "
-                       if kept else "") + "lower train.lr or raise train.warmup")
+                       if kept else "") + "lower train.lr or raise train.warmup"
+                    + ("" if t.nonfinite_skips else
+                       ", or let train.nonfinite_skips=N skip such steps"))
             bar.update(1, units=x.size * world.size, postfix=f"loss {loss_v:.3f}")
-            history.append(float(loss_v))
             if not world.main:
                 continue
             rec = None
             if step % t.report_every == 0 or step == t.iters:
                 dt = time.time() - t_report
-                rec = {"step": step, "loss": round(float(np.mean(history)), 5),
+                # No "loss" when every step since the last report was skipped.
+                rec = {"step": step, **({"loss": round(float(np.mean(history)), 5)}
+                                        if history else {}),
                        "kd": round(float(kd_v), 5), "ce": round(float(ce_v), 5),
+                       "grad_norm": round(gnorm, 4),
                        "lr": float(opt.learning_rate.item()),
                        "tok_per_s": round(tok_report / max(dt, 1e-9), 1),
                        "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 3)}
                 if hidden is not None:
                     rec["hidden"] = round(float(hid_v), 5)
+                if skipped:
+                    rec["skipped"] = skipped
                 history, t_report, tok_report = [], time.time(), 0
             if ev is not None and (step % t.eval_every == 0 or step == t.iters):
                 rec = {**(rec or {"step": step}), **validate(model, ev, vocab)}
@@ -464,7 +452,13 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
             if step % t.save_every == 0 or step == t.iters:
-                save_checkpoint(run_dir, step, model, opt, metrics_f.tell(), history)
+                # The data position is the step itself (the order is a function of seed and
+                # step); metrics_bytes lets a resume cut metrics.jsonl back to this point, and
+                # the loss window makes the next logged mean equal an uninterrupted run's.
+                save_checkpoint(run_dir, step, model, opt,
+                                {"data_step": step, "metrics_bytes": metrics_f.tell(),
+                                 "loss_window": history, "skipped": skipped},
+                                t.keep_checkpoints)
     finally:
         if metrics_f is not None:
             metrics_f.close()
