@@ -14,7 +14,7 @@ import mlxdistill  # noqa: F401  (OpenBLAS before mlx)
 
 import mlx.core as mx
 import pytest
-from conftest import make_text, make_tokenizer
+from conftest import WORDS, make_text, make_tokenizer
 from mlx.utils import tree_flatten
 
 QUIET = dict(quiet=True, log=lambda m: None)
@@ -67,8 +67,27 @@ def make_family_model(path: str, family: str, dim: int = 32, layers: int = 2, vo
         model, cfg = models.quantize(model, cfg, GROUP, bits)
     save_model(path, model)
     save_config(cfg, os.path.join(path, "config.json"))
-    make_tokenizer(path)
+    # transformers builds a Qwen2Tokenizer (byte-level BPE) for model_type qwen2 whatever the
+    # tokenizer.json holds, so a Qwen model gets a byte-level BPE vocabulary, like the real one.
+    make_bpe_tokenizer(path) if family == "qwen2" else make_tokenizer(path)
     return path
+
+
+def make_bpe_tokenizer(path: str) -> None:
+    """A byte-level BPE trained on the test words (about 300 tokens; deterministic, so two
+    folders made by it share one vocabulary fingerprint)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([" ".join(WORDS)] * 5 + [" " + w for w in WORDS], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(path)
 
 
 # (case, family, teacher kwargs, student kwargs, train.mode). Full and LoRA alternate across
@@ -77,7 +96,9 @@ CASES = [
     ("llama-full", "llama", dict(dim=48), dict(), "full"),
     ("llama-lora", "llama", dict(dim=48), dict(), "lora"),
     ("mistral-untied", "mistral", dict(dim=48, tied=False), dict(tied=False), "full"),
-    ("qwen2-padded-vocab", "qwen2", dict(dim=48, vocab=80, tied=False), dict(vocab=64), "lora"),
+    # Qwen2.5-7B pads its embedding past the 0.5B's (152064 vs 151936 rows), one tokenizer.
+    ("qwen2-padded-vocab", "qwen2", dict(dim=48, vocab=384, tied=False), dict(vocab=320),
+     "lora"),
     ("qwen3-4bit-teacher", "qwen3", dict(dim=64, bits=4), dict(), "full"),
     ("gemma2-softcap", "gemma2", dict(dim=48), dict(), "lora"),
     # Gemma-3 alternates sliding-window and global layers: two layers hold one of each.
@@ -155,3 +176,116 @@ def test_family_cache_train_export_reload(case, family, tkw, skw, mode, texts, t
     assert logits.shape[-1] == config["vocab_size"] and mx.isfinite(logits).all().item()
     if family == "gemma2":  # soft-capped logits stay inside the cap after training
         assert mx.abs(logits).max().item() <= config["final_logit_softcapping"] + 1e-3
+
+
+# ---------------------------------------------------------------- chat templates
+
+def set_chat_template(model_dir: str, template: str) -> None:
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    with open(path) as f:
+        tc = json.load(f)
+    tc["chat_template"] = template
+    with open(path, "w") as f:
+        json.dump(tc, f)
+
+
+# Role markers are words of the test vocabulary, so the rendering is visible in the ids.
+TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}lord {% else %}lady {% endif %}"
+            "{{ m['content'] }} . {% endfor %}")
+
+
+def chat_data(path) -> str:
+    with open(path, "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": "speak the king"},
+                {"role": "assistant", "content": "the queen weep" + " and" * (i % 3)}]}) + "\n")
+    return str(path)
+
+
+def chat_cfg(teacher, student, data, d):
+    from mlxdistill.config import load_config
+
+    return load_config(None, [f"teacher.model={teacher}", f"student.model={student}",
+                              f"data.train={data}", "data.valid=null", "data.test=null",
+                              "data.seq_len=16", f"cache.dir={d / 'cache'}",
+                              f"run.dir={d / 'run'}"])
+
+
+def test_chat_data_rendered_with_the_shared_template(tmp_path, caplog):
+    """Both models carry the template: the cached rows (which the student trains on) are the
+    template's rendering, assistant turns trained, no warning."""
+    from mlxdistill import cache, models
+
+    teacher, student = family_pair(tmp_path, "qwen3", dict(dim=32), dict())
+    for m in (teacher, student):
+        set_chat_template(m, TEMPLATE)
+    cfg = chat_cfg(teacher, student, chat_data(tmp_path / "chat.jsonl"), tmp_path)
+    with caplog.at_level("WARNING", logger="mlxdistill"):
+        cache.build(cfg, quiet=True, log=lambda m: None)
+    assert not [r for r in caplog.records if "chat template" in r.getMessage()]
+    _, tok = models.load_meta(teacher, "teacher")
+    first = cache.ShardReader(cfg.cache.dir).load_shard(0)
+    rendered = list(tok.apply_chat_template(
+        [{"role": "user", "content": "speak the king"},
+         {"role": "assistant", "content": "the queen weep"}], tokenize=True))
+    ids, mask = first["input_ids"][0], first["loss_mask"][0]
+    assert list(ids[:len(rendered)]) == rendered
+    vocab = tok.get_vocab()
+    assert ids[0] == vocab["lord"] and vocab["lady"] in ids[:len(rendered)]
+    # Position t trains token t+1: "speak the king ." (user) untrained, "the queen weep ." +
+    # EOS (assistant and document end) trained.
+    lady = list(ids).index(vocab["lady"])
+    assert not mask[:lady - 1].any() and mask[lady:len(rendered)].all()
+
+
+def test_differing_chat_templates_warn_with_the_reason(tmp_path, caplog):
+    from mlxdistill import cache
+
+    teacher, student = family_pair(tmp_path, "llama", dict(dim=32), dict())
+    set_chat_template(teacher, TEMPLATE)
+    set_chat_template(student, TEMPLATE.replace("lady", "lord"))
+    cfg = chat_cfg(teacher, student, chat_data(tmp_path / "chat.jsonl"), tmp_path)
+    with caplog.at_level("WARNING", logger="mlxdistill"):
+        cache.build(cfg, quiet=True, log=lambda m: None)
+    msgs = [r.getMessage() for r in caplog.records if "chat template" in r.getMessage()]
+    assert len(msgs) == 1, msgs
+    assert "'lord hello . lady hi . '" in msgs[0] and "'lord hello . lord hi . '" in msgs[0]
+    assert "teacher's template for both" in msgs[0]
+
+
+# ---------------------------------------------------------------- bad input, through the CLI
+
+def test_different_tokenizers_one_error_with_both_fingerprints(texts, tmp_path):
+    from click.testing import CliRunner
+    from test_cli import assert_one_line_error
+
+    from mlxdistill import models
+    from mlxdistill.cli import main
+
+    teacher, student = family_pair(tmp_path, "llama", dict(dim=32), dict())
+    make_tokenizer(student, words=list(reversed(WORDS)))  # same words, other ids
+    fps = [models.vocab_fingerprint(models.load_meta(p, "m")[1])[:12] for p in (teacher, student)]
+    res = CliRunner().invoke(main, ["cache", "-q", *overrides(teacher, student, texts,
+                                                               tmp_path, "full")])
+    assert res.exit_code == 2
+    assert_one_line_error(res, "tokenizers differ", f"teacher {fps[0]}", f"student {fps[1]}",
+                          "teacher's family")
+
+
+@pytest.mark.parametrize("command", ["cache", "plan"])
+def test_unknown_architecture_names_the_model_type(command, texts, tmp_path):
+    from click.testing import CliRunner
+    from test_cli import assert_one_line_error
+
+    from mlxdistill.cli import main
+
+    teacher, student = family_pair(tmp_path, "llama", dict(dim=32), dict())
+    cpath = os.path.join(teacher, "config.json")
+    cfg = json.load(open(cpath))
+    cfg["model_type"] = "nosuchformer"
+    json.dump(cfg, open(cpath, "w"))
+    res = CliRunner().invoke(main, [command, *overrides(teacher, student, texts, tmp_path,
+                                                        "full")])
+    assert res.exit_code == 2
+    assert_one_line_error(res, "'nosuchformer'", "mlx_lm does not support", teacher)
