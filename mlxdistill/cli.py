@@ -226,15 +226,18 @@ def profile(model_or_run, bits, prompt_tokens, gen_tokens, repeats, group_size, 
               "peak memory and the time the run will take.")
 @click.option("--memory-gb", type=float, default=None,
               help="Plan for a machine with this much memory instead of this one.")
+@click.option("--mac", is_flag=True, help="Plan for a Mac GPU (weights in their bf16/fp16 "
+              "dtype) from another machine; combine with --memory-gb.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @overrides_arg
 @guarded
-def plan(config_path, probe, memory_gb, as_json, overrides):
+def plan(config_path, probe, memory_gb, mac, as_json, overrides):
     """Will CONFIG fit? Peak memory of the teacher pass and training, cache size, time."""
     from .plan import format_plan, plan as make_plan
 
     p = make_plan(_load(config_path, overrides), probe=probe,
-                  memory_bytes=int(memory_gb * (1 << 30)) if memory_gb else None)
+                  memory_bytes=int(memory_gb * (1 << 30)) if memory_gb else None,
+                  metal=True if mac else None)
     click.echo(json.dumps(p, indent=2) if as_json else format_plan(p))
 
 

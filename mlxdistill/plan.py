@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
@@ -45,10 +45,24 @@ def read_config(path: str, what: str) -> dict:
     if path.startswith((".", "/")) or path.count("/") != 1:
         raise ModelError(f"{what} model folder {path} not found; set {what}.model to an "
                          "mlx_lm model folder or a hub id")
-    try:
-        from huggingface_hub import hf_hub_download
+    import logging
+    import socket
 
-        with open(hf_hub_download(path, "config.json")) as f:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        try:
+            cpath = hf_hub_download(path, "config.json", local_files_only=True)
+        except Exception:
+            # Offline, the hub client retries for half a minute; a failed lookup says so now.
+            socket.getaddrinfo("huggingface.co", 443)
+            hub_log = logging.getLogger("huggingface_hub")
+            level, hub_log.level = hub_log.level, logging.ERROR
+            try:
+                cpath = hf_hub_download(path, "config.json")
+            finally:
+                hub_log.setLevel(level)
+        with open(cpath) as f:
             return json.load(f)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -77,28 +91,32 @@ class ModelShape:
     kv_dim: int
     vocab: int
     bits: Optional[int]  # quantization bits, None for full precision
+    float_bytes: int  # bytes per float weight and activation as loaded
     softcap: bool  # Gemma-2 style final-logit soft-capping (tanh over the logits)
     fused: int  # outputs of fused projections per layer (Phi-3 qkv_proj, gate_up_proj)
-    lora_params: dict = field(default_factory=dict)  # rank -> LoRA params over all layers
+    lora_per_rank_layer: float  # LoRA parameters per unit of rank, per transformer block
 
 
-def dtype_bytes(config: dict) -> int:
+def dtype_bytes(config: dict, metal: Optional[bool] = None) -> int:
     """Bytes per float weight as `models.load` leaves them: float32 on CPU (mlx[cpu] has no
-    fast half-precision matmul), the checkpoint's own dtype on Metal."""
-    if models.compute_dtype() is not None:
+    fast half-precision matmul), the checkpoint's own dtype on Metal. `metal` plans for the
+    other kind of machine than this one."""
+    if metal is None:
+        metal = models.compute_dtype() is None
+    if not metal:
         return 4
     dt = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     return 4 if "32" in dt else 2
 
 
-def model_shape(config: dict, what: str, rank: int = 8,
-                quantize: Optional[tuple[int, int]] = None) -> ModelShape:
+def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = None,
+                metal: Optional[bool] = None) -> ModelShape:
     """Exact parameter count and loaded size of a model from its config alone. `quantize`
     (bits, group) sizes it as if converted to that precision."""
     model = lazy_model(config, what)
     q = config.get("quantization") or config.get("quantization_config") or {}
     bits, group = (quantize or (q.get("bits"), q.get("group_size") or 64))
-    fbytes = dtype_bytes(config)
+    fbytes = dtype_bytes(config, metal)
     params = wbytes = 0
     lora: dict = {}
     fused = 0
@@ -135,9 +153,9 @@ def model_shape(config: dict, what: str, rank: int = 8,
         layers=len(model.layers), hidden=hidden,
         ffn=int(config.get("intermediate_size") or 4 * hidden), heads=heads,
         q_dim=heads * head_dim, kv_dim=kv * head_dim, vocab=models.logits_size(config),
-        bits=int(bits) if bits else None,
+        bits=int(bits) if bits else None, float_bytes=fbytes,
         softcap=bool(config.get("final_logit_softcapping")), fused=fused,
-        lora_params={"per_rank_per_layer": sum(lora.values()) / max(1, len(model.layers))})
+        lora_per_rank_layer=sum(lora.values()) / max(1, len(model.layers)))
 
 
 # Floats kept per token by one training step, measured on MLX's CPU backend by varying one
@@ -189,14 +207,15 @@ def estimate_training(cfg: Config, s: ModelShape) -> dict:
     full = t.mode == "full"
     micro = t.batch_size // t.grad_accum
     tokens = micro * cfg.data.seq_len
-    act = dtype_bytes_for(s)
+    act = s.float_bytes
     if full:
         trainable = s.params
-        state = trainable * 4 * (TRAIN_FULL_COPIES - 1) + (trainable * 4 if t.grad_accum > 1
-                                                           else 0)
+        # AdamW's moments take the weights' dtype; accumulating micro-batches keeps one more
+        # gradient-sized sum.
+        state = trainable * s.float_bytes * (TRAIN_FULL_COPIES - 1 + (t.grad_accum > 1))
     else:
         n = s.layers if t.lora_layers == -1 else min(t.lora_layers, s.layers)
-        trainable = int(s.lora_params["per_rank_per_layer"] * t.lora_rank * n)
+        trainable = int(s.lora_per_rank_layer * t.lora_rank * n)
         # LoRA weights, their gradients and AdamW's two moments, all float32
         state = trainable * 4 * 4
     copies = TRAIN_LOGIT_COPIES + (SOFTCAP_EXTRA_COPIES["train"] if s.softcap else 0)
@@ -218,14 +237,10 @@ def estimate_teacher(cfg: Config, s: ModelShape) -> dict:
     parts = {
         "weights": s.weight_bytes,
         "activations": int(tokens * teacher_activation_floats(s, cfg.data.seq_len)
-                           * dtype_bytes_for(s)),
+                           * s.float_bytes),
         "logits": int(tokens * s.vocab * 4 * copies),
     }
     return {"parts": parts, "peak_bytes": sum(parts.values())}
-
-
-def dtype_bytes_for(s: ModelShape) -> int:
-    return 4 if models.compute_dtype() is not None else 2
 
 
 # ---------------------------------------------------------------- measured probe
@@ -433,12 +448,14 @@ def _fit_knobs(cfg: Config, est_fn, budget: int, what: str) -> list[str]:
     return knobs
 
 
-def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None) -> dict:
-    """The whole estimate for a config; `probe` also measures both passes here."""
+def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
+         metal: Optional[bool] = None) -> dict:
+    """The whole estimate for a config; `probe` also measures both passes here. `metal`
+    plans for a Mac GPU (True) or a CPU (False) instead of this machine."""
     tconf = read_config(cfg.teacher.model, "teacher")
     sconf = read_config(cfg.student.model, "student")
-    ts = model_shape(tconf, f"teacher model {cfg.teacher.model}")
-    ss = model_shape(sconf, f"student model {cfg.student.model}")
+    ts = model_shape(tconf, f"teacher model {cfg.teacher.model}", metal=metal)
+    ss = model_shape(sconf, f"student model {cfg.student.model}", metal=metal)
     vocab = min(ts.vocab, ss.vocab)
     bpt = cache_bytes_per_token(cfg, vocab, ts.hidden)
     rows, rows_how = dataset_rows(cfg)
@@ -470,7 +487,9 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None) -
         "cache": {"mode": cfg.cache.mode, "bytes_per_token": bpt, "rows": rows,
                   "rows_from": rows_how, "tokens": rows * cfg.data.seq_len if rows else None,
                   "disk_bytes": int(rows * cfg.data.seq_len * bpt) if rows else None},
-        "machine": {"memory_bytes": int(budget), "memory": budget_what},
+        "machine": {"memory_bytes": int(budget), "memory": budget_what,
+                    "planned_for": "Mac GPU" if (metal if metal is not None else
+                                                 models.compute_dtype() is None) else "CPU"},
     }
     out["training"]["fits"] = train_est["peak_bytes"] <= budget
     out["training"]["knobs"] = [] if out["training"]["fits"] else \
@@ -479,7 +498,8 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None) -
         teacher_est["fits"] = teacher_est["peak_bytes"] <= budget
         knobs = [] if teacher_est["fits"] else _fit_knobs(cfg, teacher_fn, budget, "teacher")
         if not teacher_est["fits"] and not ts.bits:
-            q4 = model_shape(tconf, f"teacher model {cfg.teacher.model}", quantize=(4, 64))
+            q4 = model_shape(tconf, f"teacher model {cfg.teacher.model}", quantize=(4, 64),
+                             metal=metal)
             if teacher_total(cfg, q4, bpt, rows)["peak_bytes"] <= budget:
                 knobs.append("a 4-bit teacher (mlx_lm.convert --quantize --q-bits 4, or an "
                              f"mlx-community 4-bit repo): weights {q4.weight_bytes / GB:.1f} GB")
@@ -519,7 +539,8 @@ def format_plan(p: dict) -> str:
     lines = [f"teacher:  {model_line(t)}",
              f"student:  {model_line(s)}; {s['mode']}: {s['trainable_params'] / 1e6:,.2f} M "
              "trainable",
-             f"machine:  {_gb(m['memory_bytes'])} ({m['memory']})"]
+             f"machine:  {_gb(m['memory_bytes'])} ({m['memory']}); planned for a "
+             f"{m['planned_for']}"]
     for name, est in (("teacher pass", p["teacher_pass"]), ("training", p["training"])):
         if est is None:
             continue

@@ -4,11 +4,12 @@ every family of the matrix; cache size and the fits / does-not-fit advice."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_overrides
+from conftest import ROOT, tiny_overrides
 from test_families import CASES, family_pair
 
 from mlxdistill import cache, plan
@@ -116,3 +117,126 @@ def test_plan_cli_fits_and_knobs(tiny, tmp_path):
             bpt = plan.cache_bytes_per_token(cfg, s.vocab, 48)
             assert plan.training_total(cfg, s, bpt)["peak_bytes"] <= budget, setting
 
+
+
+# ---------------------------------------------------------------- recipes for real pairs
+
+def _llama3_rope(factor):
+    return {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+
+
+Q4 = {"quantization": {"group_size": 64, "bits": 4}}
+# config.json dimensions of the hub models the recipes name (as published; no hub here).
+REAL_CONFIGS = {
+    "mlx-community/Qwen2.5-7B-Instruct-4bit": dict(
+        model_type="qwen2", hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=32768,
+        torch_dtype="bfloat16", **Q4),
+    "Qwen/Qwen2.5-0.5B-Instruct": dict(
+        model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
+        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768,
+        torch_dtype="bfloat16"),
+    "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit": dict(
+        model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, rope_theta=500000.0, rope_scaling=_llama3_rope(8.0),
+        max_position_embeddings=131072, torch_dtype="bfloat16", **Q4),
+    "meta-llama/Llama-3.2-1B-Instruct": dict(
+        model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0,
+        rope_scaling=_llama3_rope(32.0), max_position_embeddings=131072,
+        torch_dtype="bfloat16"),
+    "mlx-community/gemma-2-9b-it-4bit": dict(
+        model_type="gemma2", hidden_size=3584, num_hidden_layers=42, intermediate_size=14336,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
+        rms_norm_eps=1e-6, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, rope_theta=10000.0, torch_dtype="bfloat16", **Q4),
+    "google/gemma-2-2b-it": dict(
+        model_type="gemma2", hidden_size=2304, num_hidden_layers=26, intermediate_size=9216,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
+        rms_norm_eps=1e-6, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, rope_theta=10000.0, torch_dtype="float32"),
+    "mlx-community/Qwen3-8B-4bit": dict(
+        model_type="qwen3", hidden_size=4096, num_hidden_layers=36, intermediate_size=12288,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1e6,
+        max_position_embeddings=40960, torch_dtype="bfloat16", **Q4),
+    "Qwen/Qwen3-0.6B": dict(
+        model_type="qwen3", hidden_size=1024, num_hidden_layers=28, intermediate_size=3072,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=1e6,
+        max_position_embeddings=40960, torch_dtype="bfloat16"),
+    "mlx-community/Phi-3-medium-4k-instruct-4bit": dict(
+        model_type="phi3", hidden_size=5120, num_hidden_layers=40, intermediate_size=17920,
+        num_attention_heads=40, num_key_value_heads=10, vocab_size=32064, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+        torch_dtype="bfloat16", **Q4),
+    "microsoft/Phi-3-mini-4k-instruct": dict(
+        model_type="phi3", hidden_size=3072, num_hidden_layers=32, intermediate_size=8192,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+        torch_dtype="bfloat16"),
+    "mlx-community/Mistral-Nemo-Instruct-2407-4bit": dict(
+        model_type="mistral", hidden_size=5120, num_hidden_layers=40, intermediate_size=14336,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
+        rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=1024000,
+        tie_word_embeddings=False, torch_dtype="bfloat16", **Q4),
+    "mlx-community/Ministral-8B-Instruct-2410-4bit": dict(
+        model_type="mistral", hidden_size=4096, num_hidden_layers=36, intermediate_size=12288,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
+        rms_norm_eps=1e-5, rope_theta=1e8, max_position_embeddings=32768,
+        tie_word_embeddings=False, torch_dtype="bfloat16", **Q4),
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": dict(
+        model_type="llama", hidden_size=2048, num_hidden_layers=24, intermediate_size=8192,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=49152, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, rope_theta=130000.0, max_position_embeddings=8192,
+        torch_dtype="bfloat16"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
+        model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192,
+        torch_dtype="bfloat16"),
+}
+RECIPES = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml"))
+
+
+def recipe_plan(path: str, monkeypatch) -> dict:
+    """The plan of a recipe for a Mac GPU, its models' config.json read from REAL_CONFIGS."""
+    monkeypatch.setattr(plan, "read_config", lambda p, what: REAL_CONFIGS[p])
+    return plan.plan(load_config(path), metal=True, memory_bytes=1 << 40)
+
+
+def stated_memory(path: str) -> dict:
+    """`# memory (Mac GPU, mlxdistill plan): teacher pass X GB, training Y GB` in the header."""
+    head = open(path).read().split("\n\n")[0]
+    m = re.search(r"teacher pass ([\d.]+) GB, training ([\d.]+) GB", head)
+    return {"teacher_pass": float(m[1]), "training": float(m[2])} if m else {}
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_loads_and_opens_with_its_command(name):
+    path = os.path.join(ROOT, "configs", name)
+    cfg = load_config(path)  # validated, no model loaded
+    first = open(path).readline()
+    assert first.startswith("# mlxdistill ") and f"configs/{name}" in first, first
+    assert cfg.cache.mode == "sample" and cfg.loss.alpha == 0.0
+    assert cfg.loss.name == "forward_kl"
+
+
+@pytest.mark.parametrize("name", [r for r in RECIPES if r not in ("default.yaml", "lora.yaml")])
+def test_recipe_states_the_memory_plan_computes(name, monkeypatch):
+    path = os.path.join(ROOT, "configs", name)
+    cfg = load_config(path)
+    assert cfg.teacher.model in REAL_CONFIGS and cfg.student.model in REAL_CONFIGS
+    stated = stated_memory(path)
+    assert stated, f"{name} does not state its memory"
+    p = recipe_plan(path, monkeypatch)
+    for part in ("teacher_pass", "training"):
+        assert stated[part] == round(p[part]["peak_bytes"] / plan.GB, 1), (name, part)
+    # A student above ~1 B parameters trains LoRA adapters.
+    if p["student"]["params"] > 1.2e9:
+        assert cfg.train.mode == "lora", name
