@@ -32,8 +32,8 @@ from .progress import Progress
 
 # Keys that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = {("train", "iters"), ("train", "save_every"), ("train", "eval_every"),
-                     ("train", "report_every"), ("run", "dist_timeout"), ("train", "keep_checkpoints"),
-                     ("train", "nonfinite_skips")}
+                     ("train", "report_every"), ("train", "keep_checkpoints"),
+                     ("train", "nonfinite_skips"), ("run", "dist_timeout")}
 
 
 def lr_schedule(cfg) -> optim.schedulers:

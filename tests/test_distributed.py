@@ -1,34 +1,94 @@
-"""Data parallel with mx.distributed: 2 ring processes on this machine equal 1 process."""
+"""Data parallel with mx.distributed: 2 ring processes on this machine equal 1 process, for
+training, the teacher cache and generation; a rank that dies or hangs stops the other."""
 
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from conftest import ROOT, tiny_overrides
+from test_generate import cfg_for, prompts_file
 
+from mlxdistill import cache as cache_mod
+from mlxdistill import generate as gen_mod
 from mlxdistill import trainer
 from mlxdistill.config import load_config
+from mlxdistill.distributed import EXIT_CODE
+
+CLI = [sys.executable, "-m", "mlxdistill.cli"]
+
+
+def launch(args, timeout=300):
+    """`mlx.launch -n 2 --backend ring -- mlxdistill ARGS` on this machine."""
+    launcher = shutil.which("mlx.launch")
+    assert launcher, "mlx.launch ships with mlx; it must be on PATH"
+    p = subprocess.run([launcher, "-n", "2", "--backend", "ring", "--", *CLI, *args],
+                       capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def spawn_ranks(tmp_path, argv):
+    """Two ranks started without mlx.launch (which would kill the survivor itself), with the
+    environment it sets: a ring hostfile of two local ports and MLX_RANK."""
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    hostfile = tmp_path / "ring.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile),
+               "PYTHONPATH": ROOT}
+        out = open(tmp_path / f"rank{r}.log", "w+")
+        procs.append((subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out,
+                                       stderr=subprocess.STDOUT, text=True), out))
+    return procs
+
+
+def finish(proc, out, timeout):
+    """(exit status, output) of a rank given `timeout` seconds to end; killed after that."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out.seek(0)
+    return proc.returncode, out.read()
 
 
 def test_two_ranks_match_one_process(tiny, tmp_path):
     common = {"train.iters": 4, "train.batch_size": 4, "train.save_every": 2,
               "train.grad_accum": 1}
+    logs = []
     one = load_config(None, tiny_overrides(tiny, tmp_path / "one", **common))
-    trainer.train(one, quiet=True, log=lambda m: None)
+    trainer.train(one, quiet=True, log=logs.append)
+    assert "ranks: 1 (single process)" in logs
 
-    launcher = shutil.which("mlx.launch")
-    assert launcher, "mlx.launch ships with mlx; it must be on PATH"
-    ov = tiny_overrides(tiny, tmp_path / "two", **common)
-    p = subprocess.run([launcher, "-n", "2", "--backend", "ring", "--", sys.executable, "-m",
-                        "mlxdistill.cli", "train", *ov], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
+    p = launch(["train", *tiny_overrides(tiny, tmp_path / "two", **common)])
+    assert "ranks: 2 (mx.distributed" in p.stdout
+    assert "teacher pass split over 2 ranks" in p.stdout
     assert "data parallel: 2 ranks, 2 rows each" in p.stdout
     assert p.stdout.count("evaluation on") == 1  # rank 0 alone evaluates and writes
+
+    # The cache the two ranks built together is the one a single process built: the same
+    # shards (sha256), the same manifest but for the measured speed.
+    m1 = cache_mod.read_manifest(str(tmp_path / "one" / "cache"))
+    m2 = cache_mod.read_manifest(str(tmp_path / "two" / "cache"))
+    assert len(m2["shards"]) >= 4  # both ranks wrote shards
+    for m in (m1, m2):
+        m.pop("pass_tok_per_s")
+    assert m1 == m2
+    assert cache_mod.ShardReader(str(tmp_path / "two" / "cache")).rows == m1["rows"]
 
     two_dir = str(tmp_path / "two" / "run")
     a = mx.load(os.path.join(one.run.dir, "model", "model.safetensors"))
@@ -39,3 +99,84 @@ def test_two_ranks_match_one_process(tiny, tmp_path):
     la = [json.loads(x)["val_kl"] for x in open(os.path.join(one.run.dir, "metrics.jsonl"))]
     lb = [json.loads(x)["val_kl"] for x in open(os.path.join(two_dir, "metrics.jsonl"))]
     assert np.allclose(la, lb, atol=1e-4)
+
+
+def test_two_ranks_generate_the_same_file_and_resume(tiny, tmp_path, monkeypatch):
+    (tmp_path / "p").mkdir()
+    prompts = prompts_file(tmp_path / "p", n=7)  # cfg_for writes its own 5 in tmp_path
+    extra = {"generate.prompts": prompts}
+    gen_mod.generate(cfg_for(tiny, tmp_path, "one.jsonl", **extra), quiet=True,
+                     log=lambda m: None)
+
+    # One process stops after its first batch; two ranks resume it.
+    real = gen_mod._atomic_json
+
+    def dying(path, obj):
+        real(path, obj)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gen_mod, "_atomic_json", dying)
+    with pytest.raises(KeyboardInterrupt):
+        gen_mod.generate(cfg_for(tiny, tmp_path, "two.jsonl", **extra), quiet=True,
+                         log=lambda m: None)
+    monkeypatch.setattr(gen_mod, "_atomic_json", real)
+    ov = {"teacher.model": tiny["teacher"], "generate.prompts": prompts,
+          "generate.out": str(tmp_path / "two.jsonl"), "generate.max_tokens": 6,
+          "generate.batch_size": 2, "generate.n": 2, "generate.temperature": 1.0}
+    p = launch(["generate", *[f"{k}={v}" for k, v in ov.items()]])
+    assert "resuming" in p.stdout and "2/7" in p.stdout
+    assert p.stdout.count("generated ") == 1  # rank 0 alone writes
+    # Rounds of 2 batches: rank 1 answers prompts 4-5, then nothing while rank 0 does 6.
+    one, two = (tmp_path / "one.jsonl").read_text(), (tmp_path / "two.jsonl").read_text()
+    assert one == two and len(one.splitlines()) == 14
+
+
+def test_dead_rank_stops_the_other(tiny, tmp_path):
+    run = tmp_path / "run"
+    ov = tiny_overrides(tiny, tmp_path, **{"train.iters": 100000, "train.save_every": 2,
+                                           "train.eval_every": 100000})
+    (r0, out0), (r1, out1) = spawn_ranks(tmp_path, [*CLI, "train", *ov])
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints").is_dir() and time.time() < deadline:
+            assert r0.poll() is None and r1.poll() is None, open(tmp_path / "rank0.log").read()
+            time.sleep(0.2)
+        assert (run / "checkpoints").is_dir(), "training never started"
+        r1.send_signal(signal.SIGKILL)  # rank 1 dies mid-training
+        t0 = time.time()
+        code, text = finish(r0, out0, timeout=60)
+        took = time.time() - t0
+    finally:
+        for p, f in ((r0, out0), (r1, out1)):
+            finish(p, f, timeout=0)
+            f.close()
+    assert code == EXIT_CODE, text
+    assert "error: rank 0: lost contact with another rank during" in text, text
+    assert "Traceback" not in text
+    assert took < 30, took
+
+
+HANG = """
+import mlxdistill, time
+from mlxdistill.distributed import World
+w = World(timeout=2.0)
+w.barrier("the first barrier")
+if w.rank == 1:
+    time.sleep(120)  # hangs without dying: its sockets stay open
+w.barrier("the second barrier")
+"""
+
+
+def test_hung_rank_times_out(tmp_path):
+    (r0, out0), (r1, out1) = spawn_ranks(tmp_path, [sys.executable, "-c", HANG])
+    try:
+        t0 = time.time()
+        code, text = finish(r0, out0, timeout=60)
+        took = time.time() - t0
+    finally:
+        for p, f in ((r0, out0), (r1, out1)):
+            finish(p, f, timeout=0)
+            f.close()
+    assert code == EXIT_CODE, text
+    assert "rank 0: no answer from the other ranks for 2 s during the second barrier" in text
+    assert took < 30, took
