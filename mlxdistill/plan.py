@@ -22,10 +22,10 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from . import losses, models
-from .config import Config, ConfigError
+from .config import Config
 from .models import ModelError
 
 GB = 1 << 30
@@ -305,7 +305,7 @@ def probe_training(cfg: Config, steps: int = 2) -> dict:
         t0 = time.perf_counter()
         acc, total = None, 0.0
         for _ in range(t.grad_accum):
-            loss, ntok, grads = micro_step(x, mask, labels, targets)
+            _, ntok, grads = micro_step(x, mask, labels, targets)
             n = ntok.item()
             acc = tree_map(lambda g: g * n, grads) if acc is None else \
                 tree_map(lambda a, g: a + g * n, acc, grads)
@@ -556,8 +556,9 @@ def format_plan(p: dict) -> str:
             lines.append("    no single setting makes it fit; use a smaller model or a larger "
                          "machine")
     rows = "?" if c["rows"] is None else f"{c['rows']:,}"
-    lines.append(f"cache:    {c['mode']}, {c['bytes_per_token']:.0f} B/token x {rows} rows "
-                 f"({c['rows_from']}) -> {_gb(c['disk_bytes'])} on disk")
+    if p["teacher_pass"] is not None:  # online teachers write no cache
+        lines.append(f"cache:    {c['mode']}, {c['bytes_per_token']:.0f} B/token x {rows} "
+                     f"rows ({c['rows_from']}) -> {_gb(c['disk_bytes'])} on disk")
     tp, tr = p["teacher_pass"] or {}, p["training"]
     if "seconds" in tr or "seconds" in tp:
         lines.append(f"time:     teacher pass {tp.get('seconds', '?')} s "

@@ -15,7 +15,6 @@ import mlxdistill  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import pytest
 from conftest import WORDS, make_text, make_tokenizer
-from mlx.utils import tree_flatten
 
 QUIET = dict(quiet=True, log=lambda m: None)
 GROUP = 32  # quantization group: every tiny linear layer has a multiple of 32 inputs

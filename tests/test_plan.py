@@ -36,6 +36,52 @@ def test_embedded_pair_full_estimate_matches_measured_peak():
     assert parts["logits"] == max(parts.values())
 
 
+def test_embedded_pair_estimate_matches_real_trainer_step(tmp_path, monkeypatch):
+    """The peak around each step of `trainer.fit` itself (reset when the batch is ready,
+    read when the step is done), against the estimate and against the probe that stands in
+    for the trainer on the family models."""
+    import mlx.core as mx
+
+    from mlxdistill import trainer
+    from mlxdistill.progress import Progress
+
+    # The first records of the embedded corpus: enough for 8 rows, quick to tokenize.
+    small = {}
+    for split in ("train", "valid"):
+        with open(os.path.join(ROOT, "data", f"{split}.jsonl")) as f:
+            lines = f.readlines()[:60]
+        small[split] = tmp_path / f"{split}.jsonl"
+        small[split].write_text("".join(lines))
+    cfg = load_config(None, [f"data.train={small['train']}", f"data.valid={small['valid']}",
+                             "data.seq_len=128", "data.max_rows=8", "cache.shard_rows=8",
+                             f"cache.dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}",
+                             "train.iters=3", "train.eval_every=100", "train.save_every=100",
+                             "train.mode=full"])
+    cache.build(cfg, quiet=True, log=lambda m: None)
+    peaks, to_arrays, update = [], trainer.to_arrays, Progress.update
+
+    def ready(batch):
+        out = to_arrays(batch)
+        mx.eval(out)
+        mx.reset_peak_memory()
+        return out
+
+    def done(self, *a, **k):
+        peaks.append(mx.get_peak_memory())
+        return update(self, *a, **k)
+
+    monkeypatch.setattr(trainer, "to_arrays", ready)
+    monkeypatch.setattr(Progress, "update", done)
+    trainer.fit(cfg, quiet=True, log=lambda m: None)
+    assert len(peaks) == 3
+    measured = max(peaks)
+    s = plan.model_shape(plan.read_config(cfg.student.model, "student"), "student")
+    est = plan.training_total(cfg, s, plan.cache_bytes_per_token(cfg, s.vocab, 0))
+    assert_close(est["mlx_bytes"], measured, "embedded trainer step")
+    monkeypatch.undo()
+    assert abs(plan.probe_training(cfg)["peak_bytes"] / measured - 1) < 0.05
+
+
 def test_embedded_pair_lora_estimate_matches_measured_peak():
     cfg = load_config(None, ["data.seq_len=128", "train.mode=lora"])
     s = plan.model_shape(plan.read_config(cfg.student.model, "student"), "student")
