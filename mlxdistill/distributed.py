@@ -10,12 +10,16 @@ the network) leaves the others blocked inside a collective, where no Python code
 runs: a watchdog thread then ends the process after `run.dist_timeout` seconds, naming what
 it waited for. `mx.eval` releases the GIL while it waits, which is what lets the watchdog
 run. Only the wait for other ranks is timed: local work is evaluated before each collective.
+Connecting is guarded too: `mx.distributed.init()` holds the GIL while it waits for peers
+that never come (an unreachable host, a rank that failed to start), so a small separate
+watchdog process ends this one after the same timeout, saying why.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -34,14 +38,49 @@ class DistributedError(RuntimeError):
     """Another rank died or stopped answering; the message is one line."""
 
 
+# Launchers' environment variables: only then can init() wait for other processes.
+_LAUNCH_ENV = ("MLX_RANK", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+_CONNECT_WATCHDOG = """
+import os, select, signal, sys
+pid, timeout, msg = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+# stdin reaches EOF when the rank has connected (or died): then there is nothing to do.
+if not select.select([sys.stdin], [], [], timeout)[0]:
+    sys.stderr.write(msg + "\\n")
+    sys.stderr.flush()
+    os.kill(pid, signal.SIGKILL)
+"""
+_group = None
+
+
+def _connect(timeout: float):
+    """mx.distributed.init(), once per process, ended after `timeout` s if peers never come."""
+    global _group
+    if _group is None:
+        if not any(k in os.environ for k in _LAUNCH_ENV):
+            _group = mx.distributed.init()  # a single process: returns at once
+            return _group
+        rank = os.environ.get("MLX_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
+        msg = (f"error: rank {rank}: the other ranks did not connect within {timeout:g} s; "
+               "a host is unreachable or a rank failed to start (see its output). Stopping; "
+               "raise run.dist_timeout if ranks start slowly")
+        dog = subprocess.Popen([sys.executable, "-c", _CONNECT_WATCHDOG, str(os.getpid()),
+                                str(timeout), msg], stdin=subprocess.PIPE)
+        try:
+            _group = mx.distributed.init()
+        finally:
+            dog.stdin.close()
+            dog.wait()
+    return _group
+
+
 class World:
     """The mx.distributed group of this process. Rank 0 is the one that writes."""
 
     def __init__(self, timeout: Optional[float] = None):
-        self.group = mx.distributed.init()
+        self.timeout = float(timeout or DEFAULT_TIMEOUT)
+        self.group = _connect(self.timeout)
         self.rank, self.size = self.group.rank(), self.group.size()
         self.main = self.rank == 0
-        self.timeout = float(timeout or DEFAULT_TIMEOUT)
         self._waiting: Optional[tuple[str, float]] = None  # (what, deadline) while blocked
         if self.size > 1:
             threading.Thread(target=self._watch, daemon=True, name="rank-watchdog").start()

@@ -35,7 +35,7 @@ def launch(args, timeout=300):
     return p
 
 
-def spawn_ranks(tmp_path, argv):
+def spawn_ranks(tmp_path, argv, ranks=(0, 1)):
     """Two ranks started without mlx.launch (which would kill the survivor itself), with the
     environment it sets: a ring hostfile of two local ports and MLX_RANK."""
     ports = []
@@ -46,7 +46,7 @@ def spawn_ranks(tmp_path, argv):
     hostfile = tmp_path / "ring.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
     procs = []
-    for r in range(2):
+    for r in ranks:
         env = {**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile),
                "PYTHONPATH": ROOT}
         out = open(tmp_path / f"rank{r}.log", "w+")
@@ -180,3 +180,13 @@ def test_hung_rank_times_out(tmp_path):
     assert code == EXIT_CODE, text
     assert "rank 0: no answer from the other ranks for 2 s during the second barrier" in text
     assert took < 30, took
+
+
+def test_missing_rank_times_out_while_connecting(tmp_path):
+    # Rank 1 never starts: rank 0 must not wait forever to connect.
+    (r0, out0), = spawn_ranks(tmp_path, [sys.executable, "-c", HANG], ranks=(0,))
+    t0 = time.time()
+    code, text = finish(r0, out0, timeout=60)
+    out0.close()
+    assert code != 0 and time.time() - t0 < 30
+    assert "rank 0: the other ranks did not connect within 2 s" in text, text
