@@ -94,6 +94,7 @@ class ModelShape:
     float_bytes: int  # bytes per float weight and activation as loaded
     softcap: bool  # Gemma-2 style final-logit soft-capping (tanh over the logits)
     fused: int  # outputs of fused projections per layer (Phi-3 qkv_proj, gate_up_proj)
+    extra_norms: int  # norm outputs per layer beyond a Llama block's two (Gemma, q/k norms)
     lora_per_rank_layer: float  # LoRA parameters per unit of rank, per transformer block
 
 
@@ -139,15 +140,22 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
         if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and id(m) in layer_ids:
             out_d, in_d = m.weight.shape
             lora[id(m)] = in_d + out_d  # LoRA adds A [in, r] and B [r, out]
+    heads = int(config.get("num_attention_heads") or 1)
+    hidden = int(config.get("hidden_size") or 0)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    kv = int(config.get("num_key_value_heads") or heads)
+    norms = 0
     for name, m in model.layers[0].named_modules():
         # A fused projection's output is one more array beside the q/k/v or gate/up it is
         # split into.
         if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and ("qkv" in name or "gate_up" in name):
             fused += int(m.weight.shape[0])
-    heads = int(config.get("num_attention_heads") or 1)
-    hidden = int(config.get("hidden_size") or 0)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    kv = int(config.get("num_key_value_heads") or heads)
+        # Every norm keeps its output for the backward pass: Gemma's four per block and the
+        # per-head q/k norms of Qwen3 and Gemma-3 add to a Llama block's two.
+        elif "norm" in type(m).__name__.lower():
+            last = name.rsplit(".", 1)[-1]
+            norms += heads * head_dim if last == "q_norm" else kv * head_dim \
+                if last == "k_norm" else hidden
     return ModelShape(
         model_type=config["model_type"], params=int(params), weight_bytes=int(wbytes),
         layers=len(model.layers), hidden=hidden,
@@ -155,6 +163,7 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
         q_dim=heads * head_dim, kv_dim=kv * head_dim, vocab=models.logits_size(config),
         bits=int(bits) if bits else None, float_bytes=fbytes,
         softcap=bool(config.get("final_logit_softcapping")), fused=fused,
+        extra_norms=max(0, norms - 2 * hidden),
         lora_per_rank_layer=sum(lora.values()) / max(1, len(model.layers)))
 
 
@@ -164,7 +173,8 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
 #    live at the peak (3 in a forward-only teacher pass: logits, softmax, its cumsum).
 #  - per layer, saved for the backward pass: the residual input and the two normed inputs,
 #    q/k/v before and after RoPE and the attention output (4 d + 3 q + 3 kv), the MLP's gate,
-#    up, sigmoid, SiLU and product (5 ffn), the attention probabilities (heads x L).
+#    up, sigmoid, SiLU and product (5 ffn), the attention probabilities (heads x L), and
+#    whatever the architecture adds: fused projections' outputs, norms beyond two.
 #  - once, at the peak (the last layer's backward): 2 ffn, 2 heads x L, and the head's
 #    d-sized buffers (22 d when the embedding is trained, 8 d when it is frozen).
 TRAIN_LOGIT_COPIES = 7
@@ -176,7 +186,8 @@ TRAIN_FULL_COPIES = 3  # weights + AdamW's two moments (gradients are freed as t
 def train_activation_floats(s: ModelShape, seq_len: int, full: bool) -> float:
     """Floats per token a training step keeps at its peak, besides the logits."""
     attn = s.heads * seq_len
-    per_layer = 4 * s.hidden + 3 * s.q_dim + 3 * s.kv_dim + 5 * s.ffn + attn + s.fused
+    per_layer = (4 * s.hidden + 3 * s.q_dim + 3 * s.kv_dim + 5 * s.ffn + attn + s.fused
+                 + s.extra_norms)
     once = 2 * s.ffn + 2 * attn + (22 if full else 8) * s.hidden
     return s.layers * per_layer + once
 
