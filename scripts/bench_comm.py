@@ -104,6 +104,8 @@ def worker(args) -> None:
     cfg = load_config(None, args.overrides)
     res = {"ranks": world.size, "backend": "ring", "machine": platform.machine(),
            "cpus": os.cpu_count(), "one_box": True,
+           # Other work on the box inflates every time here: note how busy it was.
+           "load_avg_1min": round(os.getloadavg()[0], 2),
            "note": "both ranks on one Linux box over loopback TCP; compute shares the cores",
            "global_batch": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
            "lora_rank": cfg.train.lora_rank, "reps": args.reps,
