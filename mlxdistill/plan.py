@@ -92,7 +92,6 @@ class ModelShape:
     vocab: int
     bits: Optional[int]  # quantization bits, None for full precision
     float_bytes: int  # bytes per float weight and activation as loaded
-    softcap: bool  # Gemma-2 style final-logit soft-capping (tanh over the logits)
     fused: int  # outputs of fused projections per layer (Phi-3 qkv_proj, gate_up_proj)
     extra_norms: int  # norm outputs per layer beyond a Llama block's two (Gemma, q/k norms)
     lora_per_rank_layer: float  # LoRA parameters per unit of rank, per transformer block
@@ -162,7 +161,7 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
         ffn=int(config.get("intermediate_size") or 4 * hidden), heads=heads,
         q_dim=heads * head_dim, kv_dim=kv * head_dim, vocab=models.logits_size(config),
         bits=int(bits) if bits else None, float_bytes=fbytes,
-        softcap=bool(config.get("final_logit_softcapping")), fused=fused,
+        fused=fused,
         extra_norms=max(0, norms - 2 * hidden),
         lora_per_rank_layer=sum(lora.values()) / max(1, len(model.layers)))
 
@@ -179,7 +178,7 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
 #    d-sized buffers (22 d when the embedding is trained, 8 d when it is frozen).
 TRAIN_LOGIT_COPIES = 7
 TEACHER_LOGIT_COPIES = 3
-SOFTCAP_EXTRA_COPIES = {"train": 3, "teacher": 2}  # logits / cap, tanh, * cap
+# Gemma-2's soft-capping (tanh over the logits) measured no extra copy in either pass.
 TRAIN_FULL_COPIES = 3  # weights + AdamW's two moments (gradients are freed as they apply)
 
 
@@ -229,12 +228,11 @@ def estimate_training(cfg: Config, s: ModelShape) -> dict:
         trainable = int(s.lora_per_rank_layer * t.lora_rank * n)
         # LoRA weights, their gradients and AdamW's two moments, all float32
         state = trainable * 4 * 4
-    copies = TRAIN_LOGIT_COPIES + (SOFTCAP_EXTRA_COPIES["train"] if s.softcap else 0)
     parts = {
         "weights": s.weight_bytes,
         "trainable_state": int(state),
         "activations": int(tokens * train_activation_floats(s, cfg.data.seq_len, full) * act),
-        "logits": int(tokens * s.vocab * 4 * copies),
+        "logits": int(tokens * s.vocab * 4 * TRAIN_LOGIT_COPIES),
         "targets": int(tokens * target_floats(cfg) * 4),
     }
     return {"trainable_params": int(trainable), "micro_batch": micro, "parts": parts,
@@ -244,12 +242,11 @@ def estimate_training(cfg: Config, s: ModelShape) -> dict:
 def estimate_teacher(cfg: Config, s: ModelShape) -> dict:
     """Peak bytes of one teacher-pass batch (cache.batch_size rows), by part."""
     tokens = cfg.cache.batch_size * cfg.data.seq_len
-    copies = TEACHER_LOGIT_COPIES + (SOFTCAP_EXTRA_COPIES["teacher"] if s.softcap else 0)
     parts = {
         "weights": s.weight_bytes,
         "activations": int(tokens * teacher_activation_floats(s, cfg.data.seq_len)
                            * s.float_bytes),
-        "logits": int(tokens * s.vocab * 4 * copies),
+        "logits": int(tokens * s.vocab * 4 * TEACHER_LOGIT_COPIES),
     }
     return {"parts": parts, "peak_bytes": sum(parts.values())}
 
