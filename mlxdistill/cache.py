@@ -55,7 +55,7 @@ def shard_sha256(path: str) -> str:
 
 # ---------------------------------------------------------------- teacher -> targets
 
-def sample_targets(logits: mx.array, n: int, rng: np.random.Generator
+def sample_targets(logits: mx.array, n: int, rng: np.random.Generator, keep_top1: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
     """n draws per position from softmax(logits), as unique ids + counts (padded with count 0).
 
@@ -63,18 +63,44 @@ def sample_targets(logits: mx.array, n: int, rng: np.random.Generator
     so the student's cross-entropy against it has the forward-KL gradient in expectation
     (Sparse Logit Sampling, Anshumann et al. 2025). Drawn by inverse CDF: one cumulative sum
     per position and a binary search per draw. mx.random.categorical with num_samples makes
-    n Gumbel noises per vocabulary entry, which measured 13x slower for n=16, V=4096."""
+    n Gumbel noises per vocabulary entry, which measured 13x slower for n=16, V=4096.
+
+    keep_top1: slot 0 holds the teacher's most likely id with its probability p1 in 1/255
+    units (stochastically rounded, so unbiased), and the other n-1 draws come from the
+    distribution without it, each standing for (1 - p1)/(n-1) of the mass: the same bytes,
+    no sampling noise on the token that carries most of the mass (see top1_weights)."""
     vocab = logits.shape[-1]
-    cdf = np.asarray(mx.cumsum(mx.softmax(logits.astype(mx.float32), axis=-1), axis=-1))
-    cdf = cdf.reshape(-1, vocab)
-    u = rng.random((cdf.shape[0], n)) * cdf[:, -1:]
-    draws = np.empty((cdf.shape[0], n), dtype=np.int64)
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1).reshape(-1, vocab)
+    m = n
+    if keep_top1:
+        top = np.asarray(mx.argmax(probs, axis=-1))
+        p1 = np.asarray(mx.max(probs, axis=-1))
+        probs = mx.where(mx.arange(vocab)[None] == mx.array(top)[:, None], 0.0, probs)
+        m = n - 1
+    cdf = np.asarray(mx.cumsum(probs, axis=-1))
+    u = rng.random((cdf.shape[0], m)) * cdf[:, -1:]
+    draws = np.empty((cdf.shape[0], m), dtype=np.int64)
     for i in range(cdf.shape[0]):  # a batched searchsorted; ~3 us per row
         draws[i] = np.searchsorted(cdf[i], u[i], side="right")
     np.minimum(draws, vocab - 1, out=draws)
     ids, counts = merge_ids(draws, np.ones(draws.shape, dtype=np.float32))
+    if keep_top1:
+        scaled = p1 * 255.0
+        c0 = np.floor(scaled) + (rng.random(scaled.shape) < scaled - np.floor(scaled))
+        ids = np.concatenate([top[:, None].astype(ids.dtype), ids], axis=1)
+        counts = np.concatenate([c0[:, None].astype(np.float32), counts], axis=1)
     shape = tuple(logits.shape[:-1]) + (n,)
     return ids.reshape(shape), counts.astype(np.uint8).reshape(shape)
+
+
+def top1_weights(counts: np.ndarray) -> np.ndarray:
+    """Probability weights of a keep_top1 cache's counts: slot 0 is p1 in 1/255 units, the
+    n-1 other slots share 1 - p1 in proportion to their draws."""
+    c = counts.astype(np.float32)
+    w0 = c[..., :1] / 255.0
+    rest = c[..., 1:]
+    rest = rest / np.maximum(rest.sum(-1, keepdims=True), 1.0) * (1.0 - w0)
+    return np.concatenate([w0, rest], axis=-1)
 
 
 def merge_ids(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -110,9 +136,10 @@ def topk_targets(logprobs: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 IDENTITY_KEYS = ("format_version", "teacher_fingerprint", "tokenizer_fingerprint", "vocab_size",
                  "mode", "n", "k", "temperature", "seq_len", "dataset_sha256", "max_rows",
-                 "mask_prompt", "seed", "shard_rows", "hidden_layers", "long_lines")
+                 "mask_prompt", "seed", "shard_rows", "hidden_layers", "long_lines",
+                 "keep_top1")
 # Identity keys added after format 1 shipped: what a manifest without them was built with.
-LEGACY = {"long_lines": "split"}
+LEGACY = {"long_lines": "split", "keep_top1": False}
 
 
 def read_manifest(cache_dir: str) -> dict:
@@ -145,7 +172,7 @@ def config_identity(cfg: Config) -> dict:
         "seq_len": cfg.data.seq_len, "dataset_sha256": data_mod.file_sha256(cfg.data.train),
         "max_rows": cfg.data.max_rows, "mask_prompt": cfg.data.mask_prompt, "seed": c.seed,
         "shard_rows": c.shard_rows, "hidden_layers": list(c.hidden_layers),
-        "long_lines": cfg.data.long_lines,
+        "long_lines": cfg.data.long_lines, "keep_top1": c.keep_top1 and c.mode == "sample",
     }
 
 
@@ -253,7 +280,7 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
                 outs["ids"].append(ids.astype(idt))
                 outs["logprobs"].append(lp)
             else:
-                ids, counts = sample_targets(logits, c.n, rng)
+                ids, counts = sample_targets(logits, c.n, rng, c.keep_top1)
                 outs["ids"].append(ids.astype(idt))
                 outs["counts"].append(counts)
             for layer in hidden:
@@ -435,9 +462,11 @@ class ShardReader:
         def take(key):
             return np.stack([loaded[si][key][r] for si, r in want])
 
-        keys = target_keys(self.manifest)
-        return data_mod.Batch(take("input_ids"), take("loss_mask"), take("next_ids"),
-                     {k: take(k) for k in keys})
+        targets = {k: take(k) for k in target_keys(self.manifest)}
+        if self.manifest.get("keep_top1"):
+            # float weights in place of counts: the loss normalises whatever "counts" holds
+            targets["counts"] = top1_weights(targets["counts"])
+        return data_mod.Batch(take("input_ids"), take("loss_mask"), take("next_ids"), targets)
 
 
 def expected_tensors(m: dict, rows: int) -> dict[str, tuple[tuple, str]]:
@@ -527,8 +556,11 @@ def check_contents(t: dict, m: dict, rows: int, name: str) -> None:
             t["input_ids"].max(initial=0) >= V:
         raise CacheError(f"shard {name} holds token ids outside the vocabulary of {V}")
     if m["mode"] == "sample":
-        if (t["counts"].astype(np.int64).sum(-1) != m["n"]).any():
-            raise CacheError(f"shard {name}: draws per position do not sum to n={m['n']}")
+        drawn = t["counts"].astype(np.int64)[..., 1:] if m.get("keep_top1") else \
+            t["counts"].astype(np.int64)
+        want_n = m["n"] - 1 if m.get("keep_top1") else m["n"]
+        if (drawn.sum(-1) != want_n).any():
+            raise CacheError(f"shard {name}: draws per position do not sum to n={want_n}")
     else:
         lp = t["logprobs"].astype(np.float32)
         if not np.isfinite(lp).all() or (np.exp(lp).sum(-1) > 1.0 + 1e-2).any():
@@ -558,5 +590,6 @@ def summary(cache_dir: str) -> dict:
         "dataset_sha256": m.get("dataset_sha256"),
         "bytes_per_token": round(target_bpt, 2), "file_bytes_per_token": round(file_bpt, 2),
         "hidden_layers": m.get("hidden_resolved") or [],
+        "keep_top1": bool(m.get("keep_top1")),
         "verified": True,
     }

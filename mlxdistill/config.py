@@ -90,6 +90,9 @@ class CacheConfig:
     k: int = 64
     temperature: float = 1.0
     hidden_layers: tuple = ()
+    # sample mode: store the teacher's top-1 id with its exact probability in one of the n
+    # slots and sample the other n-1 from the rest (same bytes, less sampling noise).
+    keep_top1: bool = False
     shard_rows: int = 256  # rows per shard: the unit of resume after a kill
     batch_size: int = 8  # rows per teacher forward pass
     seed: int = 0
@@ -114,6 +117,11 @@ class CacheConfig:
         # uint8 counts hold at most 255 draws of one id.
         _check(isinstance(self.n, int) and 1 <= self.n <= 255,
                f"cache.n={self.n!r} must be an integer in 1..255 (draws per position)")
+        _check(isinstance(self.keep_top1, bool),
+               f"cache.keep_top1={self.keep_top1!r} must be true or false")
+        _check(not self.keep_top1 or (self.mode == "sample" and self.n >= 2),
+               f"cache.keep_top1 needs cache.mode=sample and cache.n >= 2 (got mode="
+               f"{self.mode!r}, n={self.n}); top-k already keeps the top ids exactly")
         _check(isinstance(self.k, int) and self.k >= 1, f"cache.k={self.k!r} must be >= 1")
         _positive("cache.temperature", self.temperature)
         _check(all(isinstance(i, int) and not isinstance(i, bool) for i in self.hidden_layers),
@@ -135,6 +143,9 @@ class LossConfig:
     temperature: float = 1.0
     beta: float = 0.5  # jsd: 0 = forward KL, 1 = reverse KL (TRL's generalized JSD)
     skew: float = 0.1  # skew_kl / skew_reverse_kl mixture weight (DistiLLM)
+    # On-policy (GKD): fraction of steps trained on student-written continuations scored by
+    # the live teacher (needs teacher.mode=online).
+    lmbda: float = 0.0
     # Hidden-state distillation (when the cache holds cache.hidden_layers):
     hidden_weight: float = 1.0
     hidden_loss: str = "cosine"  # cosine | mse
@@ -149,6 +160,8 @@ class LossConfig:
                f"loss.beta={self.beta!r} must be in [0, 1]")
         _check(isinstance(self.skew, (int, float)) and 0.0 < self.skew < 1.0,
                f"loss.skew={self.skew!r} must be in (0, 1)")
+        _check(isinstance(self.lmbda, (int, float)) and 0.0 <= self.lmbda <= 1.0,
+               f"loss.lmbda={self.lmbda!r} must be in [0, 1]")
         _positive("loss.hidden_weight", self.hidden_weight, allow_zero=True)
         _one_of("loss.hidden_loss", self.hidden_loss, ("cosine", "mse"))
 
@@ -252,6 +265,9 @@ class Config:
                or self.loss.name == "forward_kl",
                f"loss.name={self.loss.name} needs the teacher's probabilities, which a sampled "
                "cache does not hold (only draws); use cache.mode=topk or loss.name=forward_kl")
+        _check(self.loss.lmbda == 0 or self.teacher.mode == "online",
+               f"loss.lmbda={self.loss.lmbda} scores student-written sequences with the live "
+               "teacher; set teacher.mode=online (or loss.lmbda=0)")
         _check(self.teacher.mode == "cache" or not self.cache.hidden_layers,
                "cache.hidden_layers needs teacher.mode=cache (hidden states come from the cache)")
         _check(self.teacher.mode == "online" or self.loss.temperature == self.cache.temperature,

@@ -33,6 +33,7 @@ VARIANTS = {
     "sample8": ("sampled, n=8", {"cache.n": 8}),
     "sample16": ("sampled, n=16 (default)", {}),
     "sample32": ("sampled, n=32", {"cache.n": 32}),
+    "sample16_top1": ("sampled n=16, top-1 kept exactly", {"cache.keep_top1": True}),
     "topk64_alpha05": ("top-64 + tail, 50 % CE", {"cache.mode": "topk", "cache.k": 64,
                                                  "loss.alpha": 0.5}),
     "sample16_alpha05": ("sampled n=16, 50 % CE", {"loss.alpha": 0.5}),
@@ -47,7 +48,10 @@ SHARED_RUNS = {"sample16": "runs/default", "plain_ce": "runs/default-ce"}
 def cache_dir(extra: dict) -> str:
     mode = extra.get("cache.mode", "sample")
     size = extra.get("cache.k", 64) if mode == "topk" else extra.get("cache.n", 16)
-    return "caches/default" if (mode, size) == ("sample", 16) else f"caches/ablate-{mode}{size}"
+    top1 = "-top1" if extra.get("cache.keep_top1") else ""
+    if (mode, size, top1) == ("sample", 16, ""):
+        return "caches/default"
+    return f"caches/ablate-{mode}{size}{top1}"
 
 
 def main() -> None:

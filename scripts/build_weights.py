@@ -9,6 +9,8 @@ Stages:
              encode the held-out splits identically), so mlx_lm and MLX Swift both load it.
   teacher    Llama, 6 x 384, ~12 M parameters, AdamW (wd 0.1), warmup + cosine,
              16 x 256-token batches, several epochs over the train split.
+  teacher2   Llama, 4 x 256, ~4 M parameters, another seed, 600 steps: the second teacher
+             of the multi-teacher run.
   student    Llama, 4 x 128, ~1.3 M parameters (14x fewer non-embedding parameters),
              briefly pre-trained with plain cross-entropy: weak, but not random.
 
@@ -44,6 +46,10 @@ BATCH = 16
 MODELS = {
     "teacher": dict(hidden_size=384, num_hidden_layers=6, intermediate_size=1024,
                     num_attention_heads=6, steps=1000, lr=1e-3, warmup=100, seed=1),
+    # A second, smaller and differently seeded teacher: the other voice of the multi-teacher
+    # run and a cheaper teacher for hidden-state distillation experiments.
+    "teacher2": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=704,
+                     num_attention_heads=4, steps=600, lr=1.5e-3, warmup=60, seed=3),
     "student": dict(hidden_size=128, num_hidden_layers=4, intermediate_size=320,
                     num_attention_heads=2, steps=60, lr=2e-3, warmup=10, seed=2),
 }
@@ -275,7 +281,8 @@ def main() -> None:
     ap.add_argument("--data", default="data")
     ap.add_argument("--out", default="weights")
     ap.add_argument("--work", default="build/weights", help="checkpoints (resumable)")
-    ap.add_argument("--stage", choices=["all", "tokenizer", "teacher", "student"], default="all")
+    ap.add_argument("--stage", choices=["all", "tokenizer", "teacher", "teacher2", "student"],
+                    default="all")
     ap.add_argument("--teacher-steps", type=int, default=MODELS["teacher"]["steps"])
     ap.add_argument("--student-steps", type=int, default=MODELS["student"]["steps"])
     args = ap.parse_args()
@@ -294,7 +301,7 @@ def main() -> None:
     if os.path.exists(report_path):
         with open(report_path) as f:
             report = json.load(f)
-    for name in ("teacher", "student"):
+    for name in ("teacher", "teacher2", "student"):
         if args.stage not in ("all", name):
             continue
         spec = MODELS[name]

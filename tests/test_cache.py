@@ -152,3 +152,18 @@ def test_inspect_finds_bad_contents_behind_a_valid_sha(tiny, tmp_path, mode):
         json.dump(m, f)
     with pytest.raises(cache_mod.CacheError, match=f"{name} holds token ids outside"):
         cache_mod.summary(cfg.cache.dir)
+
+
+def test_keep_top1_cache(tiny, tmp_path):
+    """Top-1 kept exactly: same 48 bytes/token at n=16, inspect passes, the reader hands
+    the loss weights that sum to 1 with the teacher's argmax in slot 0."""
+    cfg, m = build(tiny, tmp_path, **{"cache.keep_top1": True})
+    assert m["keep_top1"] is True
+    s = cache_mod.summary(cfg.cache.dir)
+    assert s["verified"] and s["keep_top1"] and s["bytes_per_token"] == 48.0
+    batch = next(cache_mod.ShardReader(cfg.cache.dir).batches(4, seed=0))
+    w = batch.targets["counts"]
+    assert w.dtype == np.float32 and np.allclose(w.sum(-1), 1.0, atol=1e-5)
+    assert (w[..., 0] > 0.2).mean() > 0.5  # the sharpened teacher's top-1 carries real mass
+    with pytest.raises(cache_mod.CacheError, match="keep_top1"):
+        build(tiny, tmp_path)  # the same dir without keep_top1 is another cache

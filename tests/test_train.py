@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_overrides
 
 from mlxdistill import trainer
-from mlxdistill.config import load_config
+from mlxdistill.config import ConfigError, load_config
 
 QUIET = dict(quiet=True, log=lambda m: None)
 
@@ -168,3 +168,52 @@ def test_second_train_on_a_busy_run_dir_refuses(tiny, tmp_path):
     assert res is not None and not (run_dir / ".lock").exists()
     with RunLock(str(run_dir)):
         assert (run_dir / ".lock").read_text() == str(os.getpid())
+
+
+def test_on_policy_gkd_runs_and_resumes_exactly(tiny, tmp_path, monkeypatch):
+    """loss.lmbda=0.5 with the live teacher (GKD with JSD): about half the steps train on
+    student-written continuations; a killed run resumes to the same weights."""
+    from mlxdistill import onpolicy
+
+    common = {"teacher.mode": "online", "loss.lmbda": 0.5, "loss.name": "jsd",
+              "train.iters": 8, "train.save_every": 4, "train.report_every": 4}
+    calls = []
+    real = onpolicy.on_policy_batch
+
+    def spy(model, vocab, x):
+        ids, mask, labels = real(model, vocab, x)
+        calls.append((np.array(x), np.array(ids), np.array(mask)))
+        return ids, mask, labels
+
+    monkeypatch.setattr(onpolicy, "on_policy_batch", spy)
+    cfg_a, _ = run(tiny, tmp_path / "a", **common)
+    n_on = sum(onpolicy.is_on_policy(0.5, 0, s) for s in range(8))
+    assert len(calls) == n_on and 0 < n_on < 8
+    x, ids, mask = calls[0]
+    half = x.shape[1] // 2
+    assert (ids[:, :half] == x[:, :half]).all() and (ids[:, half:] != x[:, half:]).any()
+    assert ids.max() < 64 and mask[:, :half - 1].sum() == 0 and mask[:, half - 1:].all()
+    recs = list(map(json.loads, open(os.path.join(cfg_a.run.dir, "metrics.jsonl"))))
+    assert recs[-1]["on_policy_steps"] == n_on
+
+    real_update = trainer.Progress.update
+
+    def dying_update(self, n=1, units=0.0, postfix=None):
+        real_update(self, n, units, postfix)
+        if self.done == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.Progress, "update", dying_update)
+    cfg_b = load_config(None, tiny_overrides(tiny, tmp_path / "b", **common))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(cfg_b, **QUIET)
+    monkeypatch.setattr(trainer.Progress, "update", real_update)
+    trainer.train(cfg_b, **QUIET)
+    wa, wb = _weights(cfg_a.run.dir), _weights(cfg_b.run.dir)
+    for k in wa:
+        assert np.array_equal(np.array(wa[k]), np.array(wb[k])), k
+
+
+def test_on_policy_needs_the_live_teacher(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="loss.lmbda=0.5 .*teacher.mode=online"):
+        load_config(None, tiny_overrides(tiny, tmp_path, **{"loss.lmbda": 0.5}))
