@@ -270,6 +270,16 @@ def test_different_tokenizers_one_error_with_both_fingerprints(texts, tmp_path):
     assert res.exit_code == 2
     assert_one_line_error(res, "tokenizers differ", f"teacher {fps[0]}", f"student {fps[1]}",
                           "teacher's family")
+    # A cache built for a matching student, then trained with the other one: the same.
+    same = make_family_model(str(tmp_path / "same"), "llama", layers=1, seed=3)
+    res = CliRunner().invoke(main, ["cache", "-q", *overrides(teacher, same, texts, tmp_path,
+                                                               "full")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["train", "-q", *overrides(teacher, student, texts,
+                                                               tmp_path, "full")])
+    assert res.exit_code == 2
+    assert_one_line_error(res, "another tokenizer", f"teacher {fps[0]}", f"student {fps[1]}",
+                          "teacher's family")
 
 
 @pytest.mark.parametrize("command", ["cache", "plan"])
