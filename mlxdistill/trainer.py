@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import cache as cache_mod
 from . import data as data_mod
-from . import files, losses, models
+from . import files, losses, models, onpolicy
 from .config import Config, ConfigError, from_dict, save_config
 from .distributed import World
 from .progress import Progress
@@ -387,6 +387,8 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
         while step < t.iters:
             mx.random.seed(cfg.run.seed * 1_000_003 + step)  # RNG is a function of the step
             x, mask, labels, targets = to_arrays(next(batches))
+            if onpolicy.is_on_policy(lc.lmbda, cfg.run.seed, step):
+                x, mask, labels = onpolicy.on_policy_batch(model, vocab, x)
             if teacher_targets is not None:
                 targets = teacher_targets(x)
             acc, sums = None, np.zeros(5)  # trained tokens, loss, kd, ce, hidden (x tokens)
@@ -444,6 +446,8 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
                     rec["hidden"] = round(float(hid_v), 5)
                 if skipped:
                     rec["skipped"] = skipped
+                if lc.lmbda > 0:
+                    rec["on_policy_steps"] = onpolicy.count(lc.lmbda, cfg.run.seed, step)
                 history, t_report, tok_report = [], time.time(), 0
             if ev is not None and (step % t.eval_every == 0 or step == t.iters):
                 rec = {**(rec or {"step": step}), **validate(model, ev, vocab)}
