@@ -174,21 +174,27 @@ def inspect(cache_dir, as_json):
 @main.command()
 @click.argument("run_dir")
 @click.option("-o", "--out", required=True, help="Output folder (mlx_lm / MLX Swift loadable).")
-@click.option("--bits", type=click.Choice(["16", "8", "4"]), default="16", show_default=True)
+@click.option("--bits", type=int, default=16, show_default=True, help="16, 8 or 4.")
 @click.option("--group-size", type=int, default=64, show_default=True,
               help="Quantization group size (8 and 4 bits).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--tune-iters", type=int, default=0, show_default=True,
               help="8/4-bit: steps of distillation-aware tuning of the quantization scales "
                    "and biases against the run's teacher cache (0: off).")
-@click.option("--tune-lr", type=float, default=1e-4, show_default=True)
+@click.option("--tune-lr", type=float, default=1e-5, show_default=True)
+@click.option("--gguf", is_flag=True, help="Also write a float16 GGUF file (llama, mistral, "
+              "mixtral; 16 bits only).")
+@click.option("--target-quality", type=float, default=0.9, show_default=True,
+              help="Cloud fallback: fraction of the teacher's quality the student + teacher "
+                   "system must keep; sets the deferral threshold in the model card.")
 @guarded
-def export(run_dir, out, bits, group_size, force, tune_iters, tune_lr):
+def export(run_dir, out, bits, group_size, force, tune_iters, tune_lr, gguf, target_quality):
     """Fuse, optionally quantize and verify RUN_DIR's student into OUT."""
     from .export import export_run
 
-    export_run(run_dir, out, int(bits), group_size, force, log=click.echo,
-               tune_iters=tune_iters, tune_lr=tune_lr)
+    export_run(run_dir, out, bits, group_size, force, log=click.echo,
+               tune_iters=tune_iters, tune_lr=tune_lr, gguf=gguf,
+               target_quality=target_quality)
 
 
 @main.command()

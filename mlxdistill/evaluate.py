@@ -101,6 +101,63 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
     return out
 
 
+def example_rows(path: str, tokenizer, seq_len: int, mask_prompt: bool):
+    """One row per record (its first seq_len + 1 tokens), right-padded: the unit an app
+    decides on is a query, not a packed row. Returns (ids [N, L+1], trained [N, L+1]) with
+    trained[t] saying whether token t is scored; records without a scored token are dropped."""
+    ids, trained = [], []
+    for rec in data_mod.read_records(path):
+        r_ids, r_tr = [], []
+        for seg, t in data_mod.record_segments(tokenizer, rec, mask_prompt):
+            r_ids.extend(seg)
+            r_tr.extend([t] * len(seg))
+        r_ids, r_tr = r_ids[:seq_len + 1], r_tr[:seq_len + 1]
+        if len(r_ids) >= 2 and any(r_tr[1:]):
+            ids.append(r_ids)
+            trained.append(r_tr)
+    if not ids:
+        raise ConfigError(f"{path} has no record with a scored token; cannot compute the "
+                          "cloud-fallback curve")
+    width = max(len(r) for r in ids)
+    out_ids = np.zeros((len(ids), width), dtype=np.int32)
+    out_tr = np.zeros((len(ids), width), dtype=bool)
+    for i, (r, t) in enumerate(zip(ids, trained)):
+        out_ids[i, :len(r)] = r
+        out_tr[i, :len(t)] = t
+    return out_ids, out_tr
+
+
+def per_example(teacher, student, ids: np.ndarray, trained: np.ndarray, vocab: int) -> dict:
+    """Per record: the student's confidence signals and both models' next-token accuracy."""
+    from . import fallback
+
+    t_fwd, s_fwd = models.logits_fn(teacher, vocab), models.logits_fn(student, vocab)
+    out: dict = {k: [] for k in (*fallback.SIGNALS, "student", "teacher", "tokens")}
+    for b in range(0, ids.shape[0], EVAL_BATCH):
+        x = mx.array(ids[b:b + EVAL_BATCH, :-1])
+        labels = mx.array(ids[b:b + EVAL_BATCH, 1:])
+        m = mx.array(trained[b:b + EVAL_BATCH, 1:]).astype(mx.float32)
+        n = m.sum(-1)
+        lp_s = losses.log_softmax(s_fwd(x))
+        top2 = mx.sort(mx.topk(lp_s, 2, axis=-1), axis=-1)  # [..., 1] is the top-1
+        per = {"confidence": top2[..., 1], "margin": top2[..., 1] - top2[..., 0],
+               "student": (mx.argmax(lp_s, -1) == labels).astype(mx.float32),
+               "teacher": (mx.argmax(t_fwd(x), -1) == labels).astype(mx.float32)}
+        for k, v in per.items():
+            out[k] += np.array((v * m).sum(-1) / n).round(6).tolist()
+        out["tokens"] += np.array(n).astype(int).tolist()
+    return out
+
+
+def fallback_summary(teacher, student, path: str, tokenizer, cfg, vocab: int) -> dict:
+    from . import fallback
+
+    ids, trained = example_rows(path, tokenizer, cfg.data.seq_len, cfg.data.mask_prompt)
+    res = fallback.summarize(per_example(teacher, student, ids, trained, vocab))
+    res["data"] = path
+    return res
+
+
 def retention(res: dict) -> dict:
     """How much of the teacher's capability each student keeps, in %: next-token accuracy
     relative to the teacher's, and CE relative to the teacher's (teacher CE / student CE)."""
@@ -129,11 +186,16 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
                   match.vocab_size, quiet)
     res["retention"] = retention(res)
     res["data"] = path
+    # Cloud fallback: per-query confidence of the trained student and the deferral curve.
+    res["fallback"] = fallback_summary(teacher, after, path, ttok, cfg, match.vocab_size)
     if write:
         tmp = os.path.join(run_dir, "eval.json.tmp")
         with open(tmp, "w") as f:
             json.dump(res, f, indent=2)
         os.replace(tmp, os.path.join(run_dir, "eval.json"))
+        from .plots import plot_deferral
+
+        plot_deferral(res["fallback"], os.path.join(run_dir, "plots", "deferral.png"))
     if not quiet:
         log(format_table(res))
     return res
@@ -166,4 +228,11 @@ def format_table(res: dict) -> str:
                                for j, c in enumerate(r)))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    fb = res.get("fallback")
+    if fb:
+        lines.append(f"cloud fallback ({fb['examples']} examples, {fb['quality']}): student "
+                     f"{fb['student_quality']:.3f}, teacher {fb['teacher_quality']:.3f}")
+        for frac, t in fb["thresholds"].items():
+            lines.append(f"  {float(frac):.0%} of the teacher: defer "
+                         f"{t['deferred_fraction']:.0%} of queries ({t['rule']})")
     return "\n".join(lines)

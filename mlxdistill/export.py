@@ -28,6 +28,9 @@ BITS = (16, 8, 4)
 ROUND_TRIP_ROWS = 4
 TUNE_EVAL_ROWS = 8
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+GGUF_ARCHS = ("llama", "mistral", "mixtral")  # what mlx_lm.fuse --export-gguf accepts
+GGUF_NAME = "ggml-model-f16.gguf"
+TARGET_QUALITY = 0.9  # default cloud-fallback target: 90 % of the teacher's quality
 
 
 def fuse_adapters(model) -> int:
@@ -43,7 +46,8 @@ def _check_out(out: str, force: bool) -> None:
         raise ConfigError(f"output {out} exists and is not empty; pass --force to replace it")
     parent = os.path.dirname(os.path.abspath(out)) or "."
     if not os.path.isdir(parent):
-        raise ConfigError(f"output folder's parent {parent} does not exist")
+        raise ConfigError(f"output folder's parent {parent} is not an existing folder; "
+                          "create it or choose another -o")
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"output folder's parent {parent} is not writable")
 
@@ -52,12 +56,25 @@ def _logits(model, x: mx.array, vocab: int) -> mx.array:
     return models.logits_fn(model, vocab)(x).astype(mx.float32)
 
 
+def _computed_as_evaluation(model):
+    """On a CPU, evaluation computes in float32 (mlx[cpu] has no fast float16 or quantized
+    kernels: a 4-bit forward is ~50x slower), so a reloaded folder is dequantized there —
+    the very weights stored, only the arithmetic is wider. On Metal: exactly as loaded."""
+    if models.compute_dtype() is None:
+        return model
+    from mlx_lm.utils import dequantize_model
+
+    model = dequantize_model(model)
+    model.set_dtype(models.compute_dtype())
+    return model
+
+
 def round_trip(ref_logits: mx.array, out: str, rows: mx.array, vocab: int) -> dict:
-    """Reload `out` exactly as an app would (mlx_lm.load, weights as stored) and compare its
+    """Reload `out` as an app would (mlx_lm.load, the weights as stored) and compare its
     logits with those of the evaluated model."""
     from mlx_lm.utils import load as mlx_load
 
-    reloaded, _ = mlx_load(out)
+    reloaded = _computed_as_evaluation(mlx_load(out)[0])
     a, b = ref_logits, _logits(reloaded, rows, vocab)
     kl = losses.dense_kl_pos(losses.log_softmax(b), losses.log_softmax(a)).mean()
     return {"rows": int(rows.shape[0]), "positions": int(rows.size),
@@ -72,11 +89,12 @@ def _tunable(m) -> bool:
 
 
 def tune_quantized(model, reader, vocab: int, iters: int, lr: float, batch_size: int,
-                   seed: int) -> list[float]:
+                   seed: int, measure=None) -> tuple[list[float], tuple]:
     """Distillation-aware quantization: train only the quantization scales and biases so the
     quantized student's distribution moves back towards the teacher's, from the same cache
     the student was trained on (mlx_lm's DWQ idea, without a second teacher pass). The packed
-    integer weights stay fixed. Returns the loss per step.
+    integer weights stay fixed. Returns the loss per step and `measure(model)` before and
+    after tuning, taken on the float32 form of exactly the weights that are stored.
 
     The steps run on float32 weights rebuilt as q * scale + bias from the fixed integers q,
     which is exactly what the quantized matmul computes, differentiable in scale and bias, and
@@ -118,6 +136,14 @@ def tune_quantized(model, reader, vocab: int, iters: int, lr: float, batch_size:
         model.update(weights(p))
         return losses.kd_loss(_logits(model, x, vocab), targets, mask)[0]
 
+    def stored(p):  # the scales and biases as they will be saved
+        return {n: {k: v.astype(dtypes[n]).astype(mx.float32) for k, v in d.items()}
+                for n, d in p.items()}
+
+    measured = []
+    if measure:
+        model.update(weights(stored(params)))
+        measured.append(measure(model))
     opt = optim.Adam(learning_rate=lr, bias_correction=True)
     grad_fn = mx.value_and_grad(loss_fn)
     history = []
@@ -127,6 +153,9 @@ def tune_quantized(model, reader, vocab: int, iters: int, lr: float, batch_size:
         params = opt.apply_gradients(grads, params)
         mx.eval(params, loss)
         history.append(loss.item())
+    if measure:
+        model.update(weights(stored(params)))
+        measured.append(measure(model))
     # Back to the quantized modules, with the tuned scales and biases in their own dtype.
     for name, m in qmods.items():
         m.scales = params[name]["scales"].astype(dtypes[name])
@@ -134,7 +163,7 @@ def tune_quantized(model, reader, vocab: int, iters: int, lr: float, batch_size:
     model.update_modules(tree_unflatten(list(qmods.items())))
     model.set_dtype(mx.float16)
     mx.eval(model.parameters())
-    return history
+    return history, tuple(measured)
 
 
 def teacher_kl(model, teacher_lp: mx.array, rows: mx.array, vocab: int) -> float:
@@ -142,13 +171,15 @@ def teacher_kl(model, teacher_lp: mx.array, rows: mx.array, vocab: int) -> float
     return round(losses.dense_kl_pos(lp, teacher_lp).mean().item(), 6)
 
 
-def model_card(run_dir: str, base: str, bits: int, rt: dict, ev: Optional[dict]) -> str:
+def model_card(run_dir: str, base: str, bits: int, rt: dict, ev: Optional[dict],
+               fb: Optional[dict] = None, tuning: Optional[dict] = None,
+               prof: Optional[list] = None) -> str:
     lines = [f"# {os.path.basename(os.path.abspath(run_dir))} (mlxdistill export)", "",
              f"Student distilled from `{base}` with mlxdistill; {bits}-bit weights.", "",
              "```bash", "mlx_lm.generate --model . --prompt \"...\"", "```", ""]
     if ev:
         lines += ["## Evaluation against the teacher", "",
-                  f"On `{ev.get('data')}` ({ev.get('tokens')} tokens):", "",
+                  f"On `{ev.get('data')}` ({ev.get('tokens')} tokens), before export:", "",
                   "| model | CE | next-token accuracy | KL(teacher‖student) | top-1 agreement |",
                   "|---|---|---|---|---|"]
         for name in ("teacher", "student_before", "student_after"):
@@ -157,29 +188,111 @@ def model_card(run_dir: str, base: str, bits: int, rt: dict, ev: Optional[dict])
                          f"{r.get('accuracy', '-')} | {r.get('kl', '-')} | "
                          f"{r.get('agree_top1', '-')} |")
         lines.append("")
+    if tuning:
+        lines += ["## Distillation-aware quantization", "",
+                  f"Quantization scales and biases tuned for {tuning['iters']} steps against "
+                  f"the teacher cache: held-out KL to the teacher {tuning['kl_to_teacher_before']}"
+                  f" → {tuning['kl_to_teacher_after']}.", ""]
     lines += ["## Round-trip check", "",
               f"Reloaded with `mlx_lm.load` and compared with the evaluated model on "
               f"{rt['positions']} positions: max |Δlogit| {rt['max_abs_logit_diff']}, "
               f"top-1 agreement {rt['top1_agreement']}.", ""]
+    if prof:
+        lines += ["## Profile", "", f"Measured by `mlxdistill profile` on the "
+                  f"{prof[0]['backend']} backend (figures from a Linux CPU do not transfer "
+                  "to Apple devices):", "",
+                  "| bits | peak MB | decode tok/s | TTFT ms |", "|---|---|---|---|"]
+        for r in prof:
+            lines.append(f"| {r['bits']} | {r['peak_memory_bytes'] / 1e6:.1f} | "
+                         f"{r['decode_tok_s']['median']:.1f} | {r['ttft_s']['median'] * 1e3:.1f} |")
+        lines.append("")
+    if fb:
+        lines += ["## Cloud fallback", "",
+                  f"Confidence = {fb['signal_meaning']}. Quality = {fb['quality']}. On "
+                  f"`{fb['data']}` ({fb['examples']} examples) this model scores "
+                  f"{fb['student_quality']}, the teacher {fb['teacher_quality']}.", "",
+                  f"To keep {fb['target_fraction_of_teacher']:.0%} of the teacher's quality: "
+                  f"**{fb['rule']}** — {fb['deferred_fraction']:.0%} of these queries go to the "
+                  f"teacher, combined quality {fb['expected_quality']}"
+                  + ("" if fb["reached"] else " (target not reachable)") + ".", ""]
     return "\n".join(lines)
+
+
+def check_gguf(config: dict, bits: int) -> None:
+    """GGUF through mlx_lm's writer: float16 weights of the architectures it knows."""
+    arch = config.get("model_type")
+    if arch not in GGUF_ARCHS:
+        raise ConfigError(f"--gguf: mlx_lm cannot write model_type {arch!r} as GGUF (it writes "
+                          f"{', '.join(GGUF_ARCHS)}); export without --gguf")
+    if bits != 16:
+        raise ConfigError(f"--gguf writes float16 only (mlx_lm's GGUF writer has no quantized "
+                          f"types); use --bits 16, not {bits}, or drop --gguf")
+
+
+def write_gguf(model, config: dict, folder: str) -> dict:
+    """Write `folder`/GGUF_NAME and check that every weight is in it under its GGUF name."""
+    import contextlib
+    import io
+
+    from mlx.utils import tree_flatten
+    from mlx_lm.gguf import convert_to_gguf, translate_weight_names
+
+    weights = dict(tree_flatten(model.parameters()))
+    path = os.path.join(folder, GGUF_NAME)
+    with contextlib.redirect_stdout(io.StringIO()):  # mlx_lm prints progress
+        convert_to_gguf(folder, weights, config, path)
+    loaded, meta = mx.load(path, return_metadata=True)
+    missing = sorted(set(map(translate_weight_names, weights)) - set(loaded))
+    if missing:
+        raise ConfigError(f"GGUF file {path} lacks {missing[:3]}; report this model type")
+    emb = weights.get("model.embed_tokens.weight")
+    return {"file": GGUF_NAME, "tensors": len(loaded), "bytes": os.path.getsize(path),
+            "architecture": str(meta.get("general.architecture")),
+            "embedding_identical": emb is None or bool(mx.array_equal(
+                loaded["token_embd.weight"].astype(mx.float32), emb.astype(mx.float32)))}
+
+
+def _fallback(cfg, folder: str, tok, vocab: int, target: float) -> Optional[dict]:
+    """The cloud-fallback threshold measured on the exported model itself: its confidence
+    is what the app will compare with the threshold, and quantization shifts it."""
+    from . import fallback
+    from .evaluate import example_rows, per_example
+    from mlx_lm.utils import load as mlx_load
+
+    held = cfg.data.test or cfg.data.valid
+    if not held:
+        return None
+    shipped = _computed_as_evaluation(mlx_load(folder)[0])
+    teacher = models.load_role(cfg, "teacher")[0]
+    ids, trained = example_rows(held, tok, cfg.data.seq_len, cfg.data.mask_prompt)
+    summary = fallback.summarize(per_example(teacher, shipped, ids, trained, vocab))
+    res = fallback.threshold_for(summary, target)
+    res["data"], res["examples"] = held, summary["examples"]
+    return res
 
 
 def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
                force: bool = False, log=print, tune_iters: int = 0,
-               tune_lr: float = 1e-4) -> dict:
+               tune_lr: float = 1e-5, gguf: bool = False,
+               target_quality: float = TARGET_QUALITY) -> dict:
     from mlx_lm.utils import save_config, save_model
 
     from .evaluate import _load_run_config, load_trained_student
 
     if bits not in BITS:
         raise ConfigError(f"--bits {bits} is not supported; use one of 16, 8, 4")
+    if not 0.0 < target_quality <= 1.0:
+        raise ConfigError(f"--target-quality {target_quality} must be a fraction of the "
+                          "teacher's quality in (0, 1], e.g. 0.9")
     _check_out(out, force)
     cfg = _load_run_config(run_dir)
-    model = load_trained_student(run_dir, cfg)
     src = os.path.join(run_dir, "model") if os.path.isdir(os.path.join(run_dir, "model")) \
         else cfg.student.model
     config, tok = models.load_meta(src, "student")
     config = dict(config)
+    if gguf:
+        check_gguf(config, bits)  # before any compute
+    model = load_trained_student(run_dir, cfg)
     vocab = models.logits_size(config)
     nfused = fuse_adapters(model)
     model.eval()
@@ -203,8 +316,12 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
     config.pop("quantization_config", None)
 
     tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(tmp, model)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(tmp, model)
+    except OSError as e:
+        raise ConfigError(f"cannot write the export to {out}: {e.strerror or e}; choose a "
+                          "writable -o folder") from None
     save_config(config, os.path.join(tmp, "config.json"))
     tok.save_pretrained(tmp)
     for f in glob.glob(os.path.join(src, "tokenizer*")) + glob.glob(os.path.join(src, "*.model")):
@@ -215,17 +332,24 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
         shutil.rmtree(tmp, ignore_errors=True)
         raise ConfigError(f"the student's tokenizer could not be written as {missing}; MLX Swift "
                           "needs tokenizer.json: convert the tokenizer with transformers first")
+    gguf_rep = write_gguf(model, config, tmp) if gguf else None
 
     # Round trip against the float32 reference, before the folder takes its final name.
+    # 16-bit must give the same top-1 at every position; quantized agreement is reported.
     rt = round_trip(ref_logits, tmp, rows, vocab)
+    rt["check"] = ("pass" if rt["top1_agreement"] == 1.0 else "FAIL") if bits == 16 \
+        else "reported"
+    fb = _fallback(cfg, tmp, tok, vocab, target_quality)
     ev_path = os.path.join(run_dir, "eval.json")
     ev = json.load(open(ev_path)) if os.path.exists(ev_path) else None
+    prof = _profile_rows(run_dir, bits)
     report = {"run_dir": run_dir, "bits": bits, "group_size": group_size if bits < 16 else None,
-              "fused_layers": nfused, "round_trip": rt, "tuning": tuning,
+              "fused_layers": nfused, "round_trip": rt, "tuning": tuning, "gguf": gguf_rep,
+              "fallback": fb, "profile": prof,
               "files": sorted(os.listdir(tmp)) + ["README.md", "export.json"],
               "size_bytes": sum(os.path.getsize(p) for p in glob.glob(os.path.join(tmp, "*")))}
     with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(model_card(run_dir, cfg.teacher.model, bits, rt, ev))
+        f.write(model_card(run_dir, cfg.teacher.model, bits, rt, ev, fb, tuning, prof))
     with open(os.path.join(tmp, "export.json"), "w") as f:
         json.dump(report, f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
@@ -233,7 +357,21 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
     log(f"exported {run_dir} -> {out} ({bits}-bit, {report['size_bytes'] / 1e6:.1f} MB); "
         f"round trip: top-1 agreement {rt['top1_agreement']}, max |Δlogit| "
         f"{rt['max_abs_logit_diff']}")
+    if fb:
+        log(f"cloud fallback for {target_quality:.0%} of the teacher's quality: "
+            f"{fb['rule']} ({fb['deferred_fraction']:.0%} of held-out queries deferred)")
     return report
+
+
+def _profile_rows(run_dir: str, bits: int) -> Optional[list]:
+    """The student's rows at `bits` from RUN_DIR/profile/profile.json, if it was profiled."""
+    path = os.path.join(run_dir, "profile", "profile.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rep = json.load(f)
+    rows = [r for r in rep.get("results", []) if r.get("role") == "student" and r["bits"] == bits]
+    return [{"backend": rep["hardware"].get("backend"), **r} for r in rows] or None
 
 
 def _tune(cfg, model, tok, vocab: int, iters: int, lr: float, log) -> dict:
@@ -255,9 +393,9 @@ def _tune(cfg, model, tok, vocab: int, iters: int, lr: float, log) -> dict:
     teacher_lp = losses.log_softmax(_logits(teacher, rows, vocab))
     mx.eval(teacher_lp)
     del teacher
-    before = teacher_kl(model, teacher_lp, rows, vocab)
-    hist = tune_quantized(model, reader, vocab, iters, lr, cfg.train.batch_size, cfg.run.seed)
-    after = teacher_kl(model, teacher_lp, rows, vocab)
+    hist, (before, after) = tune_quantized(
+        model, reader, vocab, iters, lr, cfg.train.batch_size, cfg.run.seed,
+        measure=lambda m: teacher_kl(m, teacher_lp, rows, vocab))
     log(f"quantization tuning: {iters} steps, held-out KL to teacher {before} -> {after}")
     return {"iters": iters, "lr": lr, "heldout_rows": int(rows.shape[0]),
             "kl_to_teacher_before": before, "kl_to_teacher_after": after,

@@ -42,3 +42,27 @@ def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
             written.append(path)
         plt.close(fig)
     return written
+
+
+def plot_deferral(fb: dict, path: str) -> str:
+    """Combined student + teacher quality against the fraction of queries deferred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for sig, curve in fb["curves"].items():
+        ax.plot([100 * d for d in curve["deferred"]], curve["quality"], label=f"by {sig}")
+    ax.axhline(fb["teacher_quality"], color="grey", ls=":", label="teacher alone")
+    ax.axhline(fb["student_quality"], color="grey", ls="--", label="student alone")
+    ax.set_xlabel("% of queries deferred to the teacher")
+    ax.set_ylabel("next-token accuracy")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path + ".tmp.png", dpi=100)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+    return path

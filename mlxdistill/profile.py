@@ -64,19 +64,18 @@ def weight_bytes(model) -> int:
 
 
 def at_precision(path: str, bits: int, group_size: int):
-    """The model at `bits`: 32/16 cast, 8/4 mlx_lm affine quantization."""
+    """The model at `bits`: 32/16 cast, 8/4 mlx_lm affine quantization from float16 (as
+    mlx_lm.convert does). Returns (model, config with its quantization block)."""
     from mlx_lm.utils import load as mlx_load
 
-    model, tok, config = mlx_load(path, return_config=True)
-    if bits == 32:
-        model.set_dtype(mx.float32)
-    elif bits == 16:
-        model.set_dtype(mx.float16)
-    else:
-        model.set_dtype(mx.float16)
-        model, _ = models.quantize(model, config, group_size, bits)
+    model, _, config = mlx_load(path, return_config=True)
+    config = dict(config)
+    model.set_dtype(mx.float32 if bits == 32 else mx.float16)
+    config["torch_dtype"] = "float32" if bits == 32 else "float16"
+    if bits < 16:
+        model, config = models.quantize(model, config, group_size, bits)
     mx.eval(model.parameters())
-    return model, tok, config
+    return model, config
 
 
 def time_generation(model, prompt: mx.array, gen_tokens: int) -> dict:
@@ -99,43 +98,97 @@ def _stat(values: list) -> dict:
             "max": round(max(values), 4)}
 
 
+def measure_folder(folder: str, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
+    """Load time, generation timings and peak memory of the model stored in `folder`, in
+    this process. Meant to run in a fresh process (see `measure`), so that the peak is what
+    an app holding only this model would need: weights as stored, KV cache, activations."""
+    from pathlib import Path
+
+    from mlx_lm.utils import load_model
+
+    mx.reset_peak_memory()
+    t0 = time.perf_counter()
+    model, config = load_model(Path(folder))
+    mx.eval(model.parameters())
+    load_s = time.perf_counter() - t0
+    vocab = models.logits_size(config)
+    prompt = mx.random.randint(3, vocab, (prompt_tokens,), key=mx.random.key(0))
+    time_generation(model, prompt, 2)  # warm-up: compile kernels, allocate caches
+    runs = [time_generation(model, prompt, gen_tokens) for _ in range(repeats)]
+    return {"load_s": round(load_s, 4), "weight_bytes": weight_bytes(model),
+            "peak_memory_bytes": int(mx.get_peak_memory()),
+            "ttft_s": _stat([r["ttft_s"] for r in runs]),
+            "prefill_tok_s": _stat([r["prefill_tok_s"] for r in runs]),
+            "decode_tok_s": _stat([r["decode_tok_s"] for r in runs])}
+
+
+def measure(folder: str, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
+    """measure_folder in a fresh Python process: nothing else this process allocated (the
+    other precisions, the reference logits) counts towards the peak."""
+    import subprocess
+    import sys
+
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    proc = subprocess.run([sys.executable, "-m", "mlxdistill.profile", folder,
+                           str(prompt_tokens), str(gen_tokens), str(repeats)],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"profiling {folder} failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def disk_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+               if f.endswith(".safetensors"))
+
+
 def profile_model(path: str, bits_list, prompt_tokens: int, gen_tokens: int,
                   repeats: int, group_size: int, rows: Optional[mx.array] = None,
                   log=print) -> list[dict]:
+    """Per precision: the model is converted here, written to a temporary folder exactly as
+    `export` would store it, and measured from that folder in a fresh process; fidelity (KL,
+    top-1 agreement against the first precision) is computed here on fixed rows."""
+    import tempfile
+
+    from mlx_lm.utils import save_config, save_model
+
     out = []
     reference = None
     for bits in bits_list:
-        t0 = time.perf_counter()
-        model, tok, config = at_precision(path, bits, group_size)
-        load_s = time.perf_counter() - t0
+        model, config = at_precision(path, bits, group_size)
         vocab = models.logits_size(config)
         if rows is None:
             rows = mx.random.randint(3, vocab, (2, 64), key=mx.random.key(0))
-        prompt = rows.reshape(-1)[:prompt_tokens]
-        if prompt.size < prompt_tokens:
-            prompt = mx.tile(prompt, (prompt_tokens // prompt.size + 1,))[:prompt_tokens]
-        time_generation(model, prompt, 2)  # warm-up: compile kernels, allocate caches
-        runs = []
-        for _ in range(repeats):
-            mx.reset_peak_memory()
-            runs.append(time_generation(model, prompt, gen_tokens))
-        peak = mx.get_peak_memory()
+        with tempfile.TemporaryDirectory(prefix="mlxdistill-profile-") as d:
+            save_model(d, model)
+            config.pop("quantization_config", None)
+            save_config(config, os.path.join(d, "config.json"))
+            m = measure(d, prompt_tokens, gen_tokens, repeats)
+            size = disk_bytes(d)
+        # Fidelity of the stored weights; on a CPU computed in float32 like every evaluation
+        # there (its float16 and quantized kernels are slow, not different in kind).
+        from .export import _computed_as_evaluation
+
+        model = _computed_as_evaluation(model)
         logits = models.logits_fn(model, vocab)(rows).astype(mx.float32)
+        mx.eval(logits)
+        del model
         if reference is None:
             reference = logits  # the first (highest) precision is the reference
         kl = losses.dense_kl_pos(losses.log_softmax(logits), losses.log_softmax(reference))
-        rec = {"model": path, "bits": bits, "load_s": round(load_s, 3),
-               "weight_bytes": weight_bytes(model), "peak_memory_bytes": int(peak),
-               "ttft_s": _stat([r["ttft_s"] for r in runs]),
-               "prefill_tok_s": _stat([r["prefill_tok_s"] for r in runs]),
-               "decode_tok_s": _stat([r["decode_tok_s"] for r in runs]),
+        rec = {"model": path, "bits": bits, "load_s": m["load_s"], "disk_bytes": size,
+               "weight_bytes": m["weight_bytes"], "peak_memory_bytes": m["peak_memory_bytes"],
+               "ttft_s": m["ttft_s"], "prefill_tok_s": m["prefill_tok_s"],
+               "decode_tok_s": m["decode_tok_s"],
                "kl_to_reference": round(kl.mean().item(), 6),
                "top1_agreement": round((mx.argmax(logits, -1) == mx.argmax(reference, -1))
                                        .mean().item(), 4)}
         log(f"{os.path.basename(path.rstrip('/'))} {bits}-bit: decode "
-            f"{rec['decode_tok_s']['median']:.1f} tok/s, peak {peak / 1e6:.1f} MB")
+            f"{rec['decode_tok_s']['median']:.1f} tok/s, peak {rec['peak_memory_bytes'] / 1e6:.1f} MB")
         out.append(rec)
-        del model
     return out
 
 
@@ -144,23 +197,25 @@ def load_devices(path: str = DEVICES) -> list[dict]:
         return json.load(f)["devices"]
 
 
-def project(rec: dict, devices: list[dict], local_bw_gbs: float) -> list[dict]:
-    """Fit and estimated decode speed of one profiled model on each device (estimates)."""
+def project(rec: dict, devices: list[dict], local_bw_gbs: float,
+            speed: bool = True) -> list[dict]:
+    """Fit and estimated decode speed of one profiled model on each device (estimates).
+    `speed=False` withholds the speed estimate (a measurement that does not scale)."""
     out = []
     need = rec["peak_memory_bytes"] / 2**30
     for d in devices:
         budget = d["app_memory_gb"]
+        est = rec["decode_tok_s"]["median"] * d["bandwidth_gbs"] / local_bw_gbs
         out.append({
-            "device": d["name"], "app_memory_gb": budget, "needs_gb": round(need, 3),
+            "device": d["name"], "app_memory_gb": budget, "needs_gb": round(need, 4),
             "fits": need <= budget, "headroom_gb": round(budget - need, 3),
-            "est_decode_tok_s": round(rec["decode_tok_s"]["median"] * d["bandwidth_gbs"]
-                                      / local_bw_gbs, 1),
+            "est_decode_tok_s": round(est, 1) if speed else None,
             "bandwidth_is_estimate": d.get("bandwidth_is_estimate", False),
         })
     return out
 
 
-def plot(results: list[dict], path: str) -> None:
+def plot(results: list[dict], path: str, backend: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,7 +224,7 @@ def plot(results: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     labels = [f"{os.path.basename(r['model'].rstrip('/'))}\n{r['bits']}-bit" for r in results]
     axes[0].bar(labels, [r["decode_tok_s"]["median"] for r in results])
-    axes[0].set_title("decode tok/s (this machine)")
+    axes[0].set_title(f"decode tok/s (this machine, {backend} backend)")
     axes[1].bar(labels, [r["peak_memory_bytes"] / 1e6 for r in results])
     axes[1].set_title("peak memory (MB)")
     for ax in axes:
@@ -194,6 +249,9 @@ def resolve_targets(target: str) -> tuple[list[tuple[str, str]], Optional[str]]:
     if not os.path.isfile(os.path.join(target, "config.json")):
         raise ConfigError(f"{target} is neither a model folder (config.json) nor a run "
                           "directory (config.yaml)")
+    if not models._model_files_present(target):
+        raise ConfigError(f"model folder {target} has config.json but no *.safetensors "
+                          "weights; convert it with `mlx_lm.convert` first")
     return [("model", target)], None
 
 
@@ -214,26 +272,38 @@ def run_profile(target: str, bits_list, prompt_tokens: int = 128, gen_tokens: in
             rec["role"] = label
             results.append(rec)
     devices = load_devices()
+    hw = {**hardware(), "measured_bandwidth_gbs": round(bw, 1)}
+    # Decode speed scales with bandwidth only from a GPU measurement: on a CPU the float16
+    # and quantized kernels have no fast path, so those timings say nothing about a phone.
+    speed = hw["backend"] != "cpu"
     report = {
-        "hardware": {**hardware(), "measured_bandwidth_gbs": round(bw, 1)},
+        "hardware": hw,
         "settings": {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
                      "repeats": repeats, "group_size": group_size},
         "results": results,
         "projection": {
-            "method": "fits: peak memory <= the device's app memory budget; decode tok/s: "
-                      "measured median x device bandwidth / this machine's measured read "
-                      "bandwidth (decode is memory-bound). Estimates, not measurements.",
+            "method": "fits: peak memory measured in a fresh process holding only this "
+                      "model at this precision (weights as stored, KV cache, activations) "
+                      "<= the device's app memory budget; decode tok/s: measured median x "
+                      "device bandwidth / this machine's measured read bandwidth (decode is "
+                      "memory-bound), only from a Metal measurement (null on the CPU "
+                      "backend). Estimates, not measurements.",
             "per_model": [{"role": r["role"], "bits": r["bits"],
-                           "devices": project(r, devices, bw)} for r in results]},
+                           "devices": project(r, devices, bw, speed)} for r in results]},
     }
     out_dir = out_dir or (os.path.join(run_dir, "profile") if run_dir else None)
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "profile.json.tmp"), "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(os.path.join(out_dir, "profile.json.tmp"),
-                   os.path.join(out_dir, "profile.json"))
-        plot(results, os.path.join(out_dir, "profile.png"))
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            for name, text in (("profile.json", json.dumps(report, indent=2)),
+                               ("profile.md", format_markdown(report))):
+                with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+                    f.write(text + "\n")
+                os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+            plot(results, os.path.join(out_dir, "profile.png"), hw["backend"])
+        except OSError as e:
+            raise ConfigError(f"cannot write the profile to {out_dir}: {e.strerror or e}; "
+                              "choose a writable -o folder") from None
         report["written"] = out_dir
     return report
 
@@ -242,16 +312,62 @@ def format_report(rep: dict) -> str:
     h = rep["hardware"]
     lines = [f"hardware: {h.get('device_name', h['machine'])}, backend {h['backend']}, "
              f"measured read bandwidth {h['measured_bandwidth_gbs']} GB/s",
-             f"{'model':<9}{'bits':>5}{'MB':>8}{'peak MB':>9}{'TTFT ms':>9}"
+             f"{'model':<9}{'bits':>5}{'disk MB':>8}{'peak MB':>9}{'TTFT ms':>9}"
              f"{'prefill/s':>11}{'decode/s':>10}{'KL':>9}{'top-1':>7}"]
     for r in rep["results"]:
-        lines.append(f"{r['role']:<9}{r['bits']:>5}{r['weight_bytes'] / 1e6:>8.1f}"
+        lines.append(f"{r['role']:<9}{r['bits']:>5}{r['disk_bytes'] / 1e6:>8.2f}"
                      f"{r['peak_memory_bytes'] / 1e6:>9.1f}{r['ttft_s']['median'] * 1e3:>9.1f}"
                      f"{r['prefill_tok_s']['median']:>11.0f}{r['decode_tok_s']['median']:>10.1f}"
                      f"{r['kl_to_reference']:>9.4f}{r['top1_agreement']:>7.3f}")
     lines.append("projection (estimates): " + rep["projection"]["method"])
     for pm in rep["projection"]["per_model"]:
-        fits = [f"{d['device']}: {'fits' if d['fits'] else 'NO'} ~{d['est_decode_tok_s']:.0f} tok/s"
+        fits = [f"{d['device']}: {'fits' if d['fits'] else 'NO'}"
+                + (f" ~{d['est_decode_tok_s']:.0f} tok/s" if d["est_decode_tok_s"] else "")
                 for d in pm["devices"]]
         lines.append(f"  {pm['role']} {pm['bits']}-bit: " + "; ".join(fits))
     return "\n".join(lines)
+
+
+def format_markdown(rep: dict) -> str:
+    """The report as Markdown tables (what README and model cards quote)."""
+    h, s = rep["hardware"], rep["settings"]
+    lines = [f"{h.get('device_name', h['machine'])}, **{h['backend']} backend**, "
+             f"{h.get('memory_gb', '?')} GB; prompt {s['prompt_tokens']} tokens, "
+             f"{s['gen_tokens']} generated, median [min–max] of {s['repeats']} runs after a "
+             f"warm-up; group size {s['group_size']}.", "",
+             "| model | bits | on disk MB | peak MB | load ms | TTFT ms | prefill tok/s | "
+             "decode tok/s | KL to first | top-1 agree |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def rng(st, scale=1.0, fmt="{:.1f}"):
+        return (f"{fmt.format(st['median'] * scale)} [{fmt.format(st['min'] * scale)}–"
+                f"{fmt.format(st['max'] * scale)}]")
+
+    for r in rep["results"]:
+        lines.append(f"| {r['role']} | {r['bits']} | {r['disk_bytes'] / 1e6:.2f} | "
+                     f"{r['peak_memory_bytes'] / 1e6:.1f} | {r['load_s'] * 1e3:.0f} | "
+                     f"{rng(r['ttft_s'], 1e3, '{:.0f}')} | {rng(r['prefill_tok_s'], 1, '{:.0f}')} | "
+                     f"{rng(r['decode_tok_s'])} | {r['kl_to_reference']:.4f} | "
+                     f"{r['top1_agreement']:.3f} |")
+    per = rep["projection"]["per_model"]
+    lines += ["", "Device budget projection (estimates): " + rep["projection"]["method"], "",
+              "| device | app budget GB | " + " | ".join(f"{p['role']} {p['bits']}-bit"
+                                                      for p in per) + " |",
+              "|---|---|" + "---|" * len(per)]
+    for i, d in enumerate(per[0]["devices"] if per else []):
+        cells = []
+        for p in per:
+            e = p["devices"][i]
+            cell = f"{'fits' if e['fits'] else '**no**'} ({e['headroom_gb']:+.2f} GB)"
+            if e["est_decode_tok_s"] is not None:
+                cell += f" ~{e['est_decode_tok_s']:.0f} tok/s"
+            cells.append(cell)
+        lines.append(f"| {d['device']} | {d['app_memory_gb']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the fresh process `measure` starts
+    import sys
+
+    folder, p_tok, g_tok, reps = sys.argv[1], *map(int, sys.argv[2:5])
+    print(json.dumps(measure_folder(folder, p_tok, g_tok, reps)))

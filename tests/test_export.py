@@ -77,3 +77,95 @@ def test_distillation_aware_quantization_lowers_kl(lora_run):
     tuning = json.load(open(d / "tuned" / "export.json"))["tuning"]
     assert tuning["kl_to_teacher_after"] < tuning["kl_to_teacher_before"], tuning
     assert tuning["loss_last"] < tuning["loss_first"]
+
+
+def test_gguf_float16_llama(lora_run):
+    import mlx.core as mx
+
+    run_dir, d = lora_run
+    out = d / "gguf"
+    res = CliRunner().invoke(main, ["export", run_dir, "-o", str(out), "--gguf"])
+    assert res.exit_code == 0, res.output
+    rep = json.load(open(out / "export.json"))["gguf"]
+    path = out / rep["file"]
+    assert path.is_file() and rep["architecture"] == "llama" and rep["embedding_identical"]
+    tensors, meta = mx.load(str(path), return_metadata=True)
+    st = mx.load(str(out / "model.safetensors"))
+    assert len(tensors) == len(st) == rep["tensors"]  # every weight, under its GGUF name
+    assert str(meta["general.architecture"]) == "llama"
+    assert int(meta["llama.block_count"].item()) == 1
+    assert all(v.dtype in (mx.float16, mx.float32) for v in tensors.values())
+    assert rep["file"] in json.load(open(out / "export.json"))["files"] or path.is_file()
+
+
+def test_gguf_refuses_what_mlx_lm_cannot_write(lora_run, tmp_path):
+    from mlxdistill.config import ConfigError
+    from mlxdistill.export import check_gguf
+
+    run_dir, _ = lora_run
+    res = CliRunner().invoke(main, ["export", run_dir, "-o", str(tmp_path / "q"), "--bits", "4",
+                                    "--gguf"])
+    assert res.exit_code == 2 and "float16 only" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "q").exists()
+    with pytest.raises(ConfigError, match="model_type 'qwen2'"):
+        check_gguf({"model_type": "qwen2"}, 16)
+    check_gguf({"model_type": "mistral"}, 16)  # accepted
+
+
+def _one_line_error(args, needle):
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_export_bad_input_one_line_errors(lora_run, tmp_path):
+    import shutil
+
+    import yaml
+
+    run_dir, d = lora_run
+    _one_line_error(["export", run_dir, "-o", str(tmp_path / "a"), "--bits", "3"], "--bits 3")
+    _one_line_error(["export", run_dir, "-o", str(tmp_path / "a"), "--target-quality", "1.5"],
+                    "--target-quality")
+    # a run directory whose training never wrote weights
+    empty = tmp_path / "unfinished"
+    empty.mkdir()
+    shutil.copy(os.path.join(run_dir, "config.yaml"), empty)
+    _one_line_error(["export", str(empty), "-o", str(tmp_path / "b")], "neither model/ nor")
+    # OUT that cannot be written: under a file, and in a folder the OS refuses
+    (tmp_path / "file").write_text("x")
+    _one_line_error(["export", run_dir, "-o", str(tmp_path / "file" / "out")],
+                    "not an existing folder")
+    res = CliRunner().invoke(main, ["export", run_dir, "-o", "/proc/mlxdistill-export"])
+    assert res.exit_code == 2 and ("not writable" in res.stderr or "cannot write" in res.stderr)
+    assert len(res.stderr.strip().splitlines()) == 1
+    # a run whose student model folder has no config.json
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    student = tmp_path / "student-no-config"
+    shutil.copytree(yaml.safe_load(open(broken / "config.yaml"))["student"]["model"], student)
+    os.remove(student / "config.json")
+    cfg = yaml.safe_load(open(broken / "config.yaml"))
+    cfg["student"]["model"] = str(student)
+    yaml.safe_dump(cfg, open(broken / "config.yaml", "w"))
+    _one_line_error(["export", str(broken), "-o", str(tmp_path / "c")], "no config.json")
+
+
+def test_export_writes_fallback_threshold(lora_run):
+    run_dir, d = lora_run
+    reports = {}
+    for target in ("0.5", "1.0"):
+        out = d / f"fb{target}"
+        res = CliRunner().invoke(main, ["export", run_dir, "-o", str(out),
+                                        "--target-quality", target])
+        assert res.exit_code == 0, res.output
+        reports[target] = json.load(open(out / "export.json"))["fallback"]
+        card = (out / "README.md").read_text()
+        assert "## Cloud fallback" in card and reports[target]["rule"] in card
+    lo, hi = reports["0.5"], reports["1.0"]
+    for fb in (lo, hi):
+        assert fb["signal"] == "confidence" and fb["examples"] == 10
+        assert fb["expected_quality"] >= fb["target"] - 1e-6
+        assert fb["target"] == pytest.approx(fb["target_fraction_of_teacher"]
+                                             * fb["teacher_quality"], abs=1e-6)
+    assert hi["deferred_fraction"] >= lo["deferred_fraction"]
