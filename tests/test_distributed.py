@@ -3,6 +3,7 @@ training, the teacher cache and generation; a rank that dies or hangs stops the 
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -66,7 +67,7 @@ def finish(proc, out, timeout):
     return proc.returncode, out.read()
 
 
-def test_two_ranks_match_one_process(tiny, tmp_path):
+def test_two_ranks_match_one_process(tiny, tmp_path, monkeypatch):
     common = {"train.iters": 4, "train.batch_size": 4, "train.save_every": 2,
               "train.grad_accum": 1}
     logs = []
@@ -74,17 +75,34 @@ def test_two_ranks_match_one_process(tiny, tmp_path):
     trainer.train(one, quiet=True, log=logs.append)
     assert "ranks: 1 (single process)" in logs
 
-    p = launch(["train", *tiny_overrides(tiny, tmp_path / "two", **common)])
+    # One process writes 2 shards of the second cache and is stopped; the two ranks that
+    # train from it first finish it together.
+    two_ov = tiny_overrides(tiny, tmp_path / "two", **common)
+    real, merged = cache_mod._merge_records, []
+
+    def stop_after_two(*a):
+        real(*a)
+        merged.append(1)
+        if len(merged) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_mod, "_merge_records", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        cache_mod.build(load_config(None, two_ov), quiet=True, log=lambda m: None)
+    monkeypatch.setattr(cache_mod, "_merge_records", real)
+
+    p = launch(["train", *two_ov])
     assert "ranks: 2 (mx.distributed" in p.stdout
+    assert re.search(r"resuming cache \S+: 2/\d+ shards already written", p.stdout), p.stdout
     assert "teacher pass split over 2 ranks" in p.stdout
     assert "data parallel: 2 ranks, 2 rows each" in p.stdout
     assert p.stdout.count("evaluation on") == 1  # rank 0 alone evaluates and writes
 
-    # The cache the two ranks built together is the one a single process built: the same
-    # shards (sha256), the same manifest but for the measured speed.
+    # The cache the two ranks finished is the one a single process built: the same shards
+    # (sha256), the same manifest but for the measured speed.
     m1 = cache_mod.read_manifest(str(tmp_path / "one" / "cache"))
     m2 = cache_mod.read_manifest(str(tmp_path / "two" / "cache"))
-    assert len(m2["shards"]) >= 4  # both ranks wrote shards
+    assert len(m2["shards"]) >= 6  # both ranks wrote shards
     for m in (m1, m2):
         m.pop("pass_tok_per_s")
     assert m1 == m2
