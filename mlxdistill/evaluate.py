@@ -231,7 +231,9 @@ def format_table(res: dict) -> str:
     fb = res.get("fallback")
     if fb:
         lines.append(f"cloud fallback ({fb['examples']} examples, {fb['quality']}): student "
-                     f"{fb['student_quality']:.3f}, teacher {fb['teacher_quality']:.3f}")
+                     f"{fb['student_quality']:.3f}, teacher {fb['teacher_quality']:.3f}; "
+                     "curve above random deferral: " + ", ".join(
+                         f"{s} {c['gain_over_random']:+.4f}" for s, c in fb["curves"].items()))
         for frac, t in fb["thresholds"].items():
             lines.append(f"  {float(frac):.0%} of the teacher: defer "
                          f"{t['deferred_fraction']:.0%} of queries ({t['rule']})")

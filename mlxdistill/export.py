@@ -56,7 +56,7 @@ def _logits(model, x: mx.array, vocab: int) -> mx.array:
     return models.logits_fn(model, vocab)(x).astype(mx.float32)
 
 
-def _computed_as_evaluation(model):
+def as_evaluated(model):
     """On a CPU, evaluation computes in float32 (mlx[cpu] has no fast float16 or quantized
     kernels: a 4-bit forward is ~50x slower), so a reloaded folder is dequantized there —
     the very weights stored, only the arithmetic is wider. On Metal: exactly as loaded."""
@@ -74,7 +74,7 @@ def round_trip(ref_logits: mx.array, out: str, rows: mx.array, vocab: int) -> di
     logits with those of the evaluated model."""
     from mlx_lm.utils import load as mlx_load
 
-    reloaded = _computed_as_evaluation(mlx_load(out)[0])
+    reloaded = as_evaluated(mlx_load(out)[0])
     a, b = ref_logits, _logits(reloaded, rows, vocab)
     kl = losses.dense_kl_pos(losses.log_softmax(b), losses.log_softmax(a)).mean()
     return {"rows": int(rows.shape[0]), "positions": int(rows.size),
@@ -262,7 +262,7 @@ def _fallback(cfg, folder: str, tok, vocab: int, target: float) -> Optional[dict
     held = cfg.data.test or cfg.data.valid
     if not held:
         return None
-    shipped = _computed_as_evaluation(mlx_load(folder)[0])
+    shipped = as_evaluated(mlx_load(folder)[0])
     teacher = models.load_role(cfg, "teacher")[0]
     ids, trained = example_rows(held, tok, cfg.data.seq_len, cfg.data.mask_prompt)
     summary = fallback.summarize(per_example(teacher, shipped, ids, trained, vocab))

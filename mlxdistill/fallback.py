@@ -56,6 +56,14 @@ def deferral_curve(conf, q_student, q_teacher) -> dict:
     }
 
 
+def gain_over_random(curve: dict) -> float:
+    """Mean quality along the curve minus that of deferring at random (the straight line from
+    student to teacher): 0 for an uninformative signal, larger the better it ranks."""
+    x, y = np.asarray(curve["deferred"]), np.asarray(curve["quality"])
+    area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+    return area - (y[0] + y[-1]) / 2
+
+
 def choose_threshold(curve: dict, target: float) -> dict:
     """The least deferral whose combined quality reaches `target` (absolute). Raising the
     target never lowers the deferral. If no point reaches it, everything is deferred."""
@@ -87,6 +95,7 @@ def summarize(per_example: dict, targets=(0.9, 0.95, 0.99)) -> dict:
         curve = deferral_curve(per_example[sig], qs, qt)
         out["curves"][sig] = {k: [None if v is None else round(v, 6) if isinstance(v, float)
                                   else v for v in vals] for k, vals in curve.items()}
+        out["curves"][sig]["gain_over_random"] = round(gain_over_random(curve), 6)
     for frac in targets:
         out["thresholds"][str(frac)] = choose_threshold(
             deferral_curve(per_example[SIGNAL], qs, qt), frac * t_quality)

@@ -170,9 +170,9 @@ def profile_model(path: str, bits_list, prompt_tokens: int, gen_tokens: int,
             size = disk_bytes(d)
         # Fidelity of the stored weights; on a CPU computed in float32 like every evaluation
         # there (its float16 and quantized kernels are slow, not different in kind).
-        from .export import _computed_as_evaluation
+        from .export import as_evaluated
 
-        model = _computed_as_evaluation(model)
+        model = as_evaluated(model)
         logits = models.logits_fn(model, vocab)(rows).astype(mx.float32)
         mx.eval(logits)
         del model

@@ -48,6 +48,10 @@ def test_a_perfect_signal_defers_the_worst_first():
     c = fallback.deferral_curve(qs, qs, qt)  # confidence = the student's own quality
     gains = np.diff(np.array(c["quality"]) * len(qs))
     assert np.allclose(gains, [0.7, 0.5, 0.1, 0.0])  # largest improvement first
+    assert fallback.gain_over_random(c) > 0
+    assert fallback.gain_over_random(fallback.deferral_curve(-qs, qs, qt)) < 0  # worst first
+    flat = fallback.deferral_curve(np.zeros(4), qs, qt)  # one cut: all or nothing
+    assert fallback.gain_over_random(flat) == pytest.approx(0.0)
 
 
 def test_threshold_choice_is_monotone_in_the_target():
