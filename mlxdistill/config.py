@@ -186,6 +186,11 @@ class TrainConfig:
     eval_rows: int = 8  # valid rows whose teacher distributions are kept for periodic eval
     report_every: int = 10
     keep_checkpoints: int = 2  # newest checkpoints kept in run.dir/checkpoints
+    # Memory for long sequences and big vocabularies: the loss over this many positions at a
+    # time, logits recomputed in the backward pass (0: whole sequence), and recomputing each
+    # block's activations in the backward pass instead of storing them.
+    loss_chunk: int = 0
+    grad_checkpoint: bool = False
     # Steps with a non-finite loss or gradient that may be skipped (update dropped, data moves
     # on) before the run stops; 0 stops at the first, keeping the last good checkpoint.
     nonfinite_skips: int = 0
@@ -206,6 +211,10 @@ class TrainConfig:
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _positive("train.grad_clip", self.grad_clip, allow_zero=True)
         _positive("train.eval_rows", self.eval_rows, allow_zero=True)
+        _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0,
+               f"train.loss_chunk={self.loss_chunk!r} must be an integer >= 0 (0: off)")
+        _check(isinstance(self.grad_checkpoint, bool),
+               f"train.grad_checkpoint={self.grad_checkpoint!r} must be true or false")
         _check(isinstance(self.nonfinite_skips, int) and self.nonfinite_skips >= 0,
                f"train.nonfinite_skips={self.nonfinite_skips!r} must be an integer >= 0")
         _check(0.0 <= self.min_lr_ratio <= 1.0,

@@ -152,3 +152,39 @@ def distill_loss(student_logits: mx.array, targets: dict, labels: mx.array, mask
     kd, ntok = kd_loss(student_logits, targets, mask, temperature, name, beta, skew)
     ce, _ = ce_loss(student_logits, labels, mask)
     return (1.0 - alpha) * kd + alpha * ce, ntok, kd, ce
+
+
+def chunked_distill_loss(hidden: mx.array, head, head_params, targets: dict,
+                         labels: mx.array, mask: mx.array, chunk: int, alpha: float = 0.0,
+                         temperature: float = 1.0, name: str = "forward_kl", beta: float = 0.5,
+                         skew: float = 0.1):
+    """distill_loss from the final hidden states, `chunk` positions at a time. Each chunk's
+    logits are recomputed in the backward pass (mx.checkpoint), so [B, L, V] float32 logits,
+    their log-softmax and its gradient never exist for the whole sequence at once, which is
+    what bounds memory for 150k-token vocabularies. Sums, not means, are accumulated, so the
+    result equals the unchunked loss up to float summation order.
+
+    head(params, h) -> logits; head_params are passed explicitly so their gradient flows
+    through the checkpoint."""
+
+    def part(sl):
+        # Only the differentiable inputs go through the checkpoint; ids, labels and the mask
+        # are closed over (a checkpoint differentiates every input, and ids have no gradient).
+        t = {k: v[:, sl] for k, v in targets.items()}
+        y, m = labels[:, sl], mask[:, sl]
+
+        def fn(params, h):
+            logits = head(params, h)
+            kd, n = kd_loss(logits, t, m, temperature, name, beta, skew)
+            ce, n_ce = ce_loss(logits, y, m)
+            return kd * n, n, ce * n_ce, n_ce
+
+        return mx.checkpoint(fn)(head_params, hidden[:, sl])
+
+    sums = [mx.array(0.0)] * 4
+    for lo in range(0, hidden.shape[1], chunk):
+        sums = [a + b for a, b in zip(sums, part(slice(lo, lo + chunk)))]
+    kd_sum, ntok, ce_sum, n_ce = sums
+    kd = kd_sum / mx.maximum(ntok, 1.0)
+    ce = ce_sum / mx.maximum(n_ce, 1.0)
+    return (1.0 - alpha) * kd + alpha * ce, ntok, kd, ce

@@ -334,6 +334,59 @@ def quantize(model, config: dict, group_size: int, bits: int):
         return quantize_model(model, config, group_size, bits)
 
 
+def split_head(model, vocab_size: int):
+    """(body, head, head_module) with head(head_module.trainable_parameters(), body(x)) ==
+    model(x)[..., :vocab], or None when the model's
+    structure is not the usual `model.model` + `lm_head` / tied embedding (+ Gemma-2 style
+    soft-capping). Checked on a probe input, so an architecture that computes its logits
+    some other way falls back to the whole-sequence loss instead of training on wrong ones."""
+    inner = getattr(model, "model", None)
+    emb = getattr(inner, "embed_tokens", None)
+    proj = getattr(model, "lm_head", None)
+    args = getattr(model, "args", None)
+    # Some families keep an lm_head next to tied embeddings until weights are loaded.
+    tied = getattr(model, "tie_word_embeddings", getattr(args, "tie_word_embeddings", None))
+    if tied and hasattr(emb, "as_linear"):
+        proj = None
+    if inner is None or (proj is None and not hasattr(emb, "as_linear")):
+        return None
+    cap = getattr(args, "final_logit_softcapping", None)
+
+    def head(h):
+        out = proj(h) if proj is not None else emb.as_linear(h)
+        if cap:
+            out = mx.tanh(out / cap) * cap
+        return out[..., :vocab_size] if out.shape[-1] != vocab_size else out
+
+    probe = mx.array([[1, 2, 3, 4]])
+    training = model.training
+    model.eval()  # no dropout in the comparison
+    try:
+        same = mx.allclose(head(inner(probe)), logits_fn(model, vocab_size)(probe),
+                           atol=1e-4, rtol=1e-4).item()
+    except Exception:  # an inner module with another signature: use the whole model
+        return None
+    finally:
+        model.train(training)
+    module = proj if proj is not None else emb
+
+    def head_with(params, h):
+        module.update(params)  # params arrive through mx.checkpoint: gradients flow to them
+        return head(h)
+
+    return (inner, head_with, module) if same else None
+
+
+def grad_checkpoint(model) -> None:
+    """Recompute each transformer block's activations in the backward pass instead of
+    keeping them (mlx_lm's helper; it patches the block class, so every model of that class
+    is affected, which is harmless for a teacher that never takes gradients)."""
+    from mlx_lm.tuner.trainer import grad_checkpoint as patch
+
+    layers = getattr(getattr(model, "model", model), "layers", None) or getattr(model, "layers")
+    patch(layers[0])
+
+
 def logits_fn(model, vocab_size: int):
     """The model's logits sliced to the shared vocabulary."""
 

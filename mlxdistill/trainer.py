@@ -353,10 +353,23 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
 
     forward = models.logits_fn(model, vocab)
     lc = cfg.loss
+    if t.grad_checkpoint:
+        models.grad_checkpoint(model)
+    split = models.split_head(model, vocab) if t.loss_chunk else None
+    if t.loss_chunk and split is None:
+        log(f"train.loss_chunk: {cfg.student.model} computes its logits in a way this does "
+            "not split; using the whole-sequence loss")
 
     def loss_fn(_model, x, mask, labels, targets):
-        loss, ntok, kd, ce = losses.distill_loss(forward(x), targets, labels, mask, lc.alpha,
-                                                 lc.temperature, lc.name, lc.beta, lc.skew)
+        if split is not None:
+            body, head, head_module = split
+            loss, ntok, kd, ce = losses.chunked_distill_loss(
+                body(x), head, head_module.trainable_parameters(), targets, labels, mask,
+                t.loss_chunk, lc.alpha, lc.temperature, lc.name, lc.beta, lc.skew)
+        else:
+            loss, ntok, kd, ce = losses.distill_loss(forward(x), targets, labels, mask,
+                                                     lc.alpha, lc.temperature, lc.name,
+                                                     lc.beta, lc.skew)
         hid = mx.array(0.0)
         if hidden is not None:
             pairs, store = hidden
