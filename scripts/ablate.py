@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mlxdistill  # noqa: E402,F401  (OpenBLAS before mlx)
-from mlxdistill.cache import summary  # noqa: E402
+from mlxdistill.cache import build, summary  # noqa: E402
 from mlxdistill.config import load_config  # noqa: E402
 from mlxdistill.trainer import train  # noqa: E402
 
@@ -37,7 +37,14 @@ VARIANTS = {
     "topk64_alpha05": ("top-64 + tail, 50 % CE", {"cache.mode": "topk", "cache.k": 64,
                                                  "loss.alpha": 0.5}),
     "sample16_alpha05": ("sampled n=16, 50 % CE", {"loss.alpha": 0.5}),
+    "hidden": ("sampled n=16 + hidden states of teacher blocks 3, 6 (cosine)",
+               {"cache.hidden_layers": [2, 5], "cache.dir": "caches/ablate-sample16-hidden"}),
+    "multi_teacher": ("sampled n=16 from two teachers, mixed 0.75 / 0.25",
+                      {"cache.mix": ["caches/ablate-teacher2"], "cache.mix_weights": [0.75, 0.25]}),
 }
+# Caches of other teachers that multi-teacher variants mix in: built with the same data
+# settings as the variant's own cache.
+MIX_TEACHERS = {"caches/ablate-teacher2": "weights/teacher2"}
 
 
 # Variants identical to the default run and to scripts/ce_baseline.py's CE run share their
@@ -46,6 +53,8 @@ SHARED_RUNS = {"sample16": "runs/default", "plain_ce": "runs/default-ce"}
 
 
 def cache_dir(extra: dict) -> str:
+    if "cache.dir" in extra:
+        return extra["cache.dir"]
     mode = extra.get("cache.mode", "sample")
     size = extra.get("cache.k", 64) if mode == "topk" else extra.get("cache.n", 16)
     top1 = "-top1" if extra.get("cache.keep_top1") else ""
@@ -74,6 +83,10 @@ def main() -> None:
         cfg = load_config(None, args.overrides + [f"{k}={v}" for k, v in ov.items()])
         print(f"== {name}: {label}", flush=True)
         t0 = time.time()
+        for mix_dir in cfg.cache.mix:
+            build(load_config(None, args.overrides + [f"teacher.model={MIX_TEACHERS[mix_dir]}",
+                                                      f"cache.dir={mix_dir}"]),
+                  quiet=True, log=print)
         res = train(cfg, quiet=True, log=print)
         with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as f:
             tps = [r["tok_per_s"] for r in map(json.loads, f) if "tok_per_s" in r]

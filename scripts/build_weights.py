@@ -9,7 +9,7 @@ Stages:
              encode the held-out splits identically), so mlx_lm and MLX Swift both load it.
   teacher    Llama, 6 x 384, ~12 M parameters, AdamW (wd 0.1), warmup + cosine,
              16 x 256-token batches, several epochs over the train split.
-  teacher2   Llama, 4 x 256, ~4 M parameters, another seed, 600 steps: the second teacher
+  teacher2   Llama, 4 x 256, ~4 M parameters, another seed, 300 steps: the second teacher
              of the multi-teacher run.
   student    Llama, 4 x 128, ~1.3 M parameters (14x fewer non-embedding parameters),
              briefly pre-trained with plain cross-entropy: weak, but not random.
@@ -49,7 +49,7 @@ MODELS = {
     # A second, smaller and differently seeded teacher: the other voice of the multi-teacher
     # run and a cheaper teacher for hidden-state distillation experiments.
     "teacher2": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=704,
-                     num_attention_heads=4, steps=600, lr=1.5e-3, warmup=60, seed=3),
+                     num_attention_heads=4, steps=300, lr=1.5e-3, warmup=60, seed=3),
     "student": dict(hidden_size=128, num_hidden_layers=4, intermediate_size=320,
                     num_attention_heads=2, steps=60, lr=2e-3, warmup=10, seed=2),
 }
