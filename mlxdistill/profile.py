@@ -222,9 +222,13 @@ def plot(results: list[dict], path: str, backend: str = "") -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    labels = [f"{os.path.basename(r['model'].rstrip('/'))}\n{r['bits']}-bit" for r in results]
-    axes[0].bar(labels, [r["decode_tok_s"]["median"] for r in results])
-    axes[0].set_title(f"decode tok/s (this machine, {backend} backend)")
+    labels = [f"{r.get('role') or os.path.basename(r['model'].rstrip('/'))}\n{r['bits']}-bit"
+              for r in results]
+    dec = [r["decode_tok_s"] for r in results]
+    axes[0].bar(labels, [d["median"] for d in dec],
+                yerr=[[d["median"] - d["min"] for d in dec], [d["max"] - d["median"] for d in dec]],
+                capsize=3)
+    axes[0].set_title(f"decode tok/s, median and range ({backend} backend)")
     axes[1].bar(labels, [r["peak_memory_bytes"] / 1e6 for r in results])
     axes[1].set_title("peak memory (MB)")
     for ax in axes:
@@ -339,16 +343,23 @@ def format_markdown(rep: dict) -> str:
              "decode tok/s | KL to first | top-1 agree |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
-    def rng(st, scale=1.0, fmt="{:.1f}"):
-        return (f"{fmt.format(st['median'] * scale)} [{fmt.format(st['min'] * scale)}–"
-                f"{fmt.format(st['max'] * scale)}]")
+    def num(x):
+        return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
 
+    def rng(st, scale=1.0):
+        return (f"{num(st['median'] * scale)} [{num(st['min'] * scale)}–"
+                f"{num(st['max'] * scale)}]")
+
+    seen = set()
     for r in rep["results"]:
+        ref = r["role"] not in seen  # the first precision of each model is the reference
+        seen.add(r["role"])
+        kl = "ref." if ref else "<1e-6" if r["kl_to_reference"] == 0 else \
+            f"{r['kl_to_reference']:.2g}"
         lines.append(f"| {r['role']} | {r['bits']} | {r['disk_bytes'] / 1e6:.2f} | "
                      f"{r['peak_memory_bytes'] / 1e6:.1f} | {r['load_s'] * 1e3:.0f} | "
-                     f"{rng(r['ttft_s'], 1e3, '{:.0f}')} | {rng(r['prefill_tok_s'], 1, '{:.0f}')} | "
-                     f"{rng(r['decode_tok_s'])} | {r['kl_to_reference']:.4f} | "
-                     f"{r['top1_agreement']:.3f} |")
+                     f"{rng(r['ttft_s'], 1e3)} | {rng(r['prefill_tok_s'])} | "
+                     f"{rng(r['decode_tok_s'])} | {kl} | {r['top1_agreement']:.3f} |")
     per = rep["projection"]["per_model"]
     lines += ["", "Device budget projection (estimates): " + rep["projection"]["method"], "",
               "| device | app budget GB | " + " | ".join(f"{p['role']} {p['bits']}-bit"

@@ -51,6 +51,17 @@ def test_export_round_trip_and_file_set(lora_run, bits):
 
     weights = mx.load(os.path.join(out, "model.safetensors"))
     assert not any("lora" in k for k in weights)  # adapters fused away
+    # MLX Swift fails on extra or missing keys: exactly the parameters of the model that
+    # config.json describes (quantized where it says so), and float16 where not packed
+    from pathlib import Path
+
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(Path(out))
+    assert set(weights) == {k for k, _ in tree_flatten(model.parameters())}
+    assert {str(v.dtype) for v in weights.values()} <= {"mlx.core.float16", "mlx.core.uint32"}
+    assert cfg["torch_dtype"] == "float16"
     assert any(k.endswith(".scales") for k in weights) == (bits != "16")
 
 
