@@ -379,12 +379,23 @@ def split_head(model, vocab_size: int):
 
 def grad_checkpoint(model) -> None:
     """Recompute each transformer block's activations in the backward pass instead of
-    keeping them (mlx_lm's helper; it patches the block class, so every model of that class
-    is affected, which is harmless for a teacher that never takes gradients)."""
-    from mlx_lm.tuner.trainer import grad_checkpoint as patch
-
+    keeping them. mlx_lm's helper patches the block class for the whole process (every
+    later model of that architecture would be checkpointed too); here each block of this
+    model gets a subclass of its own, as capture_layers does, so nothing else changes."""
     layers = getattr(getattr(model, "model", model), "layers", None) or getattr(model, "layers")
-    patch(layers[0])
+    for layer in layers:
+        cls = layer.__class__
+        if getattr(cls, "_checkpointed", False):
+            continue
+
+        def call(self, *args, _cls=cls, **kwargs):
+            def inner(params, *a, **k):
+                self.update(params)
+                return _cls.__call__(self, *a, **k)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        layer.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_checkpointed": True})
 
 
 def logits_fn(model, vocab_size: int):

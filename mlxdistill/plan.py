@@ -266,6 +266,15 @@ def _fake_targets(cfg: Config, batch: int, vocab: int) -> dict:
             "logprobs": mx.array(np.full((batch, L, k), -np.log(k), np.float16))}
 
 
+def _baseline() -> int:
+    """MLX memory already held by the process (unreachable arrays collected first), which a
+    probe's peak must not count."""
+    import gc
+
+    gc.collect()
+    return mx.get_active_memory()
+
+
 def probe_training(cfg: Config, steps: int = 2) -> dict:
     """Load the student as `train` does and run `steps` optimizer steps of the configured
     micro-batch on random tokens, the step built as the trainer builds it: peak MLX memory
@@ -273,6 +282,7 @@ def probe_training(cfg: Config, steps: int = 2) -> dict:
     import mlx.optimizers as optim
 
     t = cfg.train
+    base = _baseline()
     model, _, scfg = models.load(cfg.student.model, "student")
     vocab = models.logits_size(scfg)
     models.setup_training(model, t.mode, t.lora_rank, t.lora_layers, t.lora_scale,
@@ -325,7 +335,7 @@ def probe_training(cfg: Config, steps: int = 2) -> dict:
         mx.eval(model.parameters(), opt.state)
         times.append(time.perf_counter() - t0)
         del acc, grads
-    peak = mx.get_peak_memory()
+    peak = mx.get_peak_memory() - base
     return {"peak_bytes": int(peak), "step_s": float(np.median(times[1:] or times)),
             "tokens_per_step": t.batch_size * L}
 
@@ -336,6 +346,7 @@ def probe_teacher(cfg: Config, batches: int = 2) -> dict:
     from .cache import sample_targets, topk_targets
 
     c = cfg.cache
+    base = _baseline()
     teacher, _, tcfg = models.load(cfg.teacher.model, "teacher")
     vocab = models.logits_size(tcfg)
     forward = models.logits_fn(teacher, vocab)
@@ -353,7 +364,7 @@ def probe_teacher(cfg: Config, batches: int = 2) -> dict:
             sample_targets(logits, c.n, rng)
         times.append(time.perf_counter() - t0)
         del logits
-    peak = mx.get_peak_memory()
+    peak = mx.get_peak_memory() - base
     dt = float(np.median(times[1:] or times))
     return {"peak_bytes": int(peak), "tok_per_s": x.size / dt}
 

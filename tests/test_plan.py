@@ -72,9 +72,10 @@ def test_embedded_pair_estimate_matches_real_trainer_step(tmp_path, monkeypatch)
 
     monkeypatch.setattr(trainer, "to_arrays", ready)
     monkeypatch.setattr(Progress, "update", done)
+    base = plan._baseline()  # arrays other tests left behind are not this run's
     trainer.fit(cfg, quiet=True, log=lambda m: None)
     assert len(peaks) == 3
-    measured = max(peaks)
+    measured = max(peaks) - base
     s = plan.model_shape(plan.read_config(cfg.student.model, "student"), "student")
     est = plan.training_total(cfg, s, plan.cache_bytes_per_token(cfg, s.vocab, 0))
     assert_close(est["mlx_bytes"], measured, "embedded trainer step")
@@ -288,3 +289,28 @@ def test_recipe_states_the_memory_plan_computes(name, monkeypatch):
     # A student above ~1 B parameters trains LoRA adapters.
     if p["student"]["params"] > 1.2e9:
         assert cfg.train.mode == "lora", name
+
+
+def test_grad_checkpoint_changes_only_its_model():
+    """Checkpointing one student must not checkpoint every later model of its architecture
+    (a process-wide class patch would also skew every memory measurement after it)."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    from mlxdistill import models
+
+    args = llama.ModelArgs.from_dict(dict(
+        model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+        num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=64,
+        rope_theta=10000.0))
+    a, b = llama.Model(args), llama.Model(args)
+    b.update(a.parameters())
+    x = mx.array([[1, 2, 3, 4]])
+    ref = a(x)
+    models.grad_checkpoint(a)
+    assert all(getattr(type(layer), "_checkpointed", False) for layer in a.model.layers)
+    assert not any(getattr(type(layer), "_checkpointed", False) for layer in b.model.layers)
+    assert type(b.model.layers[0]).__call__ is llama.TransformerBlock.__call__
+    assert mx.allclose(a(x), ref).item() and mx.allclose(b(x), ref).item()
+    assert set(dict(models.tree_flatten(a.parameters()))) == \
+        set(dict(models.tree_flatten(b.parameters())))
