@@ -83,6 +83,16 @@ def test_embedded_pair_estimate_matches_real_trainer_step(tmp_path, monkeypatch)
     assert abs(plan.probe_training(cfg)["peak_bytes"] / measured - 1) < 0.05
 
 
+@pytest.mark.parametrize("knob", ["train.grad_checkpoint=true", "train.loss_chunk=32"])
+def test_memory_knobs_estimate_matches_measured_peak(knob):
+    cfg = load_config(None, ["data.seq_len=128", knob])
+    s = plan.model_shape(plan.read_config(cfg.student.model, "student"), "student")
+    est = plan.training_total(cfg, s, plan.cache_bytes_per_token(cfg, s.vocab, 0))
+    plain = plan.training_total(load_config(None, ["data.seq_len=128"]), s, 53)
+    assert est["mlx_bytes"] < 0.9 * plain["mlx_bytes"]  # the knob is worth suggesting
+    assert_close(est["mlx_bytes"], plan.probe_training(cfg)["peak_bytes"], knob)
+
+
 def test_embedded_pair_lora_estimate_matches_measured_peak():
     cfg = load_config(None, ["data.seq_len=128", "train.mode=lora"])
     s = plan.model_shape(plan.read_config(cfg.student.model, "student"), "student")
