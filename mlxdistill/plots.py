@@ -54,6 +54,8 @@ def plot_deferral(fb: dict, path: str) -> str:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for sig, curve in fb["curves"].items():
         ax.plot([100 * d for d in curve["deferred"]], curve["quality"], label=f"by {sig}")
+    ax.plot([0, 100], [fb["student_quality"], fb["teacher_quality"]], color="black", lw=0.8,
+            ls="-.", label="random deferral")
     ax.axhline(fb["teacher_quality"], color="grey", ls=":", label="teacher alone")
     ax.axhline(fb["student_quality"], color="grey", ls="--", label="student alone")
     ax.set_xlabel("% of queries deferred to the teacher")
