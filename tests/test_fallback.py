@@ -118,3 +118,5 @@ def test_eval_writes_curve_with_exact_endpoints(full_run, tiny):
     acc = (pred == mx.array(ids[1:])).astype(mx.float32).mean().item()
     assert pe["teacher"][0] == pytest.approx(acc, abs=1e-5)
     assert pe["tokens"][0] == len(ids) - 1
+    table = CliRunner().invoke(main, ["eval", run_dir]).output
+    assert "cloud fallback (10 examples" in table and "90% of the teacher: defer" in table
