@@ -25,6 +25,7 @@ from . import losses, models
 from .config import ConfigError
 
 BITS = (16, 8, 4)
+GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
 ROUND_TRIP_ROWS = 4
 TUNE_EVAL_ROWS = 8
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
@@ -281,6 +282,9 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
 
     if bits not in BITS:
         raise ConfigError(f"--bits {bits} is not supported; use one of 16, 8, 4")
+    if group_size not in GROUP_SIZES:
+        raise ConfigError(f"--group-size {group_size} is not supported by MLX's quantization; "
+                          f"use one of {', '.join(map(str, GROUP_SIZES))}")
     if not 0.0 < target_quality <= 1.0:
         raise ConfigError(f"--target-quality {target_quality} must be a fraction of the "
                           "teacher's quality in (0, 1], e.g. 0.9")

@@ -26,6 +26,7 @@ from .config import ConfigError
 
 DEVICES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "devices.json")
 BITS = (32, 16, 8, 4)
+GROUP_SIZES = (32, 64, 128)
 
 
 def hardware() -> dict:
@@ -259,20 +260,40 @@ def resolve_targets(target: str) -> tuple[list[tuple[str, str]], Optional[str]]:
     return [("model", target)], None
 
 
+def fidelity_text(run_dir: Optional[str]) -> tuple[Optional[mx.array], str]:
+    """Rows the precisions are compared on: a run's held-out text (2 x 64 tokens, what the
+    model will see), else fixed random token ids (a bare model folder has no data)."""
+    if run_dir:
+        from . import data as data_mod
+        from .evaluate import _load_run_config
+
+        cfg = _load_run_config(run_dir)
+        held = cfg.data.test or cfg.data.valid
+        if held:
+            _, tok = models.load_meta(os.path.join(run_dir, "model"), "student")
+            packed = data_mod.pack(held, tok, 64, cfg.data.mask_prompt, 2)
+            return mx.array(packed.input_ids), f"{held} (2 x 64 tokens)"
+    return None, "random token ids (2 x 64, fixed seed)"
+
+
 def run_profile(target: str, bits_list, prompt_tokens: int = 128, gen_tokens: int = 64,
                 repeats: int = 3, group_size: int = 64, out_dir: Optional[str] = None,
                 log=print) -> dict:
     for b in bits_list:
         if b not in BITS:
             raise ConfigError(f"--bits {b} is not supported; use some of 32, 16, 8, 4")
+    if group_size not in GROUP_SIZES:
+        raise ConfigError(f"--group-size {group_size} is not supported by MLX's quantization; "
+                          f"use one of {', '.join(map(str, GROUP_SIZES))}")
     if prompt_tokens < 1 or gen_tokens < 2 or repeats < 1:
         raise ConfigError("--prompt-tokens must be >= 1, --gen-tokens >= 2, --repeats >= 1")
     targets, run_dir = resolve_targets(target)
+    rows, fidelity_rows = fidelity_text(run_dir)
     bw = memory_bandwidth_gbs()
     results = []
     for label, path in targets:
         for rec in profile_model(path, bits_list, prompt_tokens, gen_tokens, repeats,
-                                 group_size, log=log):
+                                 group_size, rows=rows, log=log):
             rec["role"] = label
             results.append(rec)
     devices = load_devices()
@@ -283,7 +304,8 @@ def run_profile(target: str, bits_list, prompt_tokens: int = 128, gen_tokens: in
     report = {
         "hardware": hw,
         "settings": {"prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
-                     "repeats": repeats, "group_size": group_size},
+                     "repeats": repeats, "group_size": group_size,
+                     "fidelity_rows": fidelity_rows},
         "results": results,
         "projection": {
             "method": "fits: peak memory measured in a fresh process holding only this "
@@ -338,7 +360,8 @@ def format_markdown(rep: dict) -> str:
     lines = [f"{h.get('device_name', h['machine'])}, **{h['backend']} backend**, "
              f"{h.get('memory_gb', '?')} GB; prompt {s['prompt_tokens']} tokens, "
              f"{s['gen_tokens']} generated, median [min–max] of {s['repeats']} runs after a "
-             f"warm-up; group size {s['group_size']}.", "",
+             f"warm-up; group size {s['group_size']}; KL and top-1 agreement against the "
+             f"first precision on {s.get('fidelity_rows', 'fixed rows')}.", "",
              "| model | bits | on disk MB | peak MB | load ms | TTFT ms | prefill tok/s | "
              "decode tok/s | KL to first | top-1 agree |",
              "|---|---|---|---|---|---|---|---|---|---|"]

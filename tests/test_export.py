@@ -138,6 +138,8 @@ def test_export_bad_input_one_line_errors(lora_run, tmp_path):
     _one_line_error(["export", run_dir, "-o", str(tmp_path / "a"), "--bits", "3"], "--bits 3")
     _one_line_error(["export", run_dir, "-o", str(tmp_path / "a"), "--target-quality", "1.5"],
                     "--target-quality")
+    _one_line_error(["export", run_dir, "-o", str(tmp_path / "a"), "--bits", "4",
+                     "--group-size", "16"], "--group-size 16")
     # a run directory whose training never wrote weights
     empty = tmp_path / "unfinished"
     empty.mkdir()

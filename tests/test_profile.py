@@ -52,7 +52,8 @@ def test_profile_model_folder(tmp_path):
     assert rep["hardware"]["backend"] in ("cpu", "metal")
     assert rep["hardware"]["measured_bandwidth_gbs"] > 0
     assert rep["settings"] == {"prompt_tokens": 16, "gen_tokens": 4, "repeats": 2,
-                               "group_size": 32}
+                               "group_size": 32,
+                               "fidelity_rows": "random token ids (2 x 64, fixed seed)"}
     r32, r16, r4 = rep["results"]
     for r in (r32, r16, r4):
         assert set(r) == RESULT_KEYS and r["role"] == "model"
@@ -80,7 +81,8 @@ def test_profile_model_folder(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [(["--bits", "3"], "--bits 3"),
                                          (["--bits", "x"], "comma-separated"),
-                                         (["--gen-tokens", "1"], "--gen-tokens")])
+                                         (["--gen-tokens", "1"], "--gen-tokens"),
+                                         (["--group-size", "16"], "--group-size 16")])
 def test_profile_bad_input(tmp_path, args, needle):
     model = make_model(str(tmp_path / "m"), dim=32, layers=1)
     res = CliRunner().invoke(main, ["profile", model, *args])
@@ -106,3 +108,22 @@ def test_profile_bad_folders(tmp_path):
                                     str(tmp_path / "file" / "out")])
     assert res.exit_code == 2 and "cannot write the profile" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_profile_run_puts_teacher_and_student_side_by_side(tiny, tmp_path):
+    from conftest import tiny_overrides
+
+    from mlxdistill import trainer
+    from mlxdistill.config import load_config
+
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{"train.iters": 2}))
+    trainer.train(cfg, quiet=True, log=lambda m: None)
+    res = CliRunner().invoke(main, ["profile", cfg.run.dir, "--bits", "32,4", "--group-size",
+                                    "32", "--prompt-tokens", "8", "--gen-tokens", "2",
+                                    "--repeats", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert [(r["role"], r["bits"]) for r in rep["results"]] == [
+        ("teacher", 32), ("teacher", 4), ("student", 32), ("student", 4)]
+    assert rep["settings"]["fidelity_rows"].startswith(tiny["test"])  # held-out text
+    assert os.path.isfile(os.path.join(cfg.run.dir, "profile", "profile.json"))
