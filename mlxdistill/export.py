@@ -105,6 +105,8 @@ def tune_quantized(model, reader, vocab: int, iters: int, lr: float, batch_size:
     from .trainer import to_arrays
 
     qmods = {name: m for name, m in model.named_modules() if _tunable(m)}
+    if not qmods:
+        raise ConfigError("--tune-iters: the model has no affine-quantized layer to tune")
     ints, params, floats = {}, {}, []
     for name, m in qmods.items():
         # Dequantizing with scale 1 and bias 0 recovers the integer levels exactly.
@@ -162,7 +164,7 @@ def tune_quantized(model, reader, vocab: int, iters: int, lr: float, batch_size:
         m.scales = params[name]["scales"].astype(dtypes[name])
         m.biases = params[name]["biases"].astype(dtypes[name])
     model.update_modules(tree_unflatten(list(qmods.items())))
-    model.set_dtype(mx.float16)
+    model.set_dtype(next(iter(dtypes.values())))  # the float dtype the model was quantized in
     mx.eval(model.parameters())
     return history, tuple(measured)
 
