@@ -65,7 +65,8 @@ def test_chunked_equals_whole_sequence(kind, tied, name):
 
 def test_chunking_bounds_peak_memory_for_a_big_vocabulary():
     """Vocabulary 16000, 256 positions: the plain loss holds several [L, V] float32 arrays
-    (logits, log-softmax, their gradients); chunks of 8 positions need about a third."""
+    (logits, log-softmax, their gradients); chunks of 8 positions, evaluated one after
+    another, need a small fraction of that (measured ~12x less)."""
     V, L = 16000, 256
     model = llama(V, dim=32)
     x = mx.random.randint(0, V, (1, L), key=mx.random.key(1))
@@ -87,7 +88,8 @@ def test_chunking_bounds_peak_memory_for_a_big_vocabulary():
         peaks[label] = mx.get_peak_memory()
     logits_bytes = L * V * 4
     assert peaks["whole"] > 3 * logits_bytes, peaks
-    assert peaks["chunked"] < peaks["whole"] / 2, peaks
+    assert peaks["chunked"] < peaks["whole"] / 5, peaks
+    assert peaks["chunked"] < logits_bytes, peaks  # less than one copy of the full logits
 
 
 def test_training_with_chunks_and_checkpointing_matches(tiny, tmp_path):
