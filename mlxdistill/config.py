@@ -246,8 +246,23 @@ class GenerateConfig:
     system: Optional[str] = None  # system prompt for chat prompts
     batch_size: int = 8  # prompts per batched generation call
     seed: int = 0
+    # Reasoning template: null (the whole answer is the final answer) | think |
+    # "TEXT{reasoning}TEXT{answer}TEXT"; the verifier and task accuracy see the final answer
+    # only (see generate.py).
+    reasoning: Optional[str] = None
+    # Test prompts with an `answer` field that `mlxdistill eval` scores for task accuracy.
+    eval_prompts: int = 200
 
     def __post_init__(self):
+        _check(self.reasoning is None or self.reasoning == "think"
+               or (isinstance(self.reasoning, str)
+                   and 0 <= self.reasoning.find("{reasoning}")
+                   < self.reasoning.find("{answer}") - len("{reasoning}")),
+               f"generate.reasoning={self.reasoning!r}: use null, think, or a template with "
+               "{reasoning}, then the text that ends it, then {answer}")
+        _check(isinstance(self.eval_prompts, int) and not isinstance(self.eval_prompts, bool)
+               and self.eval_prompts >= 0,
+               f"generate.eval_prompts={self.eval_prompts!r} must be a non-negative integer")
         for key in ("n", "max_tokens", "batch_size"):
             v = getattr(self, key)
             _check(isinstance(v, int) and v >= 1,

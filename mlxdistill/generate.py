@@ -6,6 +6,14 @@ for the verifier). Output lines are mlx_lm's completions or chat format, so the 
 `OUT.manifest.json` records provenance (teacher fingerprint, settings, seed) and the
 verifier's pass rate.
 
+Reasoning (`generate.reasoning`): a template "OPENER{reasoning}SEPARATOR{answer}CLOSER"
+(`think` is "<think>\n{reasoning}\n</think>\n{answer}"). The teacher's prompt ends with the
+opener, so it starts by thinking; the completion written keeps the opener, the reasoning and
+the answer, so a student learns to write all three, and the record also carries them apart
+("reasoning", "final_answer"). Verifiers and task accuracy see only the final answer: the
+text after the first separator, up to the closer. An answer that never closes its reasoning
+has no final answer and fails any reference check.
+
 Resume: lines go to `OUT.partial` and `OUT.progress.json` records, after every batch, how
 many prompts are done and how many bytes are valid; a killed run truncates the partial file
 to that size and continues, and OUT appears (by rename) only when complete.
@@ -67,22 +75,62 @@ def load_verifier(spec: Optional[str]) -> Optional[Callable[[dict, str], bool]]:
         raise ConfigError(f"generate.verifier={spec!r} cannot be imported ({e})") from None
 
 
-def prompt_tokens(tok, rec: dict, system: Optional[str]) -> list[int]:
+THINK = "<think>\n{reasoning}\n</think>\n{answer}"
+
+
+def reasoning_parts(spec: Optional[str]) -> Optional[tuple[str, str, str]]:
+    """(opener, separator, closer) of a reasoning template (validated by the config)."""
+    if not spec:
+        return None
+    opener, rest = (THINK if spec == "think" else spec).split("{reasoning}", 1)
+    sep, closer = rest.split("{answer}", 1)
+    return opener, sep, closer
+
+
+def split_answer(parts: Optional[tuple[str, str, str]], text: str
+                 ) -> tuple[Optional[str], str]:
+    """(reasoning, final answer) of a completion; no template: (None, the whole text)."""
+    if parts is None:
+        return None, text.strip()
+    opener, sep, closer = parts
+    if opener and text.startswith(opener):  # completions in a written file carry the opener
+        text = text[len(opener):]
+    reasoning, found, answer = text.partition(sep)
+    if not found:
+        return text.strip(), ""
+    if closer and closer in answer:  # what the model wrote after its answer is not the answer
+        answer = answer[:answer.index(closer)]
+    return reasoning.strip(), answer.strip()
+
+
+def prompt_tokens(tok, rec: dict, system: Optional[str], opener: str = "") -> list[int]:
+    cue = list(tok.encode(opener, add_special_tokens=False)) if opener else []
     if "messages" in rec:
         msgs = ([{"role": "system", "content": system}] if system else []) + rec["messages"]
         if getattr(tok, "chat_template", None) is not None:
-            return list(tok.apply_chat_template(msgs, add_generation_prompt=True))
+            return list(tok.apply_chat_template(msgs, add_generation_prompt=True)) + cue
         text = "".join(f"{m.get('role', 'user')}: {m.get('content', '')}\n" for m in msgs)
-        return list(tok.encode(text + "assistant: ", add_special_tokens=False))
+        return list(tok.encode(text + "assistant: ", add_special_tokens=False)) + cue
     text = (system + "\n\n" if system else "") + rec["prompt"]
-    return list(tok.encode(text, add_special_tokens=False))
+    # The opener is encoded on its own, as the data pipeline encodes a completion apart
+    # from its prompt.
+    return list(tok.encode(text, add_special_tokens=False)) + cue
 
 
-def output_record(rec: dict, completion: str, system: Optional[str]) -> dict:
+def output_record(rec: dict, completion: str, system: Optional[str],
+                  parts: Optional[tuple[str, str, str]] = None) -> dict:
+    if parts is not None:
+        completion = parts[0] + completion
     if "messages" in rec:
         msgs = ([{"role": "system", "content": system}] if system else []) + rec["messages"]
-        return {"messages": msgs + [{"role": "assistant", "content": completion}]}
-    return {"prompt": rec["prompt"], "completion": completion}
+        out = {"messages": msgs + [{"role": "assistant", "content": completion}]}
+    else:
+        out = {"prompt": rec["prompt"], "completion": completion}
+    if parts is not None:
+        out["reasoning"], out["final_answer"] = split_answer(parts, completion)
+    if "answer" in rec:  # the reference travels with the data: eval scores task accuracy
+        out["answer"] = rec["answer"]
+    return out
 
 
 def _atomic_json(path: str, obj) -> None:
@@ -111,6 +159,9 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
                 "prompts": g.prompts, "n": g.n, "max_tokens": g.max_tokens,
                 "temperature": g.temperature, "top_p": g.top_p, "verifier": g.verifier,
                 "system": g.system, "batch_size": g.batch_size, "seed": g.seed}
+    tmpl = reasoning_parts(g.reasoning)
+    if tmpl is not None:  # only then, so files written before the key existed still resume
+        identity["reasoning"] = g.reasoning
     partial, ppath = g.out + ".partial", g.out + ".progress.json"
     mpath = g.out + ".manifest.json"
     prog = {"settings": identity, "done": 0, "bytes": 0, "kept": 0, "rejected": 0,
@@ -155,7 +206,8 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
                 # One seed per batch, from its position: a resumed run, or another number of
                 # ranks, regenerates every batch identically.
                 mx.random.seed(g.seed * 1_000_003 + mine)
-                toks = [prompt_tokens(tok, rec, g.system) for rec in batch for _ in range(g.n)]
+                toks = [prompt_tokens(tok, rec, g.system, tmpl[0] if tmpl else "")
+                        for rec in batch for _ in range(g.n)]
                 resp = batch_generate(teacher, tok, toks, max_tokens=g.max_tokens,
                                       sampler=sampler)
                 texts, gen_tokens = list(resp.texts), resp.stats.generation_tokens
@@ -170,13 +222,13 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
                 ok = True
                 if verify is not None:
                     try:
-                        ok = bool(verify(rec, text))
+                        ok = bool(verify(rec, split_answer(tmpl, text)[1] if tmpl else text))
                     except Exception:  # a faulty verifier rejects, and is reported
                         ok = False
                         prog["verifier_errors"] += 1
                 prog["kept" if ok else "rejected"] += 1
                 if ok:
-                    lines.append(json.dumps(output_record(rec, text, g.system),
+                    lines.append(json.dumps(output_record(rec, text, g.system, tmpl),
                                             ensure_ascii=False) + "\n")
             out.write("".join(lines).encode("utf-8"))
             out.flush()

@@ -110,3 +110,47 @@ def test_bad_generate_input(tiny, tmp_path):
                                     f"teacher.model={tiny['teacher']}"])
     assert res.exit_code == 2 and res.stderr.strip().count("\n") == 0
     assert os.path.exists(bad)
+
+
+def test_reasoning_template_splits_final_answer():
+    think = gen_mod.reasoning_parts("think")
+    assert think == ("<think>\n", "\n</think>\n", "")
+    assert gen_mod.split_answer(think, "<think>\n3 and 4\n</think>\n7") == ("3 and 4", "7")
+    assert gen_mod.split_answer(think, "still thinking") == ("still thinking", "")
+    task = gen_mod.reasoning_parts("{reasoning}\nAnswer: {answer}\n")
+    assert gen_mod.split_answer(task, "2+3=5 c0\nAnswer: 5\n9+9=18") == ("2+3=5 c0", "5")
+    assert gen_mod.split_answer(None, " 42 ") == (None, "42")
+    for bad in ("{answer}{reasoning}", "{reasoning}{answer}", "no fields"):
+        with pytest.raises(ConfigError, match="generate.reasoning"):
+            load_config(None, [f"generate.reasoning={bad}"])
+
+
+def test_reasoning_generation_keeps_both_and_verifies_answer(tiny, tmp_path, monkeypatch):
+    mod = tmp_path / "seeverif.py"
+    mod.write_text("SEEN = []\ndef see(rec, text):\n    SEEN.append(text)\n    return True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("seeverif", None)
+    template = "the {reasoning} crown {answer} ."
+    cfg = cfg_for(tiny, tmp_path, "r.jsonl", **{"generate.reasoning": template,
+                                               "generate.verifier": "seeverif:see",
+                                               "generate.max_tokens": 12})
+    m = gen_mod.generate(cfg, **QUIET)
+    assert m["settings"]["reasoning"] == template and m["kept"] == 10
+    recs = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    parts = gen_mod.reasoning_parts(template)
+    import seeverif
+
+    for rec, seen in zip(recs, seeverif.SEEN):
+        text = rec["completion"] if "completion" in rec else rec["messages"][-1]["content"]
+        assert text.startswith("the ")  # the teacher was cued to reason first
+        assert (rec["reasoning"], rec["final_answer"]) == gen_mod.split_answer(parts, text)
+        assert seen == rec["final_answer"]  # the verifier judged the answer, not the reasoning
+    assert recs[0]["answer"] == "x" and "answer" not in recs[-1]
+    # the teacher's prompt ends with the template's opener
+    from mlx_lm.utils import load_tokenizer
+    from pathlib import Path
+
+    tok = load_tokenizer(Path(tiny["teacher"]))
+    plain = gen_mod.prompt_tokens(tok, {"prompt": "the king"}, None)
+    cued = gen_mod.prompt_tokens(tok, {"prompt": "the king"}, None, "the ")
+    assert cued[:len(plain)] == plain and len(cued) > len(plain)
