@@ -1,0 +1,119 @@
+"""Write the embedded specialist task: multi-digit addition and subtraction, worked digit by
+digit with carries and borrows, with a checkable final answer.
+
+    python scripts/make_task.py            # data/task/{train,valid,test,prompts}.jsonl
+
+Each line of train/valid/test is {"prompt", "completion", "answer"}: the prompt is the
+problem ("4821+397=\\n"), the completion its worked solution, one column per line from the
+units up, then "Answer: N" (the reasoning template "{reasoning}\\nAnswer: {answer}\\n"), and
+`answer` the reference the exact verifier compares with. prompts.jsonl holds the training
+problems without solutions, for the teacher to write its own (`mlxdistill generate`).
+
+Seeded, so the files are reproducible; no problem appears in more than one split (checked
+when written), so held-out accuracy measures arithmetic, not recall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+
+TEMPLATE = "{reasoning}\nAnswer: {answer}\n"
+
+
+def worked(a: int, op: str, b: int) -> tuple[str, str]:
+    """(worked solution, answer) of a + b or a - b (a >= b for subtraction): one line per
+    column from the units up, "x+y+carry=s c<carry out>" or "x-y-borrow=d b<borrow out>"
+    (a borrowed ten shown as x+10)."""
+    width = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    lines, digits, c = [], [], 0
+    for x, y in zip(map(int, da), map(int, db)):
+        if op == "+":
+            s = x + y + c
+            lines.append(f"{x}+{y}+{c}={s} c{s // 10}")
+            digits.append(s % 10)
+            c = s // 10
+        else:
+            d = x - y - c
+            if d < 0:
+                lines.append(f"{x}+10-{y}-{c}={d + 10} b1")
+                digits.append(d + 10)
+                c = 1
+            else:
+                lines.append(f"{x}-{y}-{c}={d} b0")
+                digits.append(d)
+                c = 0
+    if op == "+" and c:
+        digits.append(c)
+    answer = str(int("".join(map(str, digits[::-1]))))
+    assert answer == str(a + b if op == "+" else a - b)
+    return "\n".join(lines), answer
+
+
+def problem(rng: random.Random, max_digits: int) -> tuple[int, str, int]:
+    na, nb = rng.randint(2, max_digits), rng.randint(1, max_digits)
+    a = rng.randint(10 ** (na - 1), 10 ** na - 1)
+    b = rng.randint(10 ** (nb - 1), 10 ** nb - 1)
+    op = rng.choice("+-")
+    if op == "-" and b > a:
+        a, b = b, a
+    return a, op, b
+
+
+def record(a: int, op: str, b: int) -> dict:
+    steps, answer = worked(a, op, b)
+    return {"prompt": f"{a}{op}{b}=\n",
+            "completion": TEMPLATE.format(reasoning=steps, answer=answer), "answer": answer}
+
+
+def make(seed: int, sizes: dict, max_digits: int) -> dict:
+    """Split name -> records; every problem is distinct across all splits."""
+    rng = random.Random(seed)
+    seen: set = set()
+    out = {}
+    for split, n in sizes.items():
+        recs = []
+        while len(recs) < n:
+            p = problem(rng, max_digits)
+            if p not in seen:
+                seen.add(p)
+                recs.append(record(*p))
+        out[split] = recs
+    return out
+
+
+def write_jsonl(path: str, recs: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="data/task")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train", type=int, default=8000)
+    ap.add_argument("--valid", type=int, default=300)
+    ap.add_argument("--test", type=int, default=500)
+    ap.add_argument("--max-digits", type=int, default=4)
+    args = ap.parse_args()
+    splits = make(args.seed, {"train": args.train, "valid": args.valid, "test": args.test},
+                  args.max_digits)
+    prompts = {r["prompt"] for recs in splits.values() for r in recs}
+    if len(prompts) != sum(map(len, splits.values())):
+        raise SystemExit("error: a problem appears twice; the splits would not be held out")
+    os.makedirs(args.out, exist_ok=True)
+    for split, recs in splits.items():
+        write_jsonl(os.path.join(args.out, f"{split}.jsonl"), recs)
+    write_jsonl(os.path.join(args.out, "prompts.jsonl"),
+                [{"prompt": r["prompt"], "answer": r["answer"]} for r in splits["train"]])
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+          + f", prompts {len(splits['train'])}")
+
+
+if __name__ == "__main__":
+    main()
