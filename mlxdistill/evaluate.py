@@ -186,6 +186,13 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
                   match.vocab_size, quiet)
     res["retention"] = retention(res)
     res["data"] = path
+    # Task accuracy: when the records carry reference answers, each model answers greedily.
+    from .task import task_accuracy
+
+    task = task_accuracy({"teacher": teacher, "student_before": before,
+                          "student_after": after}, ttok, path, cfg.generate)
+    if task is not None:
+        res["task"] = task
     # Cloud fallback: per-query confidence of the trained student and the deferral curve.
     res["fallback"] = fallback_summary(teacher, after, path, ttok, cfg, match.vocab_size)
     if write:
@@ -221,6 +228,14 @@ def format_table(res: dict) -> str:
     for key, label in (("accuracy_pct", "retention: accuracy %"), ("ce_pct", "retention: CE %")):
         rows.append((label, "100.0", str(ret.get("student_before", {}).get(key, "-")),
                      str(ret.get("student_after", {}).get(key, "-"))))
+    task = res.get("task")
+    if task:  # greedy answers to the test prompts, checked against their reference
+        students = ("student_before", "student_after")
+        rows.append((f"task accuracy ({task['prompts']} prompts)",
+                     *(f"{task[n]['accuracy']:.3f}" for n in ("teacher", *students))))
+        rows.append(("retention: task accuracy %", "100.0",
+                     *("-" if task["retention"].get(n) is None else str(task["retention"][n])
+                       for n in students)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"evaluation on {res.get('data')} ({res.get('tokens')} tokens)"]
     for i, r in enumerate(rows):

@@ -45,3 +45,72 @@ def test_splits_held_out_and_reproducible():
     total = sum(os.path.getsize(os.path.join(ROOT, "data", "task", n))
                 for n in os.listdir(os.path.join(ROOT, "data", "task")))
     assert total < 3e6
+
+
+# ---------------------------------------------------------------- task accuracy in eval
+
+def test_score_and_retention_math(monkeypatch):
+    from mlxdistill import task
+    from mlxdistill.config import load_config
+
+    g = load_config(None, ["generate.reasoning=think"]).generate
+    prompts = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(4)]
+    right = [f"<think>\n{i}+1\n</think>\n{i + 1}" for i in range(4)]
+    texts = right[:3] + ["<think>\nno end of thought 4"]  # an unclosed reasoning has no answer
+    assert task.score(prompts, texts, g) == {"accuracy": 0.75, "correct": 3,
+                                             "verifier_errors": 0}
+    answers = {"teacher": right, "student_before": ["x"] * 4, "student_after": right[:3] + ["5"]}
+    monkeypatch.setattr(task, "greedy_answers", lambda m, tok, p, g: answers[m][:len(p)])
+    monkeypatch.setattr(task, "task_prompts", lambda path, limit: prompts[:limit])
+    res = task.task_accuracy({k: k for k in answers}, None, "unused", g)
+    assert res["teacher"]["accuracy"] == 1.0 and res["student_after"]["correct"] == 3
+    assert res["retention"] == {"student_before": 0.0, "student_after": 75.0}
+    answers["teacher"] = ["wrong"] * 4  # a teacher that scores 0 leaves nothing to retain
+    assert task.task_accuracy({k: k for k in answers}, None, "u", g)["retention"] == {
+        "student_before": None, "student_after": None}
+
+
+def test_raising_verifier_counts_wrong(tmp_path, monkeypatch):
+    from mlxdistill import task
+    from mlxdistill.config import load_config
+
+    (tmp_path / "badverif.py").write_text("def check(rec, text):\n    raise ValueError\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    g = load_config(None, ["generate.verifier=badverif:check"]).generate
+    assert task.score([{"prompt": "a", "answer": "1"}], ["1"], g) == {
+        "accuracy": 0.0, "correct": 0, "verifier_errors": 1}
+
+
+def test_eval_reports_task_accuracy(tiny, tmp_path):
+    """End to end on the tiny pair: the test records' answers are set so that the teacher's
+    greedy answer is right on exactly half of them; eval must find 0.5."""
+    from conftest import tiny_overrides
+
+    from mlxdistill import models, task
+    from mlxdistill.config import load_config
+    from mlxdistill.evaluate import format_table
+    from mlxdistill.trainer import train
+
+    prompts = [{"prompt": p} for p in ("the king", "my lady", "the sea", "our ghost",
+                                       "thy crown", "the storm")]
+    ov = {"generate.max_tokens": 5, "generate.eval_prompts": 6}
+    g = load_config(None, [f"{k}={v}" for k, v in ov.items()]).generate
+    teacher, tok, _ = models.load(tiny["teacher"], "teacher")
+    said = task.greedy_answers(teacher, tok, prompts, g)
+    test = tmp_path / "task_test.jsonl"
+    with open(test, "w") as f:
+        for i, (p, text) in enumerate(zip(prompts, said)):
+            ans = text.strip() if i % 2 == 0 else "not " + text.strip()
+            f.write(json.dumps({**p, "completion": " king .", "answer": ans}) + "\n")
+        f.write(json.dumps({"prompt": "no reference", "completion": " sea ."}) + "\n")
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path, **ov, **{
+        "data.test": str(test), "teacher.mode": "online", "train.iters": 2}))
+    res = train(cfg, quiet=True, log=lambda m: None)
+    t = res["task"]
+    assert t["prompts"] == 6 and t["teacher"] == {"accuracy": 0.5, "correct": 3,
+                                                  "verifier_errors": 0}
+    for name in ("student_before", "student_after"):
+        assert t["retention"][name] == round(100 * t[name]["accuracy"] / 0.5, 1)
+    assert "task accuracy (6 prompts)" in format_table(res)
+    saved = json.load(open(os.path.join(cfg.run.dir, "eval.json")))
+    assert saved["task"] == t

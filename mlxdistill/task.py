@@ -1,0 +1,89 @@
+"""Task accuracy: each model answers held-out prompts greedily; its final answer is checked
+against the record's reference `answer`.
+
+The answer format is the one the training data was written in: `generate.reasoning` says
+where the reasoning ends and the final answer starts, `generate.verifier` how it is checked
+(exact match when unset). Retention is student accuracy / teacher accuracy, in %.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from . import generate as gen_mod
+from .data import read_records
+
+GEN_BATCH = 32
+
+
+def task_prompts(path: str, limit: int) -> list[dict]:
+    """The first `limit` records of `path` that carry a reference answer, as prompts: a
+    prompt/completion record keeps its prompt, a chat record its turns before the last
+    assistant turn. [] when the data has no answers (then no task accuracy is reported)."""
+    out = []
+    for rec in read_records(path):
+        if len(out) >= limit:
+            break
+        if "answer" not in rec:
+            continue
+        if isinstance(rec.get("prompt"), str):
+            out.append({"prompt": rec["prompt"], "answer": str(rec["answer"])})
+        elif isinstance(rec.get("messages"), list):
+            msgs = list(rec["messages"])
+            while msgs and msgs[-1].get("role") == "assistant":
+                msgs.pop()
+            if msgs:
+                out.append({"messages": msgs, "answer": str(rec["answer"])})
+    return out
+
+
+def greedy_answers(model, tok, prompts: list[dict], g) -> list[str]:
+    """Greedy completions (the model's most likely answer, so the score is reproducible)."""
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    tmpl = gen_mod.reasoning_parts(g.reasoning)
+    opener = tmpl[0] if tmpl else ""
+    texts: list[str] = []
+    for b in range(0, len(prompts), GEN_BATCH):
+        toks = [gen_mod.prompt_tokens(tok, rec, g.system, opener)
+                for rec in prompts[b:b + GEN_BATCH]]
+        resp = batch_generate(model, tok, toks, max_tokens=g.max_tokens,
+                              sampler=make_sampler(temp=0.0))
+        texts.extend(resp.texts)
+    return texts
+
+
+def score(prompts: list[dict], texts: list[str], g) -> dict:
+    """Correct answers among `texts`; a verifier that raises counts the answer as wrong and
+    the error is reported."""
+    verify = gen_mod.load_verifier(g.verifier or "exact")
+    tmpl = gen_mod.reasoning_parts(g.reasoning)
+    correct = errors = 0
+    for rec, text in zip(prompts, texts):
+        try:
+            correct += bool(verify(rec, gen_mod.split_answer(tmpl, text)[1]))
+        except Exception:
+            errors += 1
+    n = len(prompts)
+    return {"accuracy": round(correct / max(n, 1), 4), "correct": correct,
+            "verifier_errors": errors}
+
+
+def retention(res: dict) -> dict:
+    """Student task accuracy / teacher task accuracy in % (None when the teacher scores 0:
+    there is nothing to retain)."""
+    t = res["teacher"]["accuracy"]
+    return {name: (round(100 * res[name]["accuracy"] / t, 1) if t > 0 else None)
+            for name in res if name != "teacher"}
+
+
+def task_accuracy(named_models: dict, tok, path: str, g) -> Optional[dict]:
+    """{"prompts", per model {"accuracy", "correct", "verifier_errors"}, "retention"} on the
+    first g.eval_prompts answered records of `path`; None when there are none."""
+    prompts = task_prompts(path, g.eval_prompts) if g.eval_prompts else []
+    if not prompts:
+        return None
+    res = {name: score(prompts, greedy_answers(m, tok, prompts, g), g)
+           for name, m in named_models.items()}
+    return {"prompts": len(prompts), **res, "retention": retention(res)}
