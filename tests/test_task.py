@@ -114,3 +114,53 @@ def test_eval_reports_task_accuracy(tiny, tmp_path):
     assert "task accuracy (6 prompts)" in format_table(res)
     saved = json.load(open(os.path.join(cfg.run.dir, "eval.json")))
     assert saved["task"] == t
+
+
+# ---------------------------------------------------------------- the specialist build
+
+def test_specialist_sizes_and_char_tokenizer(tmp_path):
+    import build_specialist as bs
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+    from mlx_lm.utils import load_tokenizer
+    from pathlib import Path
+
+    data = tmp_path / "task"
+    data.mkdir()
+    for split, recs in make_task.make(1, {"train": 40, "valid": 5, "test": 5}, 4).items():
+        make_task.write_jsonl(str(data / f"{split}.jsonl"), recs)
+    tok_dir = bs.build_tokenizer(str(data), str(tmp_path / "work"))
+    tok = load_tokenizer(Path(tok_dir))  # as mlx_lm (and MLX Swift) read tokenizer.json
+    text = "4821+397=\n1+7+0=8 c0\nAnswer: 5218\n"
+    assert len(tok.encode(text, add_special_tokens=False)) == len(text)
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    vocab = len(json.load(open(os.path.join(tok_dir, "tokenizer.json")))["model"]["vocab"])
+    params = {}
+    for name, spec in bs.MODELS.items():
+        model = llama.Model(llama.ModelArgs.from_dict(bs.model_args(spec, vocab)))
+        params[name] = sum(v.size for _, v in tree_flatten(model.parameters()))
+    assert params["teacher"] * 2 <= bs.MAX_TEACHER_BYTES  # float16
+    assert params["teacher"] >= 8 * params["student"]
+
+
+def test_specialist_training_resumes_exactly(tmp_path, monkeypatch):
+    import build_specialist as bs
+    import mlx.core as mx
+    import numpy as np
+
+    monkeypatch.setattr(bs, "BATCH", 4)
+    monkeypatch.setattr(bs, "log", lambda m: None)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, (16, bs.SEQ)).astype(np.int32)
+    train = (x, np.roll(x, -1, 1), (rng.random((16, bs.SEQ)) > 0.5).astype(np.uint8))
+    spec = dict(hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                num_attention_heads=2, steps=6, lr=1e-2, warmup=2, seed=1)
+    whole = bs.train_model("m", spec, 20, train, str(tmp_path / "a"), 3)
+    bs.train_model("m", {**spec, "steps": 3}, 20, train, str(tmp_path / "b"), 3)
+    resumed = bs.train_model("m", spec, 20, train, str(tmp_path / "b"), 3)
+    from mlx.utils import tree_flatten
+
+    fresh = bs.train_model("m", {**spec, "steps": 0}, 20, train, str(tmp_path / "c"), 3)
+    w, r, f = (dict(tree_flatten(m.parameters())) for m in (whole, resumed, fresh))
+    assert all(mx.array_equal(w[k], r[k]) for k in w)
+    assert not all(mx.array_equal(w[k], f[k]) for k in w)  # it did train
