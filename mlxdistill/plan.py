@@ -24,7 +24,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
-from . import losses, models
+from . import models
 from .config import Config
 from .models import ModelError
 
@@ -312,23 +312,12 @@ def probe_training(cfg: Config, steps: int = 2) -> dict:
     opt = optim.AdamW(learning_rate=t.lr, weight_decay=t.weight_decay)
     opt.init(model.trainable_parameters())
     mx.eval(model.parameters(), opt.state)
-    forward = models.logits_fn(model, vocab)
-    lc = cfg.loss
-    if t.grad_checkpoint:
-        models.grad_checkpoint(model)
-    split = models.split_head(model, vocab) if t.loss_chunk else None
+    from .trainer import kd_objective
+
+    objective = kd_objective(cfg, model, vocab)
 
     def loss_fn(_model, x, mask, labels, targets):
-        if split is not None:
-            body, head, head_module = split
-            loss, ntok, _, _ = losses.chunked_distill_loss(
-                body(x), head, head_module.trainable_parameters(), targets, labels, mask,
-                t.loss_chunk, lc.alpha, lc.temperature, lc.name, lc.beta, lc.skew)
-        else:
-            loss, ntok, _, _ = losses.distill_loss(forward(x), targets, labels, mask,
-                                                   lc.alpha, lc.temperature, lc.name,
-                                                   lc.beta, lc.skew)
-        return loss, ntok
+        return objective(x, targets, labels, mask)[:2]
 
     grad_fn = nn.value_and_grad(model, loss_fn)
     state = [model.state, mx.random.state]

@@ -211,6 +211,31 @@ def restore_checkpoint(ckpt: str, model, opt) -> dict:
     return state
 
 
+def kd_objective(cfg: Config, model, vocab: int, log=lambda m: None):
+    """The student's distillation loss as training computes it: (x, targets, labels, mask)
+    -> (loss, ntokens, kd, ce), over the whole sequence or in `train.loss_chunk` chunks
+    from the final hidden states, with `train.grad_checkpoint` applied to the model."""
+    t, lc = cfg.train, cfg.loss
+    if t.grad_checkpoint:
+        models.grad_checkpoint(model)
+    forward = models.logits_fn(model, vocab)
+    split = models.split_head(model, vocab) if t.loss_chunk else None
+    if t.loss_chunk and split is None:
+        log(f"train.loss_chunk: {cfg.student.model} computes its logits in a way this does "
+            "not split; using the whole-sequence loss")
+
+    def objective(x, targets, labels, mask):
+        if split is None:
+            return losses.distill_loss(forward(x), targets, labels, mask, lc.alpha,
+                                       lc.temperature, lc.name, lc.beta, lc.skew)
+        body, head, head_module = split
+        return losses.chunked_distill_loss(
+            body(x), head, head_module.trainable_parameters(), targets, labels, mask,
+            t.loss_chunk, lc.alpha, lc.temperature, lc.name, lc.beta, lc.skew)
+
+    return objective
+
+
 def to_arrays(batch: data_mod.Batch) -> tuple:
     labels = data_mod.hard_targets(batch.input_ids, batch.next_ids)
     targets = {k: mx.array(v) for k, v in batch.targets.items()}
@@ -351,25 +376,11 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
         f"{source.rows} {'cached' if teacher is None else 'online'} rows, {t.iters} steps "
         f"of {t.batch_size}x{cfg.data.seq_len}")
 
-    forward = models.logits_fn(model, vocab)
     lc = cfg.loss
-    if t.grad_checkpoint:
-        models.grad_checkpoint(model)
-    split = models.split_head(model, vocab) if t.loss_chunk else None
-    if t.loss_chunk and split is None:
-        log(f"train.loss_chunk: {cfg.student.model} computes its logits in a way this does "
-            "not split; using the whole-sequence loss")
+    objective = kd_objective(cfg, model, vocab, log)
 
     def loss_fn(_model, x, mask, labels, targets):
-        if split is not None:
-            body, head, head_module = split
-            loss, ntok, kd, ce = losses.chunked_distill_loss(
-                body(x), head, head_module.trainable_parameters(), targets, labels, mask,
-                t.loss_chunk, lc.alpha, lc.temperature, lc.name, lc.beta, lc.skew)
-        else:
-            loss, ntok, kd, ce = losses.distill_loss(forward(x), targets, labels, mask,
-                                                     lc.alpha, lc.temperature, lc.name,
-                                                     lc.beta, lc.skew)
+        loss, ntok, kd, ce = objective(x, targets, labels, mask)
         hid = mx.array(0.0)
         if hidden is not None:
             pairs, store = hidden

@@ -26,7 +26,6 @@ from safetensors.numpy import load_file, save_file
 
 from mlxdistill import cache as cache_mod
 from mlxdistill.cli import main
-from mlxdistill.config import load_config
 
 SEED = int(os.environ.get("MLXDISTILL_FAULT_SEED", random.SystemRandom().randrange(10**6)))
 TIMING = ("tok_per_s", "peak_mem_gb")
