@@ -32,7 +32,7 @@ import mlx.core as mx
 
 from . import models
 from .config import Config, ConfigError
-from .data import read_jsonl
+from .data import file_sha256, read_jsonl
 from .distributed import World
 from .progress import Progress
 
@@ -156,9 +156,11 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
     verify = load_verifier(g.verifier)
     identity = {"teacher": cfg.teacher.model,
                 "teacher_fingerprint": models.config_fingerprint(cfg.teacher.model),
-                "prompts": g.prompts, "n": g.n, "max_tokens": g.max_tokens,
-                "temperature": g.temperature, "top_p": g.top_p, "verifier": g.verifier,
-                "system": g.system, "batch_size": g.batch_size, "seed": g.seed}
+                # the prompts' content too: an edited file at the same path is not "done"
+                "prompts": g.prompts, "prompts_sha256": file_sha256(g.prompts), "n": g.n,
+                "max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p,
+                "verifier": g.verifier, "system": g.system, "batch_size": g.batch_size,
+                "seed": g.seed}
     tmpl = reasoning_parts(g.reasoning)
     if tmpl is not None:  # only then, so files written before the key existed still resume
         identity["reasoning"] = g.reasoning

@@ -154,3 +154,13 @@ def test_reasoning_generation_keeps_both_and_verifies_answer(tiny, tmp_path, mon
     plain = gen_mod.prompt_tokens(tok, {"prompt": "the king"}, None)
     cued = gen_mod.prompt_tokens(tok, {"prompt": "the king"}, None, "the ")
     assert cued[:len(plain)] == plain and len(cued) > len(plain)
+
+
+def test_edited_prompts_are_not_taken_as_done(tiny, tmp_path):
+    cfg = cfg_for(tiny, tmp_path, "e.jsonl")
+    assert gen_mod.generate(cfg, **QUIET)["prompts_total"] == 5
+    with open(cfg.generate.prompts, "a") as f:
+        f.write(json.dumps({"prompt": "the sea"}) + "\n")
+    m = gen_mod.generate(cfg, **QUIET)
+    assert m["prompts_total"] == 6 and m["lines"] == 12
+    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 12
