@@ -164,3 +164,15 @@ def test_specialist_training_resumes_exactly(tmp_path, monkeypatch):
     w, r, f = (dict(tree_flatten(m.parameters())) for m in (whole, resumed, fresh))
     assert all(mx.array_equal(w[k], r[k]) for k in w)
     assert not all(mx.array_equal(w[k], f[k]) for k in w)  # it did train
+
+
+def test_answers_only_baseline_reads_like_the_chains(tmp_path):
+    import specialist
+
+    gold = tmp_path / "gold.jsonl"
+    make_task.write_jsonl(str(gold), make_task.make(2, {"train": 5}, 3)["train"])
+    out = specialist.answers_only(str(gold), str(tmp_path / "a" / "answers.jsonl"))
+    parts = gen_mod.reasoning_parts(make_task.TEMPLATE)
+    for line in open(out):
+        rec = json.loads(line)
+        assert gen_mod.split_answer(parts, rec["completion"]) == ("", rec["answer"])
