@@ -258,5 +258,7 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
     dt = time.time() - t0
     log(f"generated {g.out}: {prog['kept']} answers kept of {total}"
         + (f" (pass rate {manifest['pass_rate']:.1%})" if verify else "")
+        + (f"; the verifier raised on {prog['verifier_errors']} (counted as rejected)"
+           if prog["verifier_errors"] else "")
         + (f", {ntok / dt:,.0f} tok/s" if ntok and dt > 0 else ""))
     return world.bcast(manifest, "sharing the generate manifest")

@@ -122,7 +122,7 @@ def test_reasoning_template_splits_final_answer():
     assert gen_mod.split_answer(None, " 42 ") == (None, "42")
     for bad in ("{answer}{reasoning}", "{reasoning}{answer}", "no fields"):
         with pytest.raises(ConfigError, match="generate.reasoning"):
-            load_config(None, [f"generate.reasoning={bad}"])
+            load_config(None, [f"generate.reasoning='{bad}'"])
 
 
 def test_reasoning_generation_keeps_both_and_verifies_answer(tiny, tmp_path, monkeypatch):
@@ -164,3 +164,28 @@ def test_edited_prompts_are_not_taken_as_done(tiny, tmp_path):
     m = gen_mod.generate(cfg, **QUIET)
     assert m["prompts_total"] == 6 and m["lines"] == 12
     assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 12
+
+
+def test_bad_input_reported_in_one_line(tiny, tmp_path, monkeypatch):
+    noprompt = tmp_path / "noprompt.jsonl"
+    noprompt.write_text('{"prompt": "a"}\n\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"noprompt.jsonl:3: expected a 'prompt'"):
+        gen_mod.read_prompts(str(noprompt))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    for ov, needle in [([f"generate.prompts={empty}"], "is empty"),
+                       (["generate.max_tokens=-3"], "generate.max_tokens=-3"),
+                       (["generate.reasoning='{answer} then {reasoning}'"], "with {reasoning}")]:
+        res = CliRunner().invoke(main, ["generate", f"teacher.model={tiny['teacher']}", *ov])
+        assert res.exit_code == 2 and needle in res.stderr, (ov, res.stderr)
+        assert res.stderr.strip().count("\n") == 0
+    (tmp_path / "raiser.py").write_text("def check(rec, text):\n    raise KeyError(text)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("raiser", None)
+    logs = []
+    m = gen_mod.generate(cfg_for(tiny, tmp_path, "raise.jsonl",
+                                 **{"generate.verifier": "raiser:check"}),
+                         quiet=True, log=logs.append)
+    assert m["rejected"] == m["verifier_errors"] == 10 and m["pass_rate"] == 0.0
+    assert "the verifier raised on 10 (counted as rejected)" in logs[-1]
+    assert (tmp_path / "raise.jsonl").read_text() == ""
