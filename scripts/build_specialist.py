@@ -3,7 +3,7 @@ scripts/make_task.py): a character-level tokenizer, a teacher trained on the wor
 solutions, and an untrained student more than 8x smaller for the distillation benchmark.
 
     python scripts/build_specialist.py                     # everything (resumes)
-    python scripts/build_specialist.py --teacher-steps 20  # a smoke run
+    python scripts/build_specialist.py --steps 20         # a smoke run
     python scripts/build_specialist.py --stage tokenizer
 
 Stages:
@@ -57,6 +57,10 @@ MODELS = {
                     num_attention_heads=2, steps=0, lr=0.0, warmup=1, seed=2),
 }
 SPECIALS = ("<unk>", "<s>", "</s>")
+# Turns rendered as their bare text, one after the other: mlx_lm's own completions dataset
+# (mlx_lm.lora) joins prompt and completion through the chat template, and this makes that
+# exactly prompt + completion, as mlxdistill and the training here see them.
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
 def task_records(data: str, split: str) -> list[dict]:
@@ -94,7 +98,7 @@ def build_tokenizer(data: str, work: str) -> str:
     with open(cfg_path) as f:
         cfg = json.load(f)
     cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False,
-               add_eos_token=False)
+               add_eos_token=False, chat_template=CHAT_TEMPLATE)
     atomic_json(cfg_path, cfg)
     from mlx_lm.utils import load_tokenizer
 
@@ -250,7 +254,8 @@ def main() -> None:
     ap.add_argument("--out", default="weights/specialist")
     ap.add_argument("--work", default="build/specialist", help="checkpoints (resumable)")
     ap.add_argument("--stage", choices=["all", "tokenizer", "teacher", "student"], default="all")
-    ap.add_argument("--teacher-steps", type=int, default=MODELS["teacher"]["steps"])
+    ap.add_argument("--teacher-steps", "--steps", type=int, default=MODELS["teacher"]["steps"],
+                    help="teacher training steps (a few for a smoke run)")
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--eval-prompts", type=int, default=200,
                     help="held-out problems the teacher's accuracy is measured on")

@@ -134,6 +134,9 @@ def test_specialist_sizes_and_char_tokenizer(tmp_path):
     text = "4821+397=\n1+7+0=8 c0\nAnswer: 5218\n"
     assert len(tok.encode(text, add_special_tokens=False)) == len(text)
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    # mlx_lm's completions dataset joins the turns through the chat template: bare text
+    turns = [{"role": "user", "content": "12+3=\n"}, {"role": "assistant", "content": "A"}]
+    assert tok.decode(tok.apply_chat_template(turns)) == "12+3=\nA"
     vocab = len(json.load(open(os.path.join(tok_dir, "tokenizer.json")))["model"]["vocab"])
     params = {}
     for name, spec in bs.MODELS.items():
