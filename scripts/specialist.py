@@ -23,6 +23,8 @@ table to RESULTS/specialist.md.
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import json
 import os
 import sys
@@ -101,11 +103,19 @@ def main() -> None:
     names = [n for n in VARIANTS if not args.only or n in args.only.split(",")]
     os.makedirs(args.results, exist_ok=True)
     rpath = os.path.join(args.results, "specialist.json")
+    teacher = load_config(args.config, args.overrides).teacher.model
+    # A rebuilt teacher keeps its config and file sizes, which is all a teacher fingerprint
+    # looks at; the specialist is a few MB, so its weights are hashed, and its chains, runs
+    # and results are kept apart by that hash.
+    tsha = hashlib.sha256("".join(
+        file_sha256(p) for p in sorted(glob.glob(os.path.join(teacher, "*.safetensors")))
+    ).encode()).hexdigest()[:12]
+    identity = {"overrides": args.overrides, "gold": args.gold, "teacher_weights": tsha}
     saved = json.load(open(rpath)) if os.path.exists(rpath) else {}
-    same = saved.get("overrides") == args.overrides and saved.get("gold") == args.gold
-    results = saved if same else {"overrides": args.overrides, "gold": args.gold,
-                                  "variants": {}}
-    base = load_config(args.config, args.overrides)
+    same = all(saved.get(k) == v for k, v in identity.items())
+    results = saved if same else {**identity, "variants": {}}
+    chains = os.path.join(args.runs, f"chains-{tsha}.jsonl")
+    base = load_config(args.config, [f"generate.out={chains}"] + args.overrides)
     train_files = {"gold": args.gold,
                    "answers": answers_only(args.gold, os.path.join(args.runs, "answers.jsonl"))}
     if any(VARIANTS[n][1] == "chains" for n in names):
@@ -122,9 +132,9 @@ def main() -> None:
         if name in results["variants"]:
             continue
         label, data, extra = VARIANTS[name]
-        # Run and cache directories are named by the training file's content: regenerated
-        # chains get a fresh cache and run instead of a refused (or silently mixed) resume.
-        tag = f"{name}-{file_sha256(train_files[data])[:12]}"
+        # Run and cache directories are named by the teacher and the training file's content:
+        # new chains get a fresh cache and run instead of a refused (or silently mixed) resume.
+        tag = f"{name}-{tsha}-{file_sha256(train_files[data])[:12]}"
         ov = {"data.train": train_files[data], "run.dir": os.path.join(args.runs, tag),
               "cache.dir": os.path.join(args.runs, f"cache-{tag}"), **extra}
         cfg = load_config(args.config, args.overrides + [f"{k}={v}" for k, v in ov.items()])

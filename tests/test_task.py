@@ -179,3 +179,48 @@ def test_answers_only_baseline_reads_like_the_chains(tmp_path):
     for line in open(out):
         rec = json.loads(line)
         assert gen_mod.split_answer(parts, rec["completion"]) == ("", rec["answer"])
+
+
+def test_specialist_benchmark_plumbing(tmp_path, monkeypatch):
+    """scripts/specialist.py on a tiny random char-level pair: every variant trains and is
+    scored, the table is written, and a rerun skips the finished variants."""
+    import build_specialist as bs
+    import specialist
+    from mlx_lm.models import llama
+
+    data = tmp_path / "task"
+    data.mkdir()
+    splits = make_task.make(3, {"train": 24, "valid": 4, "test": 4}, 2)
+    for split, recs in splits.items():
+        make_task.write_jsonl(str(data / f"{split}.jsonl"), recs)
+    make_task.write_jsonl(str(data / "prompts.jsonl"),
+                          [{"prompt": r["prompt"], "answer": r["answer"]} for r in splits["train"]])
+    tok_dir = bs.build_tokenizer(str(data), str(tmp_path / "work"))
+    vocab = len(json.load(open(os.path.join(tok_dir, "tokenizer.json")))["model"]["vocab"])
+    for name, dim in (("teacher", 32), ("student", 16)):
+        spec = dict(hidden_size=dim, num_hidden_layers=1, intermediate_size=2 * dim,
+                    num_attention_heads=2)
+        bs.export(name, spec, vocab, llama.Model(llama.ModelArgs.from_dict(
+            bs.model_args(spec, vocab))), tok_dir, str(tmp_path / "w"))
+    ov = [f"teacher.model={tmp_path / 'w' / 'teacher'}",
+          f"student.model={tmp_path / 'w' / 'student'}",
+          f"data.valid={data / 'valid.jsonl'}", f"data.test={data / 'test.jsonl'}",
+          f"generate.prompts={data / 'prompts.jsonl'}", "generate.verifier=null",
+          "generate.eval_prompts=4", "generate.max_tokens=12", "train.iters=2",
+          "train.batch_size=2", "train.warmup=1", "train.save_every=2", "train.eval_every=2",
+          "train.eval_rows=2", "data.seq_len=64"]
+    argv = ["specialist.py", "--gold", str(data / "train.jsonl"), "--runs",
+            str(tmp_path / "runs"), "--results", str(tmp_path / "res"), *ov]
+    monkeypatch.setattr(sys, "argv", argv)
+    specialist.main()
+    res = json.load(open(tmp_path / "res" / "specialist.json"))
+    assert list(res["variants"]) == list(specialist.VARIANTS)
+    assert res["generate"]["kept"] == 24
+    for v in res["variants"].values():
+        assert v["task"]["prompts"] == 4 and 0 <= v["task"]["student_after"]["accuracy"] <= 1
+    table = open(tmp_path / "res" / "specialist.md").read()
+    assert table.count("\n| ") == 2 + len(specialist.VARIANTS)  # teacher, before, variants
+    trained = []
+    monkeypatch.setattr(specialist, "train", lambda cfg, **kw: trained.append(cfg))
+    specialist.main()
+    assert trained == []  # finished variants are not run again
