@@ -21,6 +21,8 @@ to that size and continues, and OUT appears (by rename) only when complete.
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import importlib
 import json
 import os
@@ -133,6 +135,20 @@ def output_record(rec: dict, completion: str, system: Optional[str],
     return out
 
 
+SMALL_TEACHER_BYTES = 1 << 28
+
+
+def small_weights_sha256(path: str) -> Optional[str]:
+    """sha256 of a teacher folder's weights when they are small (under 256 MB), else None.
+    The teacher fingerprint sees only config.json and file sizes, so a small model retrained
+    in place (same shapes) would otherwise pass as the same teacher and its old answers as
+    done; hashing a few MB is cheap, hashing gigabytes is not."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else []
+    if not files or sum(os.path.getsize(f) for f in files) > SMALL_TEACHER_BYTES:
+        return None
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+
+
 def _atomic_json(path: str, obj) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
@@ -161,6 +177,9 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
                 "max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p,
                 "verifier": g.verifier, "system": g.system, "batch_size": g.batch_size,
                 "seed": g.seed}
+    weights_sha = small_weights_sha256(cfg.teacher.model)
+    if weights_sha is not None:
+        identity["teacher_weights_sha256"] = weights_sha
     tmpl = reasoning_parts(g.reasoning)
     if tmpl is not None:  # only then, so files written before the key existed still resume
         identity["reasoning"] = g.reasoning

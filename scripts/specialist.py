@@ -23,8 +23,6 @@ table to RESULTS/specialist.md.
 from __future__ import annotations
 
 import argparse
-import glob
-import hashlib
 import json
 import os
 import sys
@@ -34,7 +32,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mlxdistill  # noqa: E402,F401  (OpenBLAS before mlx)
 from mlxdistill.config import load_config  # noqa: E402
 from mlxdistill.data import file_sha256, read_jsonl  # noqa: E402
-from mlxdistill.generate import generate  # noqa: E402
+from mlxdistill.generate import generate, small_weights_sha256  # noqa: E402
+from mlxdistill.models import config_fingerprint  # noqa: E402
 from mlxdistill.trainer import train  # noqa: E402
 
 CONFIG = "configs/specialist.yaml"
@@ -107,9 +106,7 @@ def main() -> None:
     # A rebuilt teacher keeps its config and file sizes, which is all a teacher fingerprint
     # looks at; the specialist is a few MB, so its weights are hashed, and its chains, runs
     # and results are kept apart by that hash.
-    tsha = hashlib.sha256("".join(
-        file_sha256(p) for p in sorted(glob.glob(os.path.join(teacher, "*.safetensors")))
-    ).encode()).hexdigest()[:12]
+    tsha = (small_weights_sha256(teacher) or config_fingerprint(teacher))[:12]
     identity = {"overrides": args.overrides, "gold": args.gold, "teacher_weights": tsha}
     saved = json.load(open(rpath)) if os.path.exists(rpath) else {}
     same = all(saved.get(k) == v for k, v in identity.items())

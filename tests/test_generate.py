@@ -189,3 +189,22 @@ def test_bad_input_reported_in_one_line(tiny, tmp_path, monkeypatch):
     assert m["rejected"] == m["verifier_errors"] == 10 and m["pass_rate"] == 0.0
     assert "the verifier raised on 10 (counted as rejected)" in logs[-1]
     assert (tmp_path / "raise.jsonl").read_text() == ""
+
+
+def test_retrained_teacher_is_not_taken_as_done(tiny, tmp_path):
+    """A teacher retrained in place keeps its config and file sizes; its answers are new."""
+    import shutil
+
+    import mlx.core as mx
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny["teacher"], teacher)
+    cfg = cfg_for(tiny, tmp_path, "t.jsonl", **{"teacher.model": str(teacher)})
+    first = gen_mod.generate(cfg, **QUIET)
+    w = mx.load(str(teacher / "model.safetensors"))
+    mx.save_safetensors(str(teacher / "model.safetensors"), {k: v * 1.5 for k, v in w.items()})
+    logs = []
+    second = gen_mod.generate(cfg, quiet=True, log=logs.append)
+    assert not any("nothing to do" in m for m in logs)
+    assert (first["settings"]["teacher_weights_sha256"]
+            != second["settings"]["teacher_weights_sha256"])
