@@ -233,7 +233,8 @@ def format_table(res: dict) -> str:
         students = ("student_before", "student_after")
         rows.append((f"task accuracy ({task['prompts']} prompts)",
                      *(f"{task[n]['accuracy']:.3f}" for n in ("teacher", *students))))
-        rows.append(("retention: task accuracy %", "100.0",
+        rows.append(("retention: task accuracy %",
+                     "100.0" if task["teacher"]["accuracy"] else "-",
                      *("-" if task["retention"].get(n) is None else str(task["retention"][n])
                        for n in students)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
