@@ -20,6 +20,11 @@ from safetensors.numpy import load_file, save_file
 
 from . import data as data_mod
 from . import files, models
+# Shard checks and target sampling live in their own modules; their names stay importable
+# from here, where callers of the cache look for them.
+from .shards import (CacheError, check_contents, check_free_space, check_header,  # noqa: F401
+                     estimate_bytes, expected_tensors, id_dtype)
+from .targets import merge_ids, sample_targets, top1_weights, topk_targets  # noqa: F401
 from .config import Config, ConfigError
 from .distributed import World
 from .progress import Progress
@@ -36,100 +41,11 @@ def target_keys(manifest: dict) -> list[str]:
         f"hidden.{layer}" for layer in manifest.get("hidden_resolved") or []]
 
 
-class CacheError(ValueError):
-    """A cache that is missing, corrupt or built from something else; one-line message."""
-
-
-def id_dtype(vocab_size: int):
-    # Bytes per token matter: uint16 ids halve a top-k or sampled cache for vocabularies
-    # up to 65536 tokens.
-    return np.uint16 if vocab_size <= 65536 else np.int32
-
-
 _atomic_json = files.atomic_json
 
 
 def shard_sha256(path: str) -> str:
     return data_mod.file_sha256(path)
-
-
-# ---------------------------------------------------------------- teacher -> targets
-
-def sample_targets(logits: mx.array, n: int, rng: np.random.Generator, keep_top1: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """n draws per position from softmax(logits), as unique ids + counts (padded with count 0).
-
-    The empirical distribution counts/n is an unbiased estimate of the teacher distribution,
-    so the student's cross-entropy against it has the forward-KL gradient in expectation
-    (Sparse Logit Sampling, Anshumann et al. 2025). Drawn by inverse CDF: one cumulative sum
-    per position and a binary search per draw. mx.random.categorical with num_samples makes
-    n Gumbel noises per vocabulary entry, which measured 13x slower for n=16, V=4096.
-
-    keep_top1: slot 0 holds the teacher's most likely id with its probability p1 in 1/255
-    units (stochastically rounded, so unbiased), and the other n-1 draws come from the
-    distribution without it, each standing for (1 - p1)/(n-1) of the mass: the same bytes,
-    no sampling noise on the token that carries most of the mass (see top1_weights)."""
-    vocab = logits.shape[-1]
-    probs = mx.softmax(logits.astype(mx.float32), axis=-1).reshape(-1, vocab)
-    m = n
-    if keep_top1:
-        top = np.asarray(mx.argmax(probs, axis=-1))
-        p1 = np.asarray(mx.max(probs, axis=-1))
-        probs = mx.where(mx.arange(vocab)[None] == mx.array(top)[:, None], 0.0, probs)
-        m = n - 1
-    cdf = np.asarray(mx.cumsum(probs, axis=-1))
-    u = rng.random((cdf.shape[0], m)) * cdf[:, -1:]
-    draws = np.empty((cdf.shape[0], m), dtype=np.int64)
-    for i in range(cdf.shape[0]):  # a batched searchsorted; ~3 us per row
-        draws[i] = np.searchsorted(cdf[i], u[i], side="right")
-    np.minimum(draws, vocab - 1, out=draws)
-    ids, counts = merge_ids(draws, np.ones(draws.shape, dtype=np.float32))
-    if keep_top1:
-        scaled = p1 * 255.0
-        c0 = np.floor(scaled) + (rng.random(scaled.shape) < scaled - np.floor(scaled))
-        ids = np.concatenate([top[:, None].astype(ids.dtype), ids], axis=1)
-        counts = np.concatenate([c0[:, None].astype(np.float32), counts], axis=1)
-    shape = tuple(logits.shape[:-1]) + (n,)
-    return ids.reshape(shape), counts.astype(np.uint8).reshape(shape)
-
-
-def top1_weights(counts: np.ndarray) -> np.ndarray:
-    """Probability weights of a keep_top1 cache's counts: slot 0 is p1 in 1/255 units, the
-    n-1 other slots share 1 - p1 in proportion to their draws."""
-    c = counts.astype(np.float32)
-    w0 = c[..., :1] / 255.0
-    rest = c[..., 1:]
-    rest = rest / np.maximum(rest.sum(-1, keepdims=True), 1.0) * (1.0 - w0)
-    return np.concatenate([w0, rest], axis=-1)
-
-
-def merge_ids(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum the weights of equal ids per position: [..., m] -> unique ids first, their summed
-    weights, then padding (id 0, weight 0)."""
-    shape = ids.shape
-    ids2, w2 = ids.reshape(-1, shape[-1]).astype(np.int64), weights.reshape(-1, shape[-1])
-    order = np.argsort(ids2, axis=1, kind="stable")
-    s = np.take_along_axis(ids2, order, 1)
-    sw = np.take_along_axis(w2, order, 1)
-    first = np.ones_like(s, dtype=bool)
-    first[:, 1:] = s[:, 1:] != s[:, :-1]
-    group = np.cumsum(first, axis=1) - 1
-    rows = np.broadcast_to(np.arange(s.shape[0])[:, None], s.shape)
-    out_w = np.zeros(s.shape, dtype=np.float32)
-    np.add.at(out_w, (rows, group), sw)
-    out_ids = np.zeros(s.shape, dtype=ids.dtype)
-    out_ids[rows[first], group[first]] = s[first]
-    return out_ids.reshape(shape), out_w.reshape(shape)
-
-
-def topk_targets(logprobs: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k most likely ids per position, most likely first, with their log-probabilities."""
-    idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]
-    lp = mx.take_along_axis(logprobs, idx, axis=-1)
-    order = mx.argsort(-lp, axis=-1)
-    idx = mx.take_along_axis(idx, order, axis=-1)
-    lp = mx.take_along_axis(lp, order, axis=-1)
-    return np.asarray(idx), np.asarray(lp.astype(mx.float16))
 
 
 # ---------------------------------------------------------------- manifest
@@ -244,7 +160,7 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
         log(f"resuming cache {c.dir}: {len(done)}/{nshards} shards already written")
     todo_rows = sum(min(c.shard_rows, packed.rows - i * c.shard_rows)
                     for i in range(nshards) if i not in done)
-    _check_free_space(c.dir, manifest, todo_rows)
+    check_free_space(c.dir, manifest, todo_rows)
     what = f"n={c.n} draws" if c.mode == "sample" else f"top-{c.k}"
     log(f"teacher pass: {todo_rows} rows x {cfg.data.seq_len} tokens through "
         f"{cfg.teacher.model} ({c.mode}, {what}, T={c.temperature}) -> {c.dir}")
@@ -467,107 +383,6 @@ class ShardReader:
             # float weights in place of counts: the loss normalises whatever "counts" holds
             targets["counts"] = top1_weights(targets["counts"])
         return data_mod.Batch(take("input_ids"), take("loss_mask"), take("next_ids"), targets)
-
-
-def expected_tensors(m: dict, rows: int) -> dict[str, tuple[tuple, str]]:
-    """Every tensor a shard of `rows` rows must hold: name -> (shape, numpy dtype name)."""
-    L, width = m["seq_len"], m.get("n") if m["mode"] == "sample" else m.get("k")
-    want = {"input_ids": ((rows, L), "int32"), "loss_mask": ((rows, L), "uint8"),
-            "next_ids": ((rows,), "int32"),
-            "ids": ((rows, L, width), np.dtype(id_dtype(m["vocab_size"])).name)}
-    want.update({"counts": ((rows, L, width), "uint8")} if m["mode"] == "sample"
-                else {"logprobs": ((rows, L, width), "float16")})
-    for layer in m.get("hidden_resolved") or []:
-        want[f"hidden.{layer}"] = ((rows, L, m["hidden_size"]), "float16")
-    return want
-
-
-def estimate_bytes(m: dict, rows: int) -> int:
-    """Bytes on disk of `rows` cached rows (headers aside): what `cache` checks against the
-    free space before it starts."""
-    return sum(int(np.prod(shape)) * np.dtype(dt).itemsize
-               for shape, dt in expected_tensors(m, rows).values())
-
-
-def _check_free_space(cache_dir: str, m: dict, rows: int) -> None:
-    need = estimate_bytes(m, rows) + (64 << 20)  # margin: headers, manifest, other writers
-    free = files.free_bytes(cache_dir)
-    if need > free:
-        raise CacheError(f"cache {cache_dir} needs about {files.human(need)} for {rows} rows "
-                         f"but only {files.human(free)} is free there; free space, lower "
-                         "data.max_rows or point cache.dir at a bigger disk")
-
-
-_ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F16": 2, "BF16": 2, "U16": 2, "I16": 2, "F32": 4,
-              "U32": 4, "I32": 4, "F64": 8, "I64": 8, "U64": 8}
-_NP_TO_ST = {"int32": "I32", "uint8": "U8", "uint16": "U16", "float16": "F16"}
-
-
-def check_header(path: str, name: str, want: dict) -> None:
-    """Refuse a shard whose safetensors header disagrees with its own bytes or with the
-    manifest, before any tensor is allocated: a lying header must not make the reader
-    allocate gigabytes or read past the end of the file."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or n > min(size - 8, 100 << 20):
-            raise CacheError(f"shard {name}: header length {n} does not fit its {size} bytes "
-                             "(truncated or corrupt); delete it and rerun `mlxdistill cache`")
-        try:
-            header = json.loads(f.read(n))
-            spans = sorted((int(t["data_offsets"][0]), int(t["data_offsets"][1]), k)
-                           for k, t in header.items() if k != "__metadata__")
-            nbytes = {k: int(np.prod(t["shape"], dtype=np.int64)) * _ST_DTYPES[t["dtype"]]
-                      for k, t in header.items() if k != "__metadata__"}
-        except (ValueError, KeyError, TypeError, IndexError):
-            raise CacheError(f"shard {name}: unreadable safetensors header; delete it and "
-                             "rerun `mlxdistill cache`") from None
-    pos = 0
-    for lo, hi, key in spans:
-        if lo != pos or hi - lo != nbytes[key]:
-            raise CacheError(f"shard {name}: tensor {key} declares {nbytes[key]} bytes at "
-                             f"[{lo}, {hi}) which its data does not match; refusing it")
-        pos = hi
-    if pos != size - 8 - n:
-        raise CacheError(f"shard {name}: tensors declare {pos} bytes but the file holds "
-                         f"{size - 8 - n} (truncated or padded); delete it and rerun "
-                         "`mlxdistill cache`")
-    for key, (shape, dtype) in want.items():
-        t = header.get(key)
-        if t is None:
-            raise CacheError(f"shard {name} lacks tensor {key!r}")
-        if list(t["shape"]) != list(shape) or t["dtype"] != _NP_TO_ST[dtype]:
-            raise CacheError(f"shard {name}: {key} is declared {t['dtype']}{t['shape']}, "
-                             f"expected {_NP_TO_ST[dtype]}{list(shape)} from the manifest")
-
-
-def check_contents(t: dict, m: dict, rows: int, name: str) -> None:
-    """Shapes, dtypes and values of one shard against its manifest: what sha256 cannot say
-    when the producer itself was wrong."""
-    V = m["vocab_size"]
-    for key, (shape, dtype) in expected_tensors(m, rows).items():
-        if key not in t:
-            raise CacheError(f"shard {name} lacks tensor {key!r}")
-        if t[key].shape != shape or str(t[key].dtype) != dtype:
-            raise CacheError(f"shard {name}: {key} is {t[key].dtype}{list(t[key].shape)}, "
-                             f"expected {dtype}{list(shape)}")
-    if t["ids"].max(initial=0) >= V or t["input_ids"].min(initial=0) < 0 or \
-            t["input_ids"].max(initial=0) >= V:
-        raise CacheError(f"shard {name} holds token ids outside the vocabulary of {V}")
-    if m["mode"] == "sample":
-        drawn = t["counts"].astype(np.int64)[..., 1:] if m.get("keep_top1") else \
-            t["counts"].astype(np.int64)
-        want_n = m["n"] - 1 if m.get("keep_top1") else m["n"]
-        if (drawn.sum(-1) != want_n).any():
-            raise CacheError(f"shard {name}: draws per position do not sum to n={want_n}")
-    else:
-        lp = t["logprobs"].astype(np.float32)
-        if not np.isfinite(lp).all() or (np.exp(lp).sum(-1) > 1.0 + 1e-2).any():
-            raise CacheError(f"shard {name}: log-probabilities not finite or summing above 1")
-    for key in t:
-        if key.startswith("hidden.") and not np.isfinite(t[key].astype(np.float32)).all():
-            raise CacheError(f"shard {name}: {key} holds non-finite values")
 
 
 def summary(cache_dir: str) -> dict:

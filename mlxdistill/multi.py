@@ -14,7 +14,8 @@ from typing import Iterator
 import numpy as np
 
 from . import data as data_mod
-from .cache import CacheError, ShardReader, merge_ids
+from .cache import CacheError, ShardReader
+from .targets import merge_ids
 
 # Settings that must agree for the caches to describe the same positions.
 SAME_STREAM = ("tokenizer_fingerprint", "vocab_size", "seq_len", "dataset_sha256", "max_rows",
