@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_map
 
 from . import models
 from .config import Config
 from .models import ModelError
+from .probe import probe_teacher, probe_training  # the measured side of --probe
 
 GB = 1 << 30
 
@@ -272,125 +269,6 @@ def estimate_teacher(cfg: Config, s: ModelShape) -> dict:
     }
     return {"parts": parts, "peak_bytes": sum(parts.values())}
 
-
-# ---------------------------------------------------------------- measured probe
-
-def _fake_targets(cfg: Config, batch: int, vocab: int) -> dict:
-    """Cache-shaped teacher targets of the configured mode (values do not change the cost)."""
-    c, L = cfg.cache, cfg.data.seq_len
-    rng = np.random.default_rng(0)
-    idt = np.uint16 if vocab <= 65536 else np.int32
-    if c.mode == "sample":
-        return {"ids": mx.array(rng.integers(0, vocab, (batch, L, c.n)).astype(idt)),
-                "counts": mx.array(np.ones((batch, L, c.n), np.uint8))}
-    k = min(c.k, vocab)
-    return {"ids": mx.array(rng.integers(0, vocab, (batch, L, k)).astype(idt)),
-            "logprobs": mx.array(np.full((batch, L, k), -np.log(k), np.float16))}
-
-
-def _baseline() -> int:
-    """MLX memory already held by the process (unreachable arrays collected first), which a
-    probe's peak must not count."""
-    import gc
-
-    gc.collect()
-    return mx.get_active_memory()
-
-
-def probe_training(cfg: Config, steps: int = 2) -> dict:
-    """Load the student as `train` does and run `steps` optimizer steps of the configured
-    micro-batch on random tokens, the step built as the trainer builds it: peak MLX memory
-    (weights included) and seconds per step after the first (compiled) one."""
-    import mlx.optimizers as optim
-
-    t = cfg.train
-    base = _baseline()
-    model, _, scfg = models.load(cfg.student.model, "student")
-    vocab = models.logits_size(scfg)
-    models.setup_training(model, t.mode, t.lora_rank, t.lora_layers, t.lora_scale,
-                          t.lora_dropout)
-    opt = optim.AdamW(learning_rate=t.lr, weight_decay=t.weight_decay)
-    opt.init(model.trainable_parameters())
-    mx.eval(model.parameters(), opt.state)
-    from .trainer import kd_objective
-
-    objective = kd_objective(cfg, model, vocab)
-
-    def loss_fn(_model, x, mask, labels, targets):
-        return objective(x, targets, labels, mask)[:2]
-
-    grad_fn = nn.value_and_grad(model, loss_fn)
-    state = [model.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def micro_step(x, mask, labels, targets):
-        (loss, ntok), grads = grad_fn(model, x, mask, labels, targets)
-        return loss, ntok, grads
-
-    micro = t.batch_size // t.grad_accum
-    L = cfg.data.seq_len
-    rng = np.random.default_rng(0)
-    x = mx.array(rng.integers(0, vocab, (micro, L)).astype(np.int32))
-    labels = mx.array(rng.integers(0, vocab, (micro, L)).astype(np.int32))
-    mask = mx.ones((micro, L), dtype=mx.uint8)
-    targets = _fake_targets(cfg, micro, vocab)
-    # The trainer keeps the validation rows' teacher distributions (float16) in memory.
-    ev = mx.zeros((t.eval_rows, L, vocab), dtype=mx.float16) if cfg.data.valid and \
-        t.eval_rows else None
-    mx.eval(x, labels, mask, targets, ev)
-    mx.reset_peak_memory()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        acc, total = None, 0.0
-        for _ in range(t.grad_accum):
-            _, ntok, grads = micro_step(x, mask, labels, targets)
-            n = ntok.item()
-            acc = tree_map(lambda g: g * n, grads) if acc is None else \
-                tree_map(lambda a, g: a + g * n, acc, grads)
-            total += n
-        grads = tree_map(lambda g: g / total, acc)
-        if t.grad_clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, t.grad_clip)
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state)
-        times.append(time.perf_counter() - t0)
-        del acc, grads
-    peak = mx.get_peak_memory() - base
-    return {"peak_bytes": int(peak), "step_s": float(np.median(times[1:] or times)),
-            "tokens_per_step": t.batch_size * L}
-
-
-def probe_teacher(cfg: Config, batches: int = 2) -> dict:
-    """Run the teacher over `batches` cache batches of random tokens as the cache pass does:
-    peak MLX memory and tokens per second."""
-    from .cache import sample_targets, topk_targets
-
-    c = cfg.cache
-    base = _baseline()
-    teacher, _, tcfg = models.load(cfg.teacher.model, "teacher")
-    vocab = models.logits_size(tcfg)
-    forward = models.logits_fn(teacher, vocab)
-    rng = np.random.default_rng(0)
-    x = mx.array(rng.integers(0, vocab, (c.batch_size, cfg.data.seq_len)).astype(np.int32))
-    mx.eval(x)
-    mx.reset_peak_memory()
-    times = []
-    for _ in range(batches):
-        t0 = time.perf_counter()
-        logits = forward(x).astype(mx.float32) / c.temperature
-        if c.mode == "topk":
-            topk_targets(logits - mx.logsumexp(logits, axis=-1, keepdims=True), c.k)
-        else:
-            sample_targets(logits, c.n, rng)
-        times.append(time.perf_counter() - t0)
-        del logits
-    peak = mx.get_peak_memory() - base
-    dt = float(np.median(times[1:] or times))
-    return {"peak_bytes": int(peak), "tok_per_s": x.size / dt}
-
-
-# ---------------------------------------------------------------- the plan
 
 def machine_memory() -> tuple[int, str]:
     """Bytes this machine can give MLX: Metal's recommended working set on a Mac, physical

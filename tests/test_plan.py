@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import ROOT, tiny_overrides
 from test_families import CASES, family_pair
 
-from mlxdistill import cache, plan
+from mlxdistill import cache, plan, probe
 from mlxdistill.cli import main
 from mlxdistill.config import load_config
 
@@ -72,7 +72,7 @@ def test_embedded_pair_estimate_matches_real_trainer_step(tmp_path, monkeypatch)
 
     monkeypatch.setattr(trainer, "to_arrays", ready)
     monkeypatch.setattr(Progress, "update", done)
-    base = plan._baseline()  # arrays other tests left behind are not this run's
+    base = probe.baseline()  # arrays other tests left behind are not this run's
     trainer.fit(cfg, quiet=True, log=lambda m: None)
     assert len(peaks) == 3
     measured = max(peaks) - base
