@@ -18,7 +18,7 @@ from typing import Iterator
 
 # Errors that mean "the disk is full" whatever the filesystem reports: no space, quota, or a
 # file-size limit (RLIMIT_FSIZE) hit mid-write.
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -142,6 +142,9 @@ def os_error_message(e: OSError) -> str | None:
     if e.errno in NO_SPACE:
         return (f"out of disk space writing {where} ({e.strerror}); the previous state is "
                 "intact: free some space and run the same command again")
+    if e.errno == errno.EIO:  # also what a write MLX could not finish becomes
+        return (f"could not write {where} ({e.strerror}); the previous state is intact: if "
+                "the disk is full, free some space and run the same command again")
     if e.errno in NOT_WRITABLE:
         return (f"cannot write {where} ({e.strerror}); choose a writable directory or fix "
                 "its permissions")
