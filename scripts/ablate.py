@@ -116,6 +116,12 @@ def main() -> None:
         bpt = "live teacher" if r["bytes_per_token"] is None else f"{r['bytes_per_token']:g}"
         if name == "plain_ce":
             bpt = "0"
+        extra = r["overrides"]
+        if extra.get("cache.hidden_layers"):  # hidden states are stored beside the targets
+            m = json.load(open(os.path.join(extra["cache.dir"], "manifest.json")))
+            bpt += f" + {2 * m['hidden_size'] * len(m['hidden_resolved']):,} hidden"
+        if extra.get("cache.mix"):
+            bpt = f"{len(extra['cache.mix']) + 1} × {bpt}"
         rows.append(f"| {r['label']} | {bpt} | {a['ce']:.3f} | {a['kl']:.3f} | "
                     f"{a['agree_top1']:.3f} | {a['ece']:.3f} | {r['train_tok_per_s']:,.0f} |")
     table = "\n".join(rows)
