@@ -41,8 +41,9 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
-from build_weights import atomic_json, log, lr_at  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+from build_weights import (atomic_json, log, lr_at, restore_checkpoint,  # noqa: E402
+                           save_checkpoint)
+from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.models import llama  # noqa: E402
 
 from make_task import TEMPLATE  # noqa: E402
@@ -147,37 +148,13 @@ def batch_for_step(rows: int, step: int, seed: int) -> np.ndarray:
         i * BATCH:(i + 1) * BATCH])
 
 
-def save_checkpoint(ckdir: str, step: int, model, opt) -> None:
-    d = os.path.join(ckdir, f"step-{step:06d}")
-    tmp = d + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_weights(os.path.join(tmp, "model.safetensors"))
-    mx.save_safetensors(os.path.join(tmp, "optimizer.safetensors"), dict(tree_flatten(opt.state)))
-    shutil.rmtree(d, ignore_errors=True)
-    os.replace(tmp, d)
-    atomic_json(os.path.join(ckdir, "latest.json"), {"step": step})
-    for old in os.listdir(ckdir):
-        if old.startswith("step-") and old != os.path.basename(d):
-            shutil.rmtree(os.path.join(ckdir, old), ignore_errors=True)
-
-
 def train_model(name: str, spec: dict, vocab: int, train, work: str, save_every: int):
     ckdir = os.path.join(work, name)
     os.makedirs(ckdir, exist_ok=True)
     mx.random.seed(spec["seed"])
     model = llama.Model(llama.ModelArgs.from_dict(model_args(spec, vocab)))
     opt = optim.AdamW(learning_rate=spec["lr"], weight_decay=0.1)
-    step = 0
-    latest = os.path.join(ckdir, "latest.json")
-    if os.path.exists(latest):
-        with open(latest) as f:
-            step = json.load(f)["step"]
-        d = os.path.join(ckdir, f"step-{step:06d}")
-        model.load_weights(os.path.join(d, "model.safetensors"))
-        opt.init(model.trainable_parameters())
-        opt.state = tree_unflatten(list(mx.load(os.path.join(d, "optimizer.safetensors")).items()))
-        log(f"{name}: resuming at step {step}")
+    step = restore_checkpoint(ckdir, name, model, opt)
     mx.eval(model.parameters())
     if step >= spec["steps"]:
         return model

@@ -195,22 +195,45 @@ def heldout_ce(model, stream: np.ndarray) -> float:
     return tot / cnt
 
 
+def save_checkpoint(ckdir: str, step: int, model, opt) -> None:
+    """Weights + optimizer state as step-NNNNNN (temp dir renamed), then latest.json; only
+    the newest checkpoint is kept."""
+    d = os.path.join(ckdir, f"step-{step:06d}")
+    tmp = d + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_weights(os.path.join(tmp, "model.safetensors"))
+    mx.save_safetensors(os.path.join(tmp, "optimizer.safetensors"), dict(tree_flatten(opt.state)))
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
+    atomic_json(os.path.join(ckdir, "latest.json"), {"step": step})
+    for old in os.listdir(ckdir):
+        if old.startswith("step-") and old != os.path.basename(d):
+            shutil.rmtree(os.path.join(ckdir, old), ignore_errors=True)
+
+
+def restore_checkpoint(ckdir: str, name: str, model, opt) -> int:
+    """The step of the last checkpoint in ckdir, loaded into model and opt (0 if none)."""
+    latest = os.path.join(ckdir, "latest.json")
+    if not os.path.exists(latest):
+        return 0
+    with open(latest) as f:
+        step = json.load(f)["step"]
+    d = os.path.join(ckdir, f"step-{step:06d}")
+    model.load_weights(os.path.join(d, "model.safetensors"))
+    opt.init(model.trainable_parameters())
+    opt.state = tree_unflatten(list(mx.load(os.path.join(d, "optimizer.safetensors")).items()))
+    log(f"{name}: resuming at step {step}")
+    return step
+
+
 def train_model(name: str, spec: dict, train: np.ndarray, valid: np.ndarray, work: str):
     ckdir = os.path.join(work, name)
     os.makedirs(ckdir, exist_ok=True)
     mx.random.seed(spec["seed"])
     model = llama.Model(llama.ModelArgs.from_dict(model_args(spec)))
     opt = optim.AdamW(learning_rate=spec["lr"], weight_decay=0.1)
-    step = 0
-    latest = os.path.join(ckdir, "latest.json")
-    if os.path.exists(latest):
-        with open(latest) as f:
-            step = json.load(f)["step"]
-        d = os.path.join(ckdir, f"step-{step:06d}")
-        model.load_weights(os.path.join(d, "model.safetensors"))
-        opt.init(model.trainable_parameters())
-        opt.state = tree_unflatten(list(mx.load(os.path.join(d, "optimizer.safetensors")).items()))
-        log(f"{name}: resuming at step {step}")
+    step = restore_checkpoint(ckdir, name, model, opt)
     mx.eval(model.parameters())
     nparams = sum(v.size for _, v in tree_flatten(model.parameters()))
     log(f"{name}: {nparams / 1e6:.2f} M parameters, {spec['steps']} steps of {BATCH}x{SEQ}")
@@ -242,19 +265,7 @@ def train_model(name: str, spec: dict, train: np.ndarray, valid: np.ndarray, wor
                 f"lr {lr_at(step - 1, spec):.2e} {tps:.0f} tok/s")
             losses = []
         if step % 50 == 0 or step == spec["steps"]:
-            d = os.path.join(ckdir, f"step-{step:06d}")
-            tmp = d + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            model.save_weights(os.path.join(tmp, "model.safetensors"))
-            mx.save_safetensors(os.path.join(tmp, "optimizer.safetensors"),
-                                dict(tree_flatten(opt.state)))
-            shutil.rmtree(d, ignore_errors=True)
-            os.replace(tmp, d)
-            atomic_json(latest, {"step": step})
-            for old in os.listdir(ckdir):
-                if old.startswith("step-") and old != os.path.basename(d):
-                    shutil.rmtree(os.path.join(ckdir, old), ignore_errors=True)
+            save_checkpoint(ckdir, step, model, opt)
     return model
 
 
