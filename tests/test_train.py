@@ -37,22 +37,27 @@ def _weights(path):
     return dict(mx.load(os.path.join(path, "model", "model.safetensors")))
 
 
-def test_resume_after_kill_equals_uninterrupted(tiny, tmp_path, monkeypatch):
-    common = {"train.iters": 8, "train.save_every": 4, "train.grad_accum": 2}
-    cfg_a, _ = run(tiny, tmp_path / "a", **common)
-
+def interrupted_at(cfg, step: int, monkeypatch) -> None:
+    """Train `cfg` until `step` is done, then interrupt it (Ctrl-C) as a kill would."""
     real_update = trainer.Progress.update
 
     def dying_update(self, n=1, units=0.0, postfix=None):
         real_update(self, n, units, postfix)
-        if self.done == 6:
+        if self.done == step:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer.Progress, "update", dying_update)
-    cfg_b = load_config(None, tiny_overrides(tiny, tmp_path / "b", **common))
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(cfg_b, **QUIET)
+        trainer.train(cfg, **QUIET)
     monkeypatch.setattr(trainer.Progress, "update", real_update)
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny, tmp_path, monkeypatch):
+    common = {"train.iters": 8, "train.save_every": 4, "train.grad_accum": 2}
+    cfg_a, _ = run(tiny, tmp_path / "a", **common)
+
+    cfg_b = load_config(None, tiny_overrides(tiny, tmp_path / "b", **common))
+    interrupted_at(cfg_b, 6, monkeypatch)
     assert not os.path.exists(os.path.join(cfg_b.run.dir, "model"))
     logs = []
     trainer.train(cfg_b, quiet=True, log=logs.append)
@@ -196,18 +201,8 @@ def test_on_policy_gkd_runs_and_resumes_exactly(tiny, tmp_path, monkeypatch):
     recs = list(map(json.loads, open(os.path.join(cfg_a.run.dir, "metrics.jsonl"))))
     assert recs[-1]["on_policy_steps"] == n_on
 
-    real_update = trainer.Progress.update
-
-    def dying_update(self, n=1, units=0.0, postfix=None):
-        real_update(self, n, units, postfix)
-        if self.done == 6:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(trainer.Progress, "update", dying_update)
     cfg_b = load_config(None, tiny_overrides(tiny, tmp_path / "b", **common))
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train(cfg_b, **QUIET)
-    monkeypatch.setattr(trainer.Progress, "update", real_update)
+    interrupted_at(cfg_b, 6, monkeypatch)
     trainer.train(cfg_b, **QUIET)
     wa, wb = _weights(cfg_a.run.dir), _weights(cfg_b.run.dir)
     for k in wa:
