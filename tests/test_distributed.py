@@ -67,6 +67,20 @@ def finish(proc, out, timeout):
     return proc.returncode, out.read()
 
 
+def rank0_outcome(rank0, rank1, timeout=60):
+    """(exit status, output, seconds) of rank 0 given `timeout` seconds to end; both ranks
+    are reaped and their logs closed whatever happens."""
+    r0, out0 = rank0
+    t0 = time.time()
+    try:
+        code, text = finish(r0, out0, timeout=timeout)
+    finally:
+        for p, f in (rank0, rank1):
+            finish(p, f, timeout=0)
+            f.close()
+    return code, text, time.time() - t0
+
+
 def test_two_ranks_match_one_process(tiny, tmp_path, monkeypatch):
     common = {"train.iters": 4, "train.batch_size": 4, "train.save_every": 2,
               "train.grad_accum": 1}
@@ -153,7 +167,8 @@ def test_dead_rank_stops_the_other(tiny, tmp_path):
     run = tmp_path / "run"
     ov = tiny_overrides(tiny, tmp_path, **{"train.iters": 100000, "train.save_every": 2,
                                            "train.eval_every": 100000})
-    (r0, out0), (r1, out1) = spawn_ranks(tmp_path, [*CLI, "train", *ov])
+    ranks = spawn_ranks(tmp_path, [*CLI, "train", *ov])
+    (r0, _), (r1, _) = ranks
     try:
         deadline = time.time() + 120
         while not (run / "checkpoints").is_dir() and time.time() < deadline:
@@ -161,13 +176,10 @@ def test_dead_rank_stops_the_other(tiny, tmp_path):
             time.sleep(0.2)
         assert (run / "checkpoints").is_dir(), "training never started"
         r1.send_signal(signal.SIGKILL)  # rank 1 dies mid-training
-        t0 = time.time()
-        code, text = finish(r0, out0, timeout=60)
-        took = time.time() - t0
-    finally:
-        for p, f in ((r0, out0), (r1, out1)):
-            finish(p, f, timeout=0)
-            f.close()
+    except BaseException:
+        rank0_outcome(*ranks, timeout=0)
+        raise
+    code, text, took = rank0_outcome(*ranks)
     assert code == EXIT_CODE, text
     assert "error: rank 0: lost contact with another rank during" in text, text
     assert "Traceback" not in text
@@ -186,15 +198,7 @@ w.barrier("the second barrier")
 
 
 def test_hung_rank_times_out(tmp_path):
-    (r0, out0), (r1, out1) = spawn_ranks(tmp_path, [sys.executable, "-c", HANG])
-    try:
-        t0 = time.time()
-        code, text = finish(r0, out0, timeout=60)
-        took = time.time() - t0
-    finally:
-        for p, f in ((r0, out0), (r1, out1)):
-            finish(p, f, timeout=0)
-            f.close()
+    code, text, took = rank0_outcome(*spawn_ranks(tmp_path, [sys.executable, "-c", HANG]))
     assert code == EXIT_CODE, text
     assert "rank 0: no answer from the other ranks for 2 s during the second barrier" in text
     assert took < 30, took
