@@ -41,9 +41,6 @@ def target_keys(manifest: dict) -> list[str]:
         f"hidden.{layer}" for layer in manifest.get("hidden_resolved") or []]
 
 
-_atomic_json = files.atomic_json
-
-
 def shard_sha256(path: str) -> str:
     return data_mod.file_sha256(path)
 
@@ -212,7 +209,7 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
     if todo_rows and world.main:
         dt = time.time() - t0
         manifest["pass_tok_per_s"] = round(todo_rows * cfg.data.seq_len / dt, 1)
-        _atomic_json(mpath, manifest)
+        files.atomic_json(mpath, manifest)
         log(f"teacher pass done: {manifest['pass_tok_per_s']:,.0f} tok/s, {dt:.0f} s")
     return world.bcast(manifest, "sharing the cache manifest")
 
@@ -239,7 +236,7 @@ def _merge_records(cache_dir: str, mpath: str, manifest: dict, records: list[dic
     manifest["shards"].extend(records)
     manifest["shards"].sort(key=lambda s: s["index"])
     manifest["complete"] = len(manifest["shards"]) == nshards
-    _atomic_json(mpath, manifest)
+    files.atomic_json(mpath, manifest)
 
 
 # ---------------------------------------------------------------- reader
@@ -294,7 +291,7 @@ class ShardReader:
             seen[s["file"]] = stamp
             changed = True
         if changed:
-            _atomic_json(vpath, seen)
+            files.atomic_json(vpath, seen)
 
     def load_shard(self, i: int) -> dict:
         sh = self.shards[i]

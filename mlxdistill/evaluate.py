@@ -6,7 +6,6 @@ student was trained on, so a biased objective cannot hide behind agreement.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Optional
@@ -16,7 +15,7 @@ import numpy as np
 import yaml
 
 from . import data as data_mod
-from . import losses, models
+from . import files, losses, models
 from .config import ConfigError, from_dict
 from .progress import Progress
 
@@ -196,10 +195,7 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
     # Cloud fallback: per-query confidence of the trained student and the deferral curve.
     res["fallback"] = fallback_summary(teacher, after, path, ttok, cfg, match.vocab_size)
     if write:
-        tmp = os.path.join(run_dir, "eval.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=2)
-        os.replace(tmp, os.path.join(run_dir, "eval.json"))
+        files.atomic_json(os.path.join(run_dir, "eval.json"), res)
         from .plots import plot_deferral
 
         plot_deferral(res["fallback"], os.path.join(run_dir, "plots", "deferral.png"))

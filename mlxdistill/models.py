@@ -301,7 +301,7 @@ def save_adapters(model, adapter_config: dict, base_model: str, out_dir: str) ->
     with files.atomic_path(os.path.join(out_dir, "adapters.safetensors")) as tmp:
         mx.save_safetensors(tmp, weights)
     cfg = {**adapter_config, "model": base_model}
-    _write_json(os.path.join(out_dir, "adapter_config.json"), cfg)
+    files.atomic_json(os.path.join(out_dir, "adapter_config.json"), cfg)
 
 
 def save_full_model(model, tokenizer, config: dict, src_path: str, out_dir: str) -> None:
@@ -318,8 +318,6 @@ def save_full_model(model, tokenizer, config: dict, src_path: str, out_dir: str)
             if not os.path.exists(os.path.join(tmp, os.path.basename(f))):
                 shutil.copy(f, tmp)
 
-
-_write_json = files.atomic_json
 
 
 def quantize(model, config: dict, group_size: int, bits: int):

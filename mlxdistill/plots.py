@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from . import files
+
 
 def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
     if not os.path.exists(metrics_path):
@@ -37,8 +39,8 @@ def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
             ax.grid(alpha=0.3)
             fig.tight_layout()
             path = os.path.join(out_dir, name)
-            fig.savefig(path + ".tmp.png", dpi=100)
-            os.replace(path + ".tmp.png", path)
+            with files.atomic_path(path) as tmp:
+                fig.savefig(tmp, dpi=100)
             written.append(path)
         plt.close(fig)
     return written
@@ -64,7 +66,7 @@ def plot_deferral(fb: dict, path: str) -> str:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=100)
-    os.replace(path + ".tmp.png", path)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path

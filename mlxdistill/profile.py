@@ -21,7 +21,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import losses, models
+from . import files, losses, models
 from .config import ConfigError
 
 DEVICES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "devices.json")
@@ -235,8 +235,8 @@ def plot(results: list[dict], path: str, backend: str = "") -> None:
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    os.replace(path + ".tmp.png", path)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -323,9 +323,8 @@ def run_profile(target: str, bits_list, prompt_tokens: int = 128, gen_tokens: in
             os.makedirs(out_dir, exist_ok=True)
             for name, text in (("profile.json", json.dumps(report, indent=2)),
                                ("profile.md", format_markdown(report))):
-                with open(os.path.join(out_dir, name + ".tmp"), "w") as f:
+                with files.atomic_path(os.path.join(out_dir, name)) as tmp, open(tmp, "w") as f:
                     f.write(text + "\n")
-                os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
             plot(results, os.path.join(out_dir, "profile.png"), hw["backend"])
         except OSError as e:
             raise ConfigError(f"cannot write the profile to {out_dir}: {e.strerror or e}; "
