@@ -1,7 +1,8 @@
 """Distillation losses: pure functions returning (loss, ntokens).
 
-The student side is always a float32 log-softmax over the full vocabulary; the teacher side
-comes from the cache (sparse) or a live teacher (dense). Per-position values are averaged
+The student side is float32 log-probabilities: at the cached ids only (its logits there minus
+their logsumexp) for sparse targets, over the full vocabulary for dense ones; the teacher
+side comes from the cache (sparse) or a live teacher (dense). Per-position values are averaged
 over the positions whose mask is 1; a batch with no trained position gives 0, not NaN.
 """
 
@@ -26,24 +27,22 @@ def masked_mean(per_pos: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
     return (per_pos * m).sum() / mx.maximum(ntok, 1.0), ntok
 
 
-def sampled_kl_pos(logp_s: mx.array, ids: mx.array, counts: mx.array) -> mx.array:
-    """KL(empirical ‖ student) per position, the empirical distribution being counts / n.
+def _scaled(logits: mx.array, temperature: float) -> mx.array:
+    z = logits.astype(mx.float32)
+    return z if temperature == 1.0 else z / temperature
+
+
+def sampled_kl_pos(lq: mx.array, counts: mx.array) -> mx.array:
+    """KL(empirical ‖ student) per position, the empirical distribution being counts / n;
+    lq holds the student's log-probabilities at the drawn ids.
 
     Its gradient is the cross-entropy gradient against the draws, an unbiased estimate of
     the forward-KL gradient; subtracting the empirical entropy only makes the value 0 when
     the student matches the draws exactly."""
     c = counts.astype(mx.float32)
     w = c / mx.maximum(c.sum(axis=-1, keepdims=True), 1.0)
-    lq = mx.take_along_axis(logp_s, ids.astype(mx.int32), axis=-1)
     logw = mx.log(mx.maximum(w, _EPS))
     return mx.where(w > 0, w * (logw - lq), 0.0).sum(axis=-1)
-
-
-def topk_kl_pos(logp_s: mx.array, ids: mx.array, logp_t: mx.array) -> mx.array:
-    """Forward KL over k+1 buckets: the teacher's top-k ids, plus one "tail" bucket holding the
-    teacher's residual mass 1 - sum(top-k) against the student's mass outside those ids."""
-    lp, lq = buckets(logp_s, {"ids": ids, "logprobs": logp_t})
-    return _kl(lp, lq)
 
 
 def dense_kl_pos(logp_s: mx.array, logp_t: mx.array) -> mx.array:
@@ -51,19 +50,16 @@ def dense_kl_pos(logp_s: mx.array, logp_t: mx.array) -> mx.array:
     return _kl(logp_t.astype(mx.float32), logp_s)
 
 
-def buckets(logp_s: mx.array, targets: dict) -> tuple[mx.array, mx.array]:
-    """(log p_teacher, log q_student) over the buckets the targets resolve: the k cached ids
-    plus one tail bucket for top-k targets, every id for dense ones. Each divergence below is
-    exact on these buckets; for top-k it is the divergence between the two distributions
-    coarsened to k+1 outcomes (a lower bound on the full-vocabulary value)."""
-    lp_t = targets["logprobs"].astype(mx.float32)
-    if "ids" not in targets:
-        return lp_t, logp_s
+def buckets(lq: mx.array, logp_t: mx.array) -> tuple[mx.array, mx.array]:
+    """(log p_teacher, log q_student) over k+1 buckets: the teacher's k cached ids (lq: the
+    student's log-probabilities there) plus one tail bucket holding the rest of each side's
+    mass. Each divergence below is exact on these buckets: the divergence between the two
+    distributions coarsened to k+1 outcomes (a lower bound on the full-vocabulary value)."""
+    lp_t = logp_t.astype(mx.float32)
     # Slots marked -inf are empty (a multi-teacher merge pads with them): no mass on either
     # side, so a padding id repeated there is not counted twice in the student's tail.
     valid = lp_t > -mx.inf
     lp_t = mx.where(valid, lp_t, -1e4)
-    lq = mx.take_along_axis(logp_s, targets["ids"].astype(mx.int32), axis=-1)
     lq = mx.where(valid, lq, -1e4)
     tail_t = mx.log(mx.maximum(1.0 - mx.exp(lp_t).sum(-1, keepdims=True), _EPS))
     tail_s = mx.log(mx.maximum(1.0 - mx.exp(lq).sum(-1, keepdims=True), _EPS))
@@ -102,6 +98,45 @@ DIVERGENCES = {
 }
 
 
+def _per_position(student_logits: mx.array, targets: dict, labels, temperature: float,
+                  name: str, beta: float, skew: float):
+    """(KD per position, CE per position or None when labels is None).
+
+    Sparse targets never build the student's [B, L, V] log-softmax: the student's log-prob
+    at an id is its logit there minus the logsumexp, so one gather of the k ids (and the
+    label, when T = 1 lets CE share the logsumexp) is all that is taken from the logits —
+    the same [B, L, V] work as plain cross-entropy, forward and backward."""
+    z = _scaled(student_logits, temperature)
+    lse = mx.logsumexp(z, axis=-1, keepdims=True)
+    sparse = "ids" in targets
+    share = labels is not None and temperature == 1.0
+    cols = [targets["ids"].astype(mx.int32)] if sparse else []
+    if share:
+        cols.append(mx.maximum(labels, 0).astype(mx.int32)[..., None])
+    at = (mx.take_along_axis(z, cols[0] if len(cols) == 1 else mx.concatenate(cols, -1), -1)
+          - lse) if cols else None
+    if "counts" in targets:
+        if name != "forward_kl":
+            raise ValueError(f"loss {name!r} is not defined on sampled targets")
+        per = sampled_kl_pos(at[..., :targets["ids"].shape[-1]], targets["counts"])
+    elif sparse:
+        lq = at[..., :targets["ids"].shape[-1]]
+        per = DIVERGENCES[name](*buckets(lq, targets["logprobs"]), beta, skew)
+    else:
+        lp_t = targets["logprobs"].astype(mx.float32)
+        per = DIVERGENCES[name](lp_t, z - lse, beta, skew)
+    if labels is None:
+        return per, None
+    ce = -at[..., -1] if share else _ce_pos(student_logits, labels)
+    return per, ce
+
+
+def _ce_pos(student_logits: mx.array, labels: mx.array) -> mx.array:
+    z = student_logits.astype(mx.float32)
+    lab = mx.maximum(labels, 0).astype(mx.int32)[..., None]
+    return (mx.logsumexp(z, axis=-1, keepdims=True) - mx.take_along_axis(z, lab, -1))[..., 0]
+
+
 def kd_loss(student_logits: mx.array, targets: dict, mask: mx.array,
             temperature: float = 1.0, name: str = "forward_kl", beta: float = 0.5,
             skew: float = 0.1) -> tuple[mx.array, mx.array]:
@@ -111,13 +146,7 @@ def kd_loss(student_logits: mx.array, targets: dict, mask: mx.array,
     targets: {"ids", "counts"} (sampled: forward KL only, the draws say nothing about the
     teacher's probability of ids they missed), {"ids", "logprobs"} (top-k) or {"logprobs"}
     (dense, full vocabulary)."""
-    logp_s = log_softmax(student_logits, temperature)
-    if "counts" in targets:
-        if name != "forward_kl":
-            raise ValueError(f"loss {name!r} is not defined on sampled targets")
-        per = sampled_kl_pos(logp_s, targets["ids"], targets["counts"])
-    else:
-        per = DIVERGENCES[name](*buckets(logp_s, targets), beta, skew)
+    per, _ = _per_position(student_logits, targets, None, temperature, name, beta, skew)
     loss, ntok = masked_mean(per, mask)
     return loss * (temperature ** 2), ntok
 
@@ -139,19 +168,18 @@ def hidden_loss(pred: mx.array, target: mx.array, mask: mx.array,
 
 def ce_loss(student_logits: mx.array, labels: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
     """Hard-label cross-entropy; labels < 0 (no next token) are ignored."""
-    logp = log_softmax(student_logits)
-    valid = labels >= 0
-    lq = mx.take_along_axis(logp, mx.maximum(labels, 0).astype(mx.int32)[..., None], axis=-1)
-    return masked_mean(-lq[..., 0], mask.astype(mx.bool_) & valid)
+    return masked_mean(_ce_pos(student_logits, labels), mask.astype(mx.bool_) & (labels >= 0))
 
 
 def distill_loss(student_logits: mx.array, targets: dict, labels: mx.array, mask: mx.array,
                  alpha: float = 0.0, temperature: float = 1.0, name: str = "forward_kl",
                  beta: float = 0.5, skew: float = 0.1):
     """(1 - alpha) * KD + alpha * CE -> (loss, ntokens, kd, ce). CE is computed even at
-    alpha = 0: it is logged, and costs one gather next to the model's forward pass."""
-    kd, ntok = kd_loss(student_logits, targets, mask, temperature, name, beta, skew)
-    ce, _ = ce_loss(student_logits, labels, mask)
+    alpha = 0: it is logged, and shares the KD's logsumexp and gather."""
+    per, ce_per = _per_position(student_logits, targets, labels, temperature, name, beta, skew)
+    kd, ntok = masked_mean(per, mask)
+    kd = kd * (temperature ** 2)
+    ce, _ = masked_mean(ce_per, mask.astype(mx.bool_) & (labels >= 0))
     return (1.0 - alpha) * kd + alpha * ce, ntok, kd, ce
 
 
@@ -179,10 +207,11 @@ def chunked_distill_loss(hidden: mx.array, head, head_params, targets: dict,
     def sums(ls, h, sl):
         logits = head(tree_unflatten(list(zip(names, ls))), h)
         m = mask[:, sl]
-        kd, n = kd_loss(logits, {k: v[:, sl] for k, v in targets.items()}, m, temperature,
-                        name, beta, skew)
-        ce, n_ce = ce_loss(logits, labels[:, sl], m)
-        return [kd * n, n, ce * n_ce, n_ce]
+        per, ce_per = _per_position(logits, {k: v[:, sl] for k, v in targets.items()},
+                                    labels[:, sl], temperature, name, beta, skew)
+        kd, n = masked_mean(per, m)
+        ce, n_ce = masked_mean(ce_per, m.astype(mx.bool_) & (labels[:, sl] >= 0))
+        return [kd * (temperature ** 2) * n, n, ce * n_ce, n_ce]
 
     @mx.custom_function
     def total(*args):

@@ -91,6 +91,7 @@ class ModelShape:
     float_bytes: int  # bytes per float weight and activation as loaded
     fused: int  # outputs of fused projections per layer (Phi-3 qkv_proj, gate_up_proj)
     extra_norms: int  # norm outputs per layer beyond a Llama block's two (Gemma, q/k norms)
+    attn_copies: int  # [heads, L] score arrays per token a block keeps for its backward pass
     lora_per_rank_layer: float  # LoRA parameters per unit of rank, per transformer block
 
 
@@ -160,20 +161,24 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
         bits=int(bits) if bits else None, float_bytes=fbytes,
         fused=fused,
         extra_norms=max(0, norms - 2 * hidden),
+        # Gemma-2's attention soft-cap (scores / cap, tanh, * cap) keeps 4 more score-sized
+        # arrays per block than a plain softmax, measured on the family matrix's Gemma-2.
+        attn_copies=1 + 4 * bool(config.get("attn_logit_softcapping")),
         lora_per_rank_layer=sum(lora.values()) / max(1, len(model.layers)))
 
 
 # Floats kept per token by one training step, measured on MLX's CPU backend by varying one
 # dimension at a time of a Llama block (tests/test_plan.py re-checks the sum on every family):
-#  - logits: the [B, L, V] float32 logits, their log-softmax, exp and gradients: 7 copies
-#    live at the peak (3 in a forward-only teacher pass: logits, softmax, its cumsum).
+#  - logits: the [B, L, V] float32 logits, and in the backward pass the softmax (the
+#    logsumexp's gradient) and the scatter of the gathered ids' gradient: 3.1 copies live at
+#    the peak (3 in a forward-only teacher pass: logits, softmax, its cumsum).
 #  - per layer, saved for the backward pass: the residual input and the two normed inputs,
 #    q/k/v before and after RoPE and the attention output (4 d + 3 q + 3 kv), the MLP's gate,
 #    up, sigmoid, SiLU and product (5 ffn), the attention probabilities (heads x L), and
 #    whatever the architecture adds: fused projections' outputs, norms beyond two.
 #  - once, at the peak (the last layer's backward): 2 ffn, 2 heads x L, and the head's
 #    d-sized buffers (22 d when the embedding is trained, 8 d when it is frozen).
-TRAIN_LOGIT_COPIES = 7
+TRAIN_LOGIT_COPIES = 3.1
 TEACHER_LOGIT_COPIES = 3
 # Gemma-2's soft-capping (tanh over the logits) measured no extra copy in either pass.
 TRAIN_FULL_COPIES = 3  # weights + AdamW's two moments (gradients are freed as they apply)
@@ -182,9 +187,9 @@ TRAIN_FULL_COPIES = 3  # weights + AdamW's two moments (gradients are freed as t
 # train.loss_chunk computes the loss over chunks of positions, one chunk after another, each
 # chunk's logits recomputed in the backward pass. Measured on the CPU backend (embedded
 # student, seq_len 256 and 512, chunks of 1/16 to 1/2 of the sequence): nothing of the
-# whole-sequence logits remains, and about 11 copies of one chunk's share are live at the
+# whole-sequence logits remains, and about 5 copies of one chunk's share are live at the
 # peak, never more than the unchunked step's copies.
-CHUNKED_LOGIT_COPIES = (0.0, 11.0)
+CHUNKED_LOGIT_COPIES = (0.0, 5.0)
 
 
 def train_logit_copies(cfg: Config) -> float:
@@ -201,8 +206,8 @@ def train_activation_floats(s: ModelShape, seq_len: int, full: bool,
     train.grad_checkpoint a block keeps only its input, and one block's activations exist at
     a time, while its backward pass recomputes them."""
     attn = s.heads * seq_len
-    per_layer = (4 * s.hidden + 3 * s.q_dim + 3 * s.kv_dim + 5 * s.ffn + attn + s.fused
-                 + s.extra_norms)
+    per_layer = (4 * s.hidden + 3 * s.q_dim + 3 * s.kv_dim + 5 * s.ffn + s.attn_copies * attn
+                 + s.fused + s.extra_norms)
     once = 2 * s.ffn + 2 * attn + (22 if full else 8) * s.hidden
     if checkpoint:
         return s.layers * s.hidden + per_layer + once

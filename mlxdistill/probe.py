@@ -4,15 +4,13 @@ as `cache` and `train` build them, and measure their peak memory and speed."""
 from __future__ import annotations
 
 import time
-from functools import partial
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_map
 
 from . import models
 from .config import Config
+from .step import make_step
 
 
 def _fake_targets(cfg: Config, batch: int, vocab: int) -> dict:
@@ -57,23 +55,16 @@ def probe_training(cfg: Config, steps: int = 2) -> dict:
     objective = kd_objective(cfg, model, vocab)
 
     def loss_fn(_model, x, mask, labels, targets):
-        return objective(x, targets, labels, mask)[:2]
+        loss, ntok, kd, ce = objective(x, targets, labels, mask)
+        return loss, (ntok, kd, ce, mx.array(0.0))
 
-    grad_fn = nn.value_and_grad(model, loss_fn)
-    state = [model.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def micro_step(x, mask, labels, targets):
-        (loss, ntok), grads = grad_fn(model, x, mask, labels, targets)
-        return loss, ntok, grads
-
-    micro = t.batch_size // t.grad_accum
+    step_fn = make_step(model, opt, loss_fn, t.grad_clip, t.grad_accum)
     L = cfg.data.seq_len
     rng = np.random.default_rng(0)
-    x = mx.array(rng.integers(0, vocab, (micro, L)).astype(np.int32))
-    labels = mx.array(rng.integers(0, vocab, (micro, L)).astype(np.int32))
-    mask = mx.ones((micro, L), dtype=mx.uint8)
-    targets = _fake_targets(cfg, micro, vocab)
+    x = mx.array(rng.integers(0, vocab, (t.batch_size, L)).astype(np.int32))
+    labels = mx.array(rng.integers(0, vocab, (t.batch_size, L)).astype(np.int32))
+    mask = mx.ones((t.batch_size, L), dtype=mx.uint8)
+    targets = _fake_targets(cfg, t.batch_size, vocab)
     # The trainer keeps the validation rows' teacher distributions (float16) in memory.
     ev = mx.zeros((t.eval_rows, L, vocab), dtype=mx.float16) if cfg.data.valid and \
         t.eval_rows else None
@@ -82,20 +73,8 @@ def probe_training(cfg: Config, steps: int = 2) -> dict:
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        acc, total = None, 0.0
-        for _ in range(t.grad_accum):
-            _, ntok, grads = micro_step(x, mask, labels, targets)
-            n = ntok.item()
-            acc = tree_map(lambda g: g * n, grads) if acc is None else \
-                tree_map(lambda a, g: a + g * n, acc, grads)
-            total += n
-        grads = tree_map(lambda g: g / total, acc)
-        if t.grad_clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, t.grad_clip)
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state)
+        mx.eval(step_fn(x, mask, labels, targets), model.parameters(), opt.state)
         times.append(time.perf_counter() - t0)
-        del acc, grads
     peak = mx.get_peak_memory() - base
     return {"peak_bytes": int(peak), "step_s": float(np.median(times[1:] or times)),
             "tokens_per_step": t.batch_size * L}

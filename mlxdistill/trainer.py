@@ -9,19 +9,16 @@ functions of (seed, step), so a resumed run continues exactly as if never stoppe
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
-from functools import partial
 from typing import Optional
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import yaml
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from . import cache as cache_mod
 from . import data as data_mod
@@ -29,6 +26,7 @@ from . import files, losses, models, onpolicy
 from .config import Config, ConfigError, from_dict, save_config
 from .distributed import World
 from .progress import Progress
+from .step import NTOK, make_step
 
 # Keys that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = {("train", "iters"), ("train", "save_every"), ("train", "eval_every"),
@@ -391,22 +389,44 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
             loss = loss + lc.hidden_weight * hid
         return loss, (ntok, kd, ce, hid)
 
-    grad_fn = nn.value_and_grad(model, loss_fn)
-    state = [model.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def micro_step(x, mask, labels, targets):
-        (loss, (ntok, kd, ce, hid)), grads = grad_fn(model, x, mask, labels, targets)
-        return loss, ntok, kd, ce, hid, grads
-
-    share = t.batch_size // world.size
-    micro = share // t.grad_accum
+    step_fn = make_step(model, opt, loss_fn, t.grad_clip, t.grad_accum, world)
     batches = source.batches(t.batch_size, cfg.run.seed, start_step=step, rank=world.rank,
                              size=world.size)
     bar = Progress(t.iters, "train", "tok", quiet)
     bar.done = step
     t_report, tok_report = time.time(), 0
     metrics_f = open(metrics_path, "a") if world.main else None
+    # Steps not yet read back to the host: their values are read at report, eval and save
+    # steps only (one transfer for all of them), so the loop never waits on a step's scalars.
+    pending: list = []
+    last: dict = {}
+
+    def settle() -> None:
+        nonlocal skipped
+        if not pending:
+            return
+        rows = mx.stack([mx.concatenate([st, g[None], ok.astype(mx.float32)[None]])
+                         for _, st, g, ok in pending]).tolist()
+        for (at, *_), r in zip(pending, rows):
+            loss_v, kd_v, ce_v, hid_v = (v / max(r[NTOK], 1.0) for v in r[1:5])
+            last.update(loss=loss_v, kd=kd_v, ce=ce_v, hidden=hid_v, grad_norm=r[5])
+            if r[6]:
+                history.append(float(loss_v))
+            elif skipped < t.nonfinite_skips:
+                skipped += 1  # the weights stayed as they were; the data moves on
+                log(f"step {at}: loss {loss_v}, gradient norm {r[5]}; update skipped "
+                    f"({skipped} of train.nonfinite_skips={t.nonfinite_skips})")
+            else:
+                kept = _checkpoints(run_dir)
+                pending.clear()
+                raise FloatingPointError(
+                    f"loss {loss_v}, gradient norm {r[5]} at step {at}; "
+                    + (f"the last good checkpoint ({os.path.basename(kept[-1])}) is kept; "
+                       if kept else "") + "lower train.lr or raise train.warmup"
+                    + ("" if t.nonfinite_skips else
+                       ", or let train.nonfinite_skips=N skip such steps"))
+        pending.clear()
+
     try:
         while step < t.iters:
             mx.random.seed(cfg.run.seed * 1_000_003 + step)  # RNG is a function of the step
@@ -415,44 +435,21 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
                 x, mask, labels = onpolicy.on_policy_batch(model, vocab, x)
             if teacher_targets is not None:
                 targets = teacher_targets(x)
-            acc, sums = None, np.zeros(5)  # trained tokens, loss, kd, ce, hidden (x tokens)
-            for m0 in range(0, share, micro):
-                sl = slice(m0, m0 + micro)
-                loss, ntok, kd, ce, hid, grads = micro_step(
-                    x[sl], mask[sl], labels[sl], {k: v[sl] for k, v in targets.items()})
-                n = ntok.item()
-                # Weight micro-batches by trained tokens: the sum equals one big batch's mean.
-                acc = tree_map(lambda g: g * n, grads) if acc is None else \
-                    tree_map(lambda a, g: a + g * n, acc, grads)
-                sums += np.array([1.0, loss.item(), kd.item(), ce.item(), hid.item()]) * n
-            sums = world.sum(sums, f"step {step + 1}")
-            if world.size > 1:
-                acc = tree_map(lambda g: g * world.size, world.average_gradients(
-                    acc, f"the gradient all-reduce of step {step + 1}"))
-            grads = tree_map(lambda g: g / max(sums[0], 1.0), acc)
-            # max_norm=inf when clipping is off: the norm is still needed for the check below.
-            grads, gnorm = optim.clip_grad_norm(grads, t.grad_clip or float("inf"))
-            loss_v, kd_v, ce_v, hid_v = sums[1:] / max(sums[0], 1.0)
-            gnorm = gnorm.item()  # all ranks hold the same averaged gradients
+            out = step_fn(x, mask, labels, targets, f"step {step + 1}")
+            # Queue this step and wait for the previous one: the host prepares the next
+            # batch while the device computes, with at most one step in flight.
+            mx.async_eval(out, model.parameters(), opt.state)
+            if pending:
+                mx.eval(pending[-1][1:])
             step += 1
+            pending.append((step, *out))
             tok_report += x.size * world.size
-            if math.isfinite(loss_v) and math.isfinite(gnorm):
-                opt.update(model, grads)
-                mx.eval(model.parameters(), opt.state)
-                history.append(float(loss_v))
-            elif skipped < t.nonfinite_skips:
-                skipped += 1  # the weights stay as they were; the data moves on
-                log(f"step {step}: loss {loss_v}, gradient norm {gnorm}; update skipped "
-                    f"({skipped} of train.nonfinite_skips={t.nonfinite_skips})")
-            else:
-                kept = _checkpoints(run_dir)
-                raise FloatingPointError(
-                    f"loss {loss_v}, gradient norm {gnorm} at step {step}; "
-                    + (f"the last good checkpoint ({os.path.basename(kept[-1])}) is kept; "
-                       if kept else "") + "lower train.lr or raise train.warmup"
-                    + ("" if t.nonfinite_skips else
-                       ", or let train.nonfinite_skips=N skip such steps"))
-            bar.update(1, units=x.size * world.size, postfix=f"loss {loss_v:.3f}")
+            # Every rank settles at the same steps: a non-finite step stops all of them.
+            if step == t.iters or not (step % t.report_every and step % t.save_every
+                                       and step % t.eval_every):
+                settle()
+            bar.update(1, units=x.size * world.size,
+                       postfix=f"loss {last['loss']:.3f}" if not pending and last else None)
             if not world.main:
                 continue
             rec = None
@@ -461,13 +458,13 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
                 # No "loss" when every step since the last report was skipped.
                 rec = {"step": step, **({"loss": round(float(np.mean(history)), 5)}
                                         if history else {}),
-                       "kd": round(float(kd_v), 5), "ce": round(float(ce_v), 5),
-                       "grad_norm": round(gnorm, 4),
+                       "kd": round(float(last["kd"]), 5), "ce": round(float(last["ce"]), 5),
+                       "grad_norm": round(last["grad_norm"], 4),
                        "lr": float(opt.learning_rate.item()),
                        "tok_per_s": round(tok_report / max(dt, 1e-9), 1),
                        "peak_mem_gb": round(mx.get_peak_memory() / 1e9, 3)}
                 if hidden is not None:
-                    rec["hidden"] = round(float(hid_v), 5)
+                    rec["hidden"] = round(float(last["hidden"]), 5)
                 if skipped:
                     rec["skipped"] = skipped
                 if lc.lmbda > 0:

@@ -36,7 +36,7 @@ import mlxdistill  # noqa: E402,F401  (OpenBLAS before mlx)
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_flatten, tree_map  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 
 from mlxdistill import losses, models  # noqa: E402
 from mlxdistill.config import load_config  # noqa: E402

@@ -6,7 +6,6 @@ import json
 import os
 import re
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import ROOT, tiny_overrides
@@ -31,9 +30,11 @@ def test_embedded_pair_full_estimate_matches_measured_peak():
         est = p[name]
         assert_close(est["mlx_bytes"], est["measured_peak_bytes"], f"embedded {name}")
         assert est["fits"] and est["seconds"] > 0
-    # The float32 logits and their gradient are the largest part for a 4096-token vocab.
+    # The float32 logits (with their gradient) and the activations are the two largest parts
+    # for a 4096-token vocabulary and a 128-wide, 4-layer student.
     parts = p["training"]["parts"]
-    assert parts["logits"] == max(parts.values())
+    assert sorted(parts, key=parts.get)[-2:] in (["logits", "activations"],
+                                                 ["activations", "logits"])
 
 
 def test_embedded_pair_estimate_matches_real_trainer_step(tmp_path, monkeypatch):
