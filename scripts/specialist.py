@@ -31,6 +31,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mlxdistill  # noqa: E402,F401  (OpenBLAS before mlx)
 from mlxdistill.config import load_config  # noqa: E402
+from mlxdistill.files import atomic_json  # noqa: E402
 from mlxdistill.data import file_sha256, read_jsonl  # noqa: E402
 from mlxdistill.generate import generate, small_weights_sha256  # noqa: E402
 from mlxdistill.models import config_fingerprint  # noqa: E402
@@ -58,12 +59,6 @@ def answers_only(gold: str, out: str) -> str:
                                 "answer": r["answer"]}) + "\n")
     os.replace(out + ".tmp", out)
     return out
-
-
-def atomic_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def table(results: dict) -> str:
