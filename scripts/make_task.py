@@ -23,11 +23,11 @@ import random
 TEMPLATE = "{reasoning}\nAnswer: {answer}\n"
 
 
-def worked(a: int, op: str, b: int) -> tuple[str, str]:
+def worked(a: int, op: str, b: int, width: int = 0) -> tuple[str, str]:
     """(worked solution, answer) of a + b or a - b (a >= b for subtraction): one line per
-    column from the units up, "x+y+carry=s c<carry out>" or "x-y-borrow=d b<borrow out>"
-    (a borrowed ten shown as x+10)."""
-    width = max(len(str(a)), len(str(b)))
+    column from the units up (at least `width` columns), "x+y+carry=s c<carry out>" or
+    "x-y-borrow=d b<borrow out>" (a borrowed ten shown as x+10)."""
+    width = max(width, len(str(a)), len(str(b)))
     da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
     lines, digits, c = [], [], 0
     for x, y in zip(map(int, da), map(int, db)):
@@ -63,13 +63,16 @@ def problem(rng: random.Random, max_digits: int) -> tuple[int, str, int]:
     return a, op, b
 
 
-def record(a: int, op: str, b: int) -> dict:
-    steps, answer = worked(a, op, b)
-    return {"prompt": f"{a}{op}{b}=\n",
+def record(a: int, op: str, b: int, pad: int = 0) -> dict:
+    """pad > 0 writes both operands with `pad` digits (leading zeros) and works every
+    column: each digit then sits at a fixed distance from the "=", so reading the k-th
+    column's digits is a fixed-offset lookup rather than a count from each number's end."""
+    steps, answer = worked(a, op, b, pad)
+    return {"prompt": f"{a:0{pad}d}{op}{b:0{pad}d}=\n",
             "completion": TEMPLATE.format(reasoning=steps, answer=answer), "answer": answer}
 
 
-def make(seed: int, sizes: dict, max_digits: int) -> dict:
+def make(seed: int, sizes: dict, max_digits: int, pad: bool = False) -> dict:
     """Split name -> records; every problem is distinct across all splits."""
     rng = random.Random(seed)
     seen: set = set()
@@ -80,7 +83,7 @@ def make(seed: int, sizes: dict, max_digits: int) -> dict:
             p = problem(rng, max_digits)
             if p not in seen:
                 seen.add(p)
-                recs.append(record(*p))
+                recs.append(record(*p, pad=max_digits if pad else 0))
         out[split] = recs
     return out
 
@@ -100,9 +103,11 @@ def main() -> None:
     ap.add_argument("--valid", type=int, default=300)
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--max-digits", type=int, default=4)
+    ap.add_argument("--pad", action="store_true",
+                    help="operands zero-padded to --max-digits (see record)")
     args = ap.parse_args()
     splits = make(args.seed, {"train": args.train, "valid": args.valid, "test": args.test},
-                  args.max_digits)
+                  args.max_digits, args.pad)
     prompts = {r["prompt"] for recs in splits.values() for r in recs}
     if len(prompts) != sum(map(len, splits.values())):
         raise SystemExit("error: a problem appears twice; the splits would not be held out")

@@ -24,6 +24,29 @@ def test_worked_solutions_are_right():
     assert "0+10-1-0=9 b1" in make_task.record(1000, "-", 1)["completion"]
 
 
+def test_padded_problems_work_every_column():
+    rec = make_task.record(52, "-", 8, pad=4)
+    assert rec["prompt"] == "0052-0008=\n" and rec["answer"] == "44"
+    assert rec["completion"].count("\n") == 5  # four columns and the answer line
+    assert make_task.record(52, "-", 8)["prompt"] == "52-8=\n"
+
+
+def test_task_errors_names_the_first_wrong_line():
+    import task_errors
+
+    gold = make_task.record(267, "-", 68)["completion"]
+    right = gold.split("\n")
+    assert task_errors.first_error(gold, gold) is None
+    cases = {"operand digit": [right[0], right[1], "6-0-1=5 b0"],
+             "carry in": [right[0], right[1], "2-0-0=2 b0"],
+             "arithmetic": ["7+10-8-0=8 b1"],
+             "columns": right[:3] + ["3-0-0=3 b0"],
+             "format": ["7 minus 8"]}
+    for kind, lines in cases.items():
+        assert task_errors.first_error("\n".join(lines) + "\nAnswer: 1\n", gold) == kind, kind
+    assert task_errors.first_error(right[0] + "\nAnswer: 9\n", gold) == "columns"
+
+
 def test_splits_held_out_and_reproducible():
     splits = make_task.make(5, {"train": 400, "valid": 50, "test": 50}, 3)
     problems = [r["prompt"] for recs in splits.values() for r in recs]
