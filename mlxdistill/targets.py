@@ -3,30 +3,30 @@ the top-1 kept exactly) or the top-k ids with their log-probabilities."""
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import numpy as np
 
 
-BLOCK = 64  # vocabulary entries per block of the two-level inverse CDF
-
-
-def _inverse_cdf(probs: mx.array, u: mx.array) -> mx.array:
-    """For each row of probs [R, V] and each u [R, m] in [0, row sum): the id i with
-    cdf[i-1] <= u < cdf[i] (numpy's searchsorted, side="right"), found in two levels — the
-    block of BLOCK entries from the block sums' cumulative sum, then the entry from that
-    block's own — so nothing the size of the vocabulary is summed cumulatively or leaves the
-    device."""
-    rows, vocab = probs.shape
-    nb = -(-vocab // BLOCK)
-    if nb * BLOCK != vocab:
-        probs = mx.pad(probs, [(0, 0), (0, nb * BLOCK - vocab)])
-    blocks = probs.reshape(rows, nb, BLOCK)
-    bcdf = mx.cumsum(blocks.sum(-1), axis=-1)  # [R, nb]
-    b = mx.minimum((bcdf[:, None, :] <= u[..., None]).sum(-1), nb - 1)  # [R, m]
-    below = mx.where(b > 0, mx.take_along_axis(bcdf, mx.maximum(b - 1, 0), -1), 0.0)
-    inner = mx.cumsum(mx.take_along_axis(blocks, b[..., None], 1), axis=-1)  # [R, m, BLOCK]
-    j = mx.minimum(((inner <= (u - below)[..., None]).sum(-1)), BLOCK - 1)
-    return mx.minimum(b * BLOCK + j, vocab - 1)
+def _inverse_cdf(w, u, xp=mx):
+    """For each row of w [R, V] (non-negative weights) and each u [R, m] in [0, row sum):
+    the id i with cdf[i-1] <= u < cdf[i] (numpy's searchsorted, side="right"), found in two
+    levels — the block of about sqrt(V) entries from the block sums' cumulative sum, then the
+    entry from that block's own — so nothing vocabulary-long is summed cumulatively, and
+    the comparisons cost R * m * sqrt(V). xp: mlx.core or numpy, whichever holds w."""
+    rows, vocab = w.shape
+    block = 1 << max(4, math.ceil(math.log2(math.sqrt(vocab))))
+    nb = -(-vocab // block)
+    if nb * block != vocab:
+        w = xp.pad(w, [(0, 0), (0, nb * block - vocab)])
+    blocks = w.reshape(rows, nb, block)
+    bcdf = xp.cumsum(blocks.sum(-1), axis=-1)  # [R, nb]
+    b = xp.minimum((bcdf[:, None, :] <= u[..., None]).sum(-1), nb - 1)  # [R, m]
+    below = xp.where(b > 0, xp.take_along_axis(bcdf, xp.maximum(b - 1, 0), -1), 0.0)
+    inner = xp.cumsum(xp.take_along_axis(blocks, b[..., None], 1), axis=-1)  # [R, m, block]
+    j = xp.minimum((inner <= (u - below)[..., None]).sum(-1), block - 1)
+    return xp.minimum(b * block + j, vocab - 1)
 
 
 def sample_targets(logits: mx.array, n: int, rng: np.random.Generator, keep_top1: bool = False
@@ -36,28 +36,35 @@ def sample_targets(logits: mx.array, n: int, rng: np.random.Generator, keep_top1
     The empirical distribution counts/n is an unbiased estimate of the teacher distribution,
     so the student's cross-entropy against it has the forward-KL gradient in expectation
     (Sparse Logit Sampling, Anshumann et al. 2025). Drawn by inverse CDF with uniforms from
-    `rng` (so a seed fixes the draws), in two levels on the device (_inverse_cdf): a full
-    cumulative sum over the vocabulary cost 12 % of the teacher pass, and
-    mx.random.categorical with num_samples makes n Gumbel noises per vocabulary entry, which
-    measured 13x slower for n=16, V=4096.
+    `rng` (so a seed fixes the draws), in two levels (_inverse_cdf): a full cumulative sum
+    over the vocabulary cost 12 % of the teacher pass, and mx.random.categorical with
+    num_samples makes n Gumbel noises per vocabulary entry, which measured 13x slower for
+    n=16, V=4096. On a GPU it all stays on the device; on the CPU backend the host is the
+    device, and numpy's vectorised exp measured 4x faster than MLX's there (the exp over the
+    vocabulary is most of the sampling's cost).
 
     keep_top1: slot 0 holds the teacher's most likely id with its probability p1 in 1/255
     units (stochastically rounded, so unbiased), and the other n-1 draws come from the
     distribution without it, each standing for (1 - p1)/(n-1) of the mass: the same bytes,
     no sampling noise on the token that carries most of the mass (see top1_weights)."""
     vocab = logits.shape[-1]
-    probs = mx.softmax(logits.astype(mx.float32), axis=-1).reshape(-1, vocab)
-    rows, m = probs.shape[0], n
+    z = logits.astype(mx.float32).reshape(-1, vocab)
+    xp = mx
+    if mx.default_device().type == mx.cpu:
+        z, xp = np.asarray(z), np
+    w = xp.exp(z - z.max(-1, keepdims=True))  # unnormalised: u is scaled to the row sum
+    rows, m = w.shape[0], n
     if keep_top1:
-        top_a = mx.argmax(probs, axis=-1)
-        p1_a = mx.max(probs, axis=-1)
-        probs = mx.where(mx.arange(vocab)[None] == top_a[:, None], 0.0, probs)
+        top = xp.argmax(w, axis=-1)
+        p1 = xp.take_along_axis(w, top[:, None], -1)[:, 0] / w.sum(-1)
+        w = xp.where(xp.arange(vocab)[None] == top[:, None], 0.0, w)
         m = n - 1
-    u = mx.array(rng.random((rows, m)), dtype=mx.float32) * probs.sum(-1, keepdims=True)
-    draws = np.asarray(_inverse_cdf(probs, u)).astype(np.int64)
+    u = rng.random((rows, m)).astype(np.float32)
+    u = (u if xp is np else mx.array(u)) * w.sum(-1, keepdims=True)
+    draws = np.asarray(_inverse_cdf(w, u, xp)).astype(np.int64)
     ids, counts = merge_ids(draws, np.ones(draws.shape, dtype=np.float32))
     if keep_top1:
-        top, p1 = np.asarray(top_a), np.asarray(p1_a)
+        top, p1 = np.asarray(top), np.asarray(p1)
         scaled = p1 * 255.0
         c0 = np.floor(scaled) + (rng.random(scaled.shape) < scaled - np.floor(scaled))
         ids = np.concatenate([top[:, None].astype(ids.dtype), ids], axis=1)

@@ -1,7 +1,8 @@
 """The one training loop for every mode (full / LoRA / DoRA) and every target kind.
 
 Read top to bottom: resolve the cache (building it if missing), load the student, restore a
-checkpoint if the run directory has one, then step: batch -> compiled loss+grad -> AdamW.
+checkpoint if the run directory has one, then step: batch -> one compiled step (step.py:
+loss, gradients, clipping, AdamW).
 Checkpoints hold weights, optimizer state and the step; the data order and the RNG are pure
 functions of (seed, step), so a resumed run continues exactly as if never stopped.
 """
