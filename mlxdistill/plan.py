@@ -92,6 +92,7 @@ class ModelShape:
     fused: int  # outputs of fused projections per layer (Phi-3 qkv_proj, gate_up_proj)
     extra_norms: int  # norm outputs per layer beyond a Llama block's two (Gemma, q/k norms)
     attn_copies: int  # [heads, L] score arrays per token a block keeps for its backward pass
+    metal: bool  # planned for a Mac GPU (else the CPU backend)
     lora_per_rank_layer: float  # LoRA parameters per unit of rank, per transformer block
 
 
@@ -164,6 +165,7 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
         # Gemma-2's attention soft-cap (scores / cap, tanh, * cap) keeps 4 more score-sized
         # arrays per block than a plain softmax, measured on the family matrix's Gemma-2.
         attn_copies=1 + 4 * bool(config.get("attn_logit_softcapping")),
+        metal=models.compute_dtype() is None if metal is None else metal,
         lora_per_rank_layer=sum(lora.values()) / max(1, len(model.layers)))
 
 
@@ -171,7 +173,9 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
 # dimension at a time of a Llama block (tests/test_plan.py re-checks the sum on every family):
 #  - logits: the [B, L, V] float32 logits, and in the backward pass the softmax (the
 #    logsumexp's gradient) and the scatter of the gathered ids' gradient: 3.1 copies live at
-#    the peak (3 in a forward-only teacher pass: logits, softmax, its cumsum).
+#    the peak. A teacher pass holds the logits and their temperature-scaled copy in MLX (2,
+#    measured); on a GPU the sampler's exp and its shifted input stay on the device too (4,
+#    counted), on the CPU backend they are numpy arrays (targets.sample_targets).
 #  - per layer, saved for the backward pass: the residual input and the two normed inputs,
 #    q/k/v before and after RoPE and the attention output (4 d + 3 q + 3 kv), the MLP's gate,
 #    up, sigmoid, SiLU and product (5 ffn), the attention probabilities (heads x L), and
@@ -179,7 +183,7 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
 #  - once, at the peak (the last layer's backward): 2 ffn, 2 heads x L, and the head's
 #    d-sized buffers (22 d when the embedding is trained, 8 d when it is frozen).
 TRAIN_LOGIT_COPIES = 3.1
-TEACHER_LOGIT_COPIES = 3
+TEACHER_LOGIT_COPIES = {"cpu": 2, "metal": 4}
 # Gemma-2's soft-capping (tanh over the logits) measured no extra copy in either pass.
 TRAIN_FULL_COPIES = 3  # weights + AdamW's two moments (gradients are freed as they apply)
 
@@ -270,7 +274,7 @@ def estimate_teacher(cfg: Config, s: ModelShape) -> dict:
         "weights": s.weight_bytes,
         "activations": int(tokens * teacher_activation_floats(s, cfg.data.seq_len)
                            * s.float_bytes),
-        "logits": int(tokens * s.vocab * 4 * TEACHER_LOGIT_COPIES),
+        "logits": int(tokens * s.vocab * 4 * TEACHER_LOGIT_COPIES["metal" if s.metal else "cpu"]),
     }
     return {"parts": parts, "peak_bytes": sum(parts.values())}
 
@@ -334,9 +338,10 @@ def training_total(cfg: Config, s: ModelShape, bpt: float) -> dict:
 def teacher_total(cfg: Config, s: ModelShape, bpt: float, rows: Optional[int]) -> dict:
     est = estimate_teacher(cfg, s)
     L, B = cfg.data.seq_len, cfg.cache.batch_size
-    # One shard accumulates on the host, with the batch's CDF copied out for sampling and the
-    # packed dataset (int32 ids + uint8 mask).
-    cdf = B * L * s.vocab * 4 + B * L * cfg.cache.n * 8 if cfg.cache.mode == "sample" else 0
+    # One shard accumulates on the host, with the packed dataset (int32 ids + uint8 mask)
+    # and the draws; on the CPU backend the sampler's logits and exp are numpy copies too.
+    cdf = ((0 if s.metal else 2) * B * L * s.vocab * 4 + B * L * cfg.cache.n * 8
+           if cfg.cache.mode == "sample" else 0)
     est["mlx_bytes"] = sum(est["parts"].values())
     est["parts"]["shard_buffers"] = int(cfg.cache.shard_rows * L * bpt + cdf
                                         + (rows or 0) * L * 5)
