@@ -176,11 +176,17 @@ def distill_loss(student_logits: mx.array, targets: dict, labels: mx.array, mask
                  beta: float = 0.5, skew: float = 0.1):
     """(1 - alpha) * KD + alpha * CE -> (loss, ntokens, kd, ce). CE is computed even at
     alpha = 0: it is logged, and shares the KD's logsumexp and gather."""
+    kd, ntok, ce, _ = _kd_and_ce(student_logits, targets, labels, mask, temperature, name,
+                                 beta, skew)
+    return (1.0 - alpha) * kd + alpha * ce, ntok, kd, ce
+
+
+def _kd_and_ce(student_logits, targets, labels, mask, temperature, name, beta, skew):
+    """(KD x T^2, its trained tokens, CE, its tokens): masked means of _per_position."""
     per, ce_per = _per_position(student_logits, targets, labels, temperature, name, beta, skew)
     kd, ntok = masked_mean(per, mask)
-    kd = kd * (temperature ** 2)
-    ce, _ = masked_mean(ce_per, mask.astype(mx.bool_) & (labels >= 0))
-    return (1.0 - alpha) * kd + alpha * ce, ntok, kd, ce
+    ce, n_ce = masked_mean(ce_per, mask.astype(mx.bool_) & (labels >= 0))
+    return kd * (temperature ** 2), ntok, ce, n_ce
 
 
 def chunked_distill_loss(hidden: mx.array, head, head_params, targets: dict,
@@ -206,12 +212,9 @@ def chunked_distill_loss(hidden: mx.array, head, head_params, targets: dict,
 
     def sums(ls, h, sl):
         logits = head(tree_unflatten(list(zip(names, ls))), h)
-        m = mask[:, sl]
-        per, ce_per = _per_position(logits, {k: v[:, sl] for k, v in targets.items()},
-                                    labels[:, sl], temperature, name, beta, skew)
-        kd, n = masked_mean(per, m)
-        ce, n_ce = masked_mean(ce_per, m.astype(mx.bool_) & (labels[:, sl] >= 0))
-        return [kd * (temperature ** 2) * n, n, ce * n_ce, n_ce]
+        kd, n, ce, n_ce = _kd_and_ce(logits, {k: v[:, sl] for k, v in targets.items()},
+                                     labels[:, sl], mask[:, sl], temperature, name, beta, skew)
+        return [kd * n, n, ce * n_ce, n_ce]
 
     @mx.custom_function
     def total(*args):
