@@ -23,17 +23,20 @@ import random
 TEMPLATE = "{reasoning}\nAnswer: {answer}\n"
 
 
-def worked(a: int, op: str, b: int, width: int = 0) -> tuple[str, str]:
+def worked(a: int, op: str, b: int, width: int = 0, fixed: bool = False) -> tuple[str, str]:
     """(worked solution, answer) of a + b or a - b (a >= b for subtraction): one line per
     column from the units up (at least `width` columns), "x+y+carry=s c<carry out>" or
-    "x-y-borrow=d b<borrow out>" (a borrowed ten shown as x+10)."""
+    "x-y-borrow=d b<borrow out>" (a borrowed ten shown as x+10). fixed: every line of an
+    operation has one length ("x+y+c=0s", "x+00-y-c=d"), so with padded operands each digit
+    a line reads sits at a constant distance back from it."""
     width = max(width, len(str(a)), len(str(b)))
     da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
     lines, digits, c = [], [], 0
     for x, y in zip(map(int, da), map(int, db)):
         if op == "+":
             s = x + y + c
-            lines.append(f"{x}+{y}+{c}={s} c{s // 10}")
+            lines.append(f"{x}+{y}+{c}={s:02d} c{s // 10}" if fixed else
+                         f"{x}+{y}+{c}={s} c{s // 10}")
             digits.append(s % 10)
             c = s // 10
         else:
@@ -43,7 +46,7 @@ def worked(a: int, op: str, b: int, width: int = 0) -> tuple[str, str]:
                 digits.append(d + 10)
                 c = 1
             else:
-                lines.append(f"{x}-{y}-{c}={d} b0")
+                lines.append(f"{x}+00-{y}-{c}={d} b0" if fixed else f"{x}-{y}-{c}={d} b0")
                 digits.append(d)
                 c = 0
     if op == "+" and c:
@@ -63,16 +66,17 @@ def problem(rng: random.Random, max_digits: int) -> tuple[int, str, int]:
     return a, op, b
 
 
-def record(a: int, op: str, b: int, pad: int = 0) -> dict:
+def record(a: int, op: str, b: int, pad: int = 0, fixed: bool = False) -> dict:
     """pad > 0 writes both operands with `pad` digits (leading zeros) and works every
     column: each digit then sits at a fixed distance from the "=", so reading the k-th
     column's digits is a fixed-offset lookup rather than a count from each number's end."""
-    steps, answer = worked(a, op, b, pad)
+    steps, answer = worked(a, op, b, pad, fixed)
     return {"prompt": f"{a:0{pad}d}{op}{b:0{pad}d}=\n",
             "completion": TEMPLATE.format(reasoning=steps, answer=answer), "answer": answer}
 
 
-def make(seed: int, sizes: dict, max_digits: int, pad: bool = False) -> dict:
+def make(seed: int, sizes: dict, max_digits: int, pad: bool = False,
+         fixed: bool = False) -> dict:
     """Split name -> records; every problem is distinct across all splits."""
     rng = random.Random(seed)
     seen: set = set()
@@ -83,7 +87,7 @@ def make(seed: int, sizes: dict, max_digits: int, pad: bool = False) -> dict:
             p = problem(rng, max_digits)
             if p not in seen:
                 seen.add(p)
-                recs.append(record(*p, pad=max_digits if pad else 0))
+                recs.append(record(*p, pad=max_digits if pad else 0, fixed=fixed))
         out[split] = recs
     return out
 
@@ -105,9 +109,11 @@ def main() -> None:
     ap.add_argument("--max-digits", type=int, default=4)
     ap.add_argument("--pad", action="store_true",
                     help="operands zero-padded to --max-digits (see record)")
+    ap.add_argument("--fixed-width", action="store_true",
+                    help="every worked line of an operation the same length (see worked)")
     args = ap.parse_args()
     splits = make(args.seed, {"train": args.train, "valid": args.valid, "test": args.test},
-                  args.max_digits, args.pad)
+                  args.max_digits, args.pad, args.fixed_width)
     prompts = {r["prompt"] for recs in splits.values() for r in recs}
     if len(prompts) != sum(map(len, splits.values())):
         raise SystemExit("error: a problem appears twice; the splits would not be held out")

@@ -33,7 +33,7 @@ from mlxdistill.config import load_config  # noqa: E402
 from mlxdistill.files import atomic_json  # noqa: E402
 from mlxdistill.task import greedy_answers, task_prompts  # noqa: E402
 
-LINE = re.compile(r"^(\d)(?:\+10)?([+-])(\d)[+-](\d)=(\d+) [cb](\d)$")
+LINE = re.compile(r"^(\d)(?:\+10|\+00)?([+-])(\d)[+-](\d)=(\d+) [cb](\d)$")
 
 
 def first_error(got: str, gold: str) -> str | None:

@@ -29,6 +29,17 @@ def test_padded_problems_work_every_column():
     assert rec["prompt"] == "0052-0008=\n" and rec["answer"] == "44"
     assert rec["completion"].count("\n") == 5  # four columns and the answer line
     assert make_task.record(52, "-", 8)["prompt"] == "52-8=\n"
+    for a, op, b in [(52, "-", 8), (4821, "+", 397), (1000, "-", 1), (5, "+", 5)]:
+        rec = make_task.record(a, op, b, pad=4, fixed=True)
+        lines = rec["completion"].split("\nAnswer:")[0].split("\n")
+        assert len(lines) == 4 and len({len(x) for x in lines}) == 1, lines
+        assert rec["answer"] == str(eval(f"{a}{op}{b}"))
+    import task_errors
+
+    rec = make_task.record(941, "-", 362, pad=4, fixed=True)
+    assert task_errors.first_error(rec["completion"], rec["completion"]) is None
+    bad = rec["completion"].replace("4+10-6-1", "1+10-6-1")
+    assert task_errors.first_error(bad, rec["completion"]) == "operand digit"
 
 
 def test_task_errors_names_the_first_wrong_line():
