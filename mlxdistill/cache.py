@@ -187,7 +187,9 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
         rng = np.random.default_rng([c.seed, i])  # per shard: a resume redraws identically
         for b in range(lo, hi, c.batch_size):
             x = mx.array(packed.input_ids[b:min(b + c.batch_size, hi)])
-            logits = forward(x).astype(mx.float32) / c.temperature
+            logits = forward(x).astype(mx.float32)
+            if c.temperature != 1.0:  # no second [B, L, V] copy at the default T = 1
+                logits = logits / c.temperature
             if c.mode == "topk":
                 ids, lp = topk_targets(logits - mx.logsumexp(logits, axis=-1, keepdims=True), c.k)
                 outs["ids"].append(ids.astype(idt))

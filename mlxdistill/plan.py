@@ -173,9 +173,9 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
 # dimension at a time of a Llama block (tests/test_plan.py re-checks the sum on every family):
 #  - logits: the [B, L, V] float32 logits, and in the backward pass the softmax (the
 #    logsumexp's gradient) and the scatter of the gathered ids' gradient: 3.1 copies live at
-#    the peak. A teacher pass holds the logits and their temperature-scaled copy in MLX (2,
-#    measured); on a GPU the sampler's exp and its shifted input stay on the device too (4,
-#    counted), on the CPU backend they are numpy arrays (targets.sample_targets).
+#    the peak. A teacher pass holds the logits in MLX (1 copy at T = 1, measured); on a GPU
+#    the sampler's exp and its shifted input stay on the device too (3, counted), on the CPU
+#    backend they are numpy arrays (targets.sample_targets).
 #  - per layer, saved for the backward pass: the residual input and the two normed inputs,
 #    q/k/v before and after RoPE and the attention output (4 d + 3 q + 3 kv), the MLP's gate,
 #    up, sigmoid, SiLU and product (5 ffn), the attention probabilities (heads x L), and
@@ -183,7 +183,7 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
 #  - once, at the peak (the last layer's backward): 2 ffn, 2 heads x L, and the head's
 #    d-sized buffers (22 d when the embedding is trained, 8 d when it is frozen).
 TRAIN_LOGIT_COPIES = 3.1
-TEACHER_LOGIT_COPIES = {"cpu": 2, "metal": 4}
+TEACHER_LOGIT_COPIES = {"cpu": 1, "metal": 3}
 # Gemma-2's soft-capping (tanh over the logits) measured no extra copy in either pass.
 TRAIN_FULL_COPIES = 3  # weights + AdamW's two moments (gradients are freed as they apply)
 
@@ -267,14 +267,17 @@ def estimate_training(cfg: Config, s: ModelShape) -> dict:
             "peak_bytes": sum(parts.values())}
 
 
-def estimate_teacher(cfg: Config, s: ModelShape) -> dict:
-    """Peak bytes of one teacher-pass batch (cache.batch_size rows), by part."""
+def estimate_teacher(cfg: Config, s: ModelShape, vocab: Optional[int] = None) -> dict:
+    """Peak bytes of one teacher-pass batch (cache.batch_size rows), by part. vocab: the
+    vocabulary shared with the student (the teacher's own when None): the forward's logits
+    have the teacher's width, every later copy only the shared one."""
     tokens = cfg.cache.batch_size * cfg.data.seq_len
+    copies = TEACHER_LOGIT_COPIES["metal" if s.metal else "cpu"]
     parts = {
         "weights": s.weight_bytes,
         "activations": int(tokens * teacher_activation_floats(s, cfg.data.seq_len)
                            * s.float_bytes),
-        "logits": int(tokens * s.vocab * 4 * TEACHER_LOGIT_COPIES["metal" if s.metal else "cpu"]),
+        "logits": int(tokens * 4 * (s.vocab + (copies - 1) * (vocab or s.vocab))),
     }
     return {"parts": parts, "peak_bytes": sum(parts.values())}
 
@@ -335,12 +338,13 @@ def training_total(cfg: Config, s: ModelShape, bpt: float) -> dict:
     return est
 
 
-def teacher_total(cfg: Config, s: ModelShape, bpt: float, rows: Optional[int]) -> dict:
-    est = estimate_teacher(cfg, s)
+def teacher_total(cfg: Config, s: ModelShape, bpt: float, rows: Optional[int],
+                  vocab: Optional[int] = None) -> dict:
+    est = estimate_teacher(cfg, s, vocab)
     L, B = cfg.data.seq_len, cfg.cache.batch_size
     # One shard accumulates on the host, with the packed dataset (int32 ids + uint8 mask)
     # and the draws; on the CPU backend the sampler's logits and exp are numpy copies too.
-    cdf = ((0 if s.metal else 2) * B * L * s.vocab * 4 + B * L * cfg.cache.n * 8
+    cdf = ((0 if s.metal else 2) * B * L * (vocab or s.vocab) * 4 + B * L * cfg.cache.n * 8
            if cfg.cache.mode == "sample" else 0)
     est["mlx_bytes"] = sum(est["parts"].values())
     est["parts"]["shard_buffers"] = int(cfg.cache.shard_rows * L * bpt + cdf
@@ -401,14 +405,15 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
         return training_total(c, ss, bpt)["peak_bytes"]
 
     def teacher_fn(c):
-        return teacher_total(c, ts, bpt, rows)["peak_bytes"]
+        return teacher_total(c, ts, bpt, rows, vocab)["peak_bytes"]
 
     train_est = training_total(cfg, ss, bpt)
-    teacher_est = teacher_total(cfg, ts, bpt, rows) if cfg.teacher.mode == "cache" else None
+    teacher_est = teacher_total(cfg, ts, bpt, rows, vocab) if cfg.teacher.mode == "cache" \
+        else None
     if cfg.teacher.mode == "online":  # both models in memory, the teacher's logits per batch
         train_est["parts"]["teacher"] = estimate_teacher(
             _with(cfg, "cache", batch_size=cfg.train.batch_size // cfg.train.grad_accum),
-            ts)["peak_bytes"]
+            ts, vocab)["peak_bytes"]
         train_est["peak_bytes"] = sum(train_est["parts"].values())
         train_est["mlx_bytes"] += train_est["parts"]["teacher"]
     out = {
@@ -436,7 +441,7 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
         if not teacher_est["fits"] and not ts.bits:
             q4 = model_shape(tconf, f"teacher model {cfg.teacher.model}", quantize=(4, 64),
                              metal=metal)
-            if teacher_total(cfg, q4, bpt, rows)["peak_bytes"] <= budget:
+            if teacher_total(cfg, q4, bpt, rows, vocab)["peak_bytes"] <= budget:
                 knobs.append("a 4-bit teacher (mlx_lm.convert --quantize --q-bits 4, or an "
                              f"mlx-community 4-bit repo): weights {q4.weight_bytes / GB:.1f} GB")
         teacher_est["knobs"] = knobs

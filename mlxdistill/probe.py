@@ -97,7 +97,9 @@ def probe_teacher(cfg: Config, batches: int = 2) -> dict:
     times = []
     for _ in range(batches):
         t0 = time.perf_counter()
-        logits = forward(x).astype(mx.float32) / c.temperature
+        logits = forward(x).astype(mx.float32)
+        if c.temperature != 1.0:  # as the cache pass does
+            logits = logits / c.temperature
         if c.mode == "topk":
             topk_targets(logits - mx.logsumexp(logits, axis=-1, keepdims=True), c.k)
         else:

@@ -113,7 +113,7 @@ def test_family_estimates_match_measured_peak(case, family, tkw, skw, mode, tmp_
     bpt = plan.cache_bytes_per_token(cfg, min(ts.vocab, ss.vocab), ts.hidden)
     # The teacher probe first: a compiled training step's buffers are released some time
     # after it returns, and would otherwise sit in the teacher probe's baseline.
-    assert_close(plan.teacher_total(cfg, ts, bpt, None)["mlx_bytes"],
+    assert_close(plan.teacher_total(cfg, ts, bpt, None, min(ts.vocab, ss.vocab))["mlx_bytes"],
                  plan.probe_teacher(cfg, batches=4)["peak_bytes"], f"{case} teacher pass")
     # The peak of a tiny step varies with how MLX's scheduler frees buffers (about +-6 %
     # run to run); the largest of several steps is the peak a run reaches.
