@@ -41,6 +41,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
+import build_weights  # noqa: E402
 from build_weights import (atomic_json, log, lr_at, restore_checkpoint,  # noqa: E402
                            save_checkpoint)
 from mlx.utils import tree_flatten  # noqa: E402
@@ -118,13 +119,7 @@ def build_tokenizer(data: str, work: str) -> str:
 # ---------------------------------------------------------------- training
 
 def model_args(spec: dict, vocab: int) -> dict:
-    heads = spec["num_attention_heads"]
-    return dict(model_type="llama", hidden_size=spec["hidden_size"],
-                num_hidden_layers=spec["num_hidden_layers"],
-                intermediate_size=spec["intermediate_size"], num_attention_heads=heads,
-                num_key_value_heads=heads, rms_norm_eps=1e-5, vocab_size=vocab,
-                tie_word_embeddings=True, max_position_embeddings=SEQ * 4, rope_theta=10000.0,
-                bos_token_id=1, eos_token_id=2)
+    return build_weights.model_args(spec, vocab, SEQ * 4)
 
 
 def packed_split(tok_dir: str, path: str):
@@ -195,21 +190,8 @@ def train_model(name: str, spec: dict, vocab: int, train, work: str, save_every:
 
 
 def export(name: str, spec: dict, vocab: int, model, tok_dir: str, out: str) -> str:
-    dest = os.path.join(out, name)
-    tmp = dest + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
-    mx.save_safetensors(os.path.join(tmp, "model.safetensors"), weights,
-                        metadata={"format": "mlx"})
-    cfg = model_args(spec, vocab)
-    cfg["torch_dtype"] = "float16"
-    atomic_json(os.path.join(tmp, "config.json"), cfg)
-    for f in os.listdir(tok_dir):
-        shutil.copy(os.path.join(tok_dir, f), tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
-    return dest
+    return build_weights.export(name, spec, model, tok_dir, out, vocab=vocab,
+                                max_positions=SEQ * 4)
 
 
 def task_accuracy(folder: str, data: str, n: int) -> float:

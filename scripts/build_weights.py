@@ -149,14 +149,15 @@ def token_stream(tok_dir: str, path: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- training
 
-def model_args(spec: dict) -> dict:
+def model_args(spec: dict, vocab: int = VOCAB, max_positions: int = 1024) -> dict:
+    """The mlx_lm Llama config of a MODELS entry (tied embeddings, ids 1/2 for <s>/</s>)."""
     heads = spec["num_attention_heads"]
     return dict(model_type="llama", hidden_size=spec["hidden_size"],
                 num_hidden_layers=spec["num_hidden_layers"],
                 intermediate_size=spec["intermediate_size"], num_attention_heads=heads,
-                num_key_value_heads=heads, rms_norm_eps=1e-5, vocab_size=VOCAB,
-                tie_word_embeddings=True, max_position_embeddings=1024, rope_theta=10000.0,
-                bos_token_id=1, eos_token_id=2)
+                num_key_value_heads=heads, rms_norm_eps=1e-5, vocab_size=vocab,
+                tie_word_embeddings=True, max_position_embeddings=max_positions,
+                rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
 
 
 def batch_for_step(stream: np.ndarray, step: int, seed: int) -> np.ndarray:
@@ -269,7 +270,9 @@ def train_model(name: str, spec: dict, train: np.ndarray, valid: np.ndarray, wor
     return model
 
 
-def export(name: str, spec: dict, model, tok_dir: str, out: str) -> str:
+def export(name: str, spec: dict, model, tok_dir: str, out: str, **args) -> str:
+    """OUT/NAME as an mlx_lm folder: float16 weights, config (model_args(spec, **args)) and
+    the tokenizer files, written under a temp name and renamed."""
     dest = os.path.join(out, name)
     tmp = dest + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -277,7 +280,7 @@ def export(name: str, spec: dict, model, tok_dir: str, out: str) -> str:
     weights = {k: v.astype(mx.float16) for k, v in tree_flatten(model.parameters())}
     mx.save_safetensors(os.path.join(tmp, "model.safetensors"), weights,
                         metadata={"format": "mlx"})
-    cfg = model_args(spec)
+    cfg = model_args(spec, **args)
     cfg["torch_dtype"] = "float16"
     atomic_json(os.path.join(tmp, "config.json"), cfg)
     for f in os.listdir(tok_dir):
