@@ -50,15 +50,10 @@ def probe_training(cfg: Config, steps: int = 2) -> dict:
     opt = optim.AdamW(learning_rate=t.lr, weight_decay=t.weight_decay)
     opt.init(model.trainable_parameters())
     mx.eval(model.parameters(), opt.state)
-    from .trainer import kd_objective
+    from .trainer import kd_objective, step_loss
 
-    objective = kd_objective(cfg, model, vocab)
-
-    def loss_fn(_model, x, mask, labels, targets):
-        loss, ntok, kd, ce = objective(x, targets, labels, mask)
-        return loss, (ntok, kd, ce, mx.array(0.0))
-
-    step_fn = make_step(model, opt, loss_fn, t.grad_clip, t.grad_accum)
+    step_fn = make_step(model, opt, step_loss(kd_objective(cfg, model, vocab)), t.grad_clip,
+                        t.grad_accum)
     L = cfg.data.seq_len
     rng = np.random.default_rng(0)
     x = mx.array(rng.integers(0, vocab, (t.batch_size, L)).astype(np.int32))

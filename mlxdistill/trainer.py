@@ -235,6 +235,16 @@ def kd_objective(cfg: Config, model, vocab: int, log=lambda m: None):
     return objective
 
 
+def step_loss(objective):
+    """kd_objective as step.make_step's loss_fn, without a hidden-state term (the probe and
+    the benchmark's profile; training adds it)."""
+    def loss_fn(_model, x, mask, labels, targets):
+        loss, ntok, kd, ce = objective(x, targets, labels, mask)
+        return loss, (ntok, kd, ce, mx.array(0.0))
+
+    return loss_fn
+
+
 def to_arrays(batch: data_mod.Batch) -> tuple:
     labels = data_mod.hard_targets(batch.input_ids, batch.next_ids)
     targets = {k: mx.array(v) for k, v in batch.targets.items()}

@@ -171,9 +171,7 @@ def step_profile(cfg, peak_gflops: float, reps: int = 5) -> dict:
     objective = trainer.kd_objective(cfg, model, vocab)
     forward = models.logits_fn(model, vocab)
 
-    def loss_fn(_m, x, mask, labels, targets):
-        loss, ntok, kd, ce = objective(x, targets, labels, mask)
-        return loss, (ntok, kd, ce, mx.array(0.0))
+    loss_fn = trainer.step_loss(objective)
 
     grad = nn.value_and_grad(model, loss_fn)
     st = [model.state]
