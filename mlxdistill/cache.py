@@ -50,9 +50,9 @@ def shard_sha256(path: str) -> str:
 IDENTITY_KEYS = ("format_version", "teacher_fingerprint", "tokenizer_fingerprint", "vocab_size",
                  "mode", "n", "k", "temperature", "seq_len", "dataset_sha256", "max_rows",
                  "mask_prompt", "seed", "shard_rows", "hidden_layers", "long_lines",
-                 "keep_top1")
+                 "keep_top1", "packing")
 # Identity keys added after format 1 shipped: what a manifest without them was built with.
-LEGACY = {"long_lines": "split", "keep_top1": False}
+LEGACY = {"long_lines": "split", "keep_top1": False, "packing": "stream"}
 
 
 def read_manifest(cache_dir: str) -> dict:
@@ -86,6 +86,7 @@ def config_identity(cfg: Config) -> dict:
         "max_rows": cfg.data.max_rows, "mask_prompt": cfg.data.mask_prompt, "seed": c.seed,
         "shard_rows": c.shard_rows, "hidden_layers": list(c.hidden_layers),
         "long_lines": cfg.data.long_lines, "keep_top1": c.keep_top1 and c.mode == "sample",
+        "packing": cfg.data.packing,
     }
 
 
@@ -95,7 +96,7 @@ def check_compatible(manifest: dict, want: dict, cache_dir: str) -> None:
             continue
         if manifest.get(key, LEGACY.get(key)) != want.get(key):
             raise CacheError(
-                f"cache {cache_dir} was built with {key}={manifest.get(key)!r} but this config "
+                f"cache {cache_dir} was built with {key}={manifest.get(key, LEGACY.get(key))!r} but this config "
                 f"needs {want.get(key)!r}; point cache.dir elsewhere or delete the cache")
 
 
@@ -143,7 +144,7 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
         return manifest
 
     packed = data_mod.pack(cfg.data.train, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
-                           cfg.data.max_rows, cfg.data.long_lines)
+                           cfg.data.max_rows, cfg.data.long_lines, cfg.data.packing)
     if (note := packed.long_report(cfg.data.seq_len, cfg.data.long_lines, cfg.data.train)):
         log(note)
     nshards = -(-packed.rows // c.shard_rows)

@@ -72,11 +72,16 @@ class DataConfig:
     # A record longer than seq_len: split (runs on into the next row) | truncate (keep its
     # first seq_len tokens). Either way the count is reported.
     long_lines: str = "split"
+    # auto: prompt/completion and chat records never straddle two rows (a row that cannot
+    # hold the next one is padded), text runs on | stream: everything runs on | whole:
+    # every record that fits a row is kept in one.
+    packing: str = "auto"
 
     def __post_init__(self):
         _check(isinstance(self.seq_len, int) and self.seq_len >= 2,
                f"data.seq_len={self.seq_len!r} must be an integer >= 2")
         _one_of("data.long_lines", self.long_lines, ("split", "truncate"))
+        _one_of("data.packing", self.packing, ("auto", "stream", "whole"))
         if self.max_rows is not None:
             _check(isinstance(self.max_rows, int) and self.max_rows > 0,
                    f"data.max_rows={self.max_rows!r} must be a positive integer or null")

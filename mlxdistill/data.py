@@ -126,14 +126,25 @@ def record_segments(tokenizer, rec: dict, mask_prompt: bool) -> list[tuple[list[
     return segs
 
 
+def keeps_whole(rec: dict, packing: str) -> bool:
+    """Whether `rec` must start a fresh row when it does not fit what is left of one. Rows
+    do not see each other, so a completion whose prompt ended up in the row before would be
+    trained on with no prompt at all: under "auto" prompt/completion and chat records are
+    kept whole (the rest of the row is padding, not trained on); plain text runs on."""
+    return packing == "whole" or (packing == "auto" and "text" not in rec)
+
+
 def pack(path: str, tokenizer, seq_len: int, mask_prompt: bool = True,
-         max_rows: int | None = None, long_lines: str = "split") -> Packed:
+         max_rows: int | None = None, long_lines: str = "split",
+         packing: str = "auto") -> Packed:
     """Tokenize `path` and pack it into rows of `seq_len` tokens. Records run on into the
-    next row; with long_lines="truncate" a record longer than a row keeps its first
-    `seq_len` tokens instead of being split. Either way the count is in the result."""
+    next row, except those `keeps_whole` keeps in one (when they fit in a row at all); with
+    long_lines="truncate" a record longer than a row keeps its first `seq_len` tokens
+    instead of being split. Either way the count is in the result."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     trained: list[bool] = []
+    real: list[bool] = []  # False on the padding that ends a row early
     records = long = 0
     for rec in read_records(path):
         r_ids: list[int] = []
@@ -149,8 +160,14 @@ def pack(path: str, tokenizer, seq_len: int, mask_prompt: bool = True,
             long += 1
             if long_lines == "truncate":
                 r_ids, r_trained = r_ids[:seq_len], r_trained[:seq_len]
+        room = -len(ids) % seq_len
+        if keeps_whole(rec, packing) and len(r_ids) <= seq_len and 0 < room < len(r_ids):
+            ids.extend([eos if eos is not None else 0] * room)
+            trained.extend([False] * room)
+            real.extend([False] * room)
         ids.extend(r_ids)
         trained.extend(r_trained)
+        real.extend([True] * len(r_ids))
     if len(ids) < 2:
         raise DataError(f"dataset {path} has fewer than 2 tokens; nothing to train on")
     stream = np.asarray(ids, dtype=np.int32)
@@ -165,7 +182,7 @@ def pack(path: str, tokenizer, seq_len: int, mask_prompt: bool = True,
     # mask[t] = next token exists and is trained on
     mask = np.zeros(total, dtype=np.uint8)
     m = min(total, len(stream) - 1)
-    mask[:m] = tmask[1:m + 1]
+    mask[:m] = tmask[1:m + 1] & np.asarray(real[:m], dtype=np.uint8)
     next_ids = np.full(rows, -1, dtype=np.int32)
     ends = np.arange(1, rows + 1) * seq_len
     ok = ends < len(stream)

@@ -180,7 +180,8 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
     before, stok, scfg = models.load_role(cfg, "student")
     match = models.check_vocab(ttok, tcfg, stok, scfg)
     after = load_trained_student(run_dir, cfg)
-    packed = data_mod.pack(path, ttok, cfg.data.seq_len, cfg.data.mask_prompt)
+    packed = data_mod.pack(path, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
+                           packing=cfg.data.packing)
     res = compare(teacher, {"student_before": before, "student_after": after}, packed,
                   match.vocab_size, quiet)
     res["retention"] = retention(res)

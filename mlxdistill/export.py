@@ -305,7 +305,8 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
 
     # Fixed rows of held-out text: the same positions for every export of this run.
     test = cfg.data.test or cfg.data.valid or cfg.data.train
-    packed = data_mod.pack(test, tok, cfg.data.seq_len, cfg.data.mask_prompt, ROUND_TRIP_ROWS)
+    packed = data_mod.pack(test, tok, cfg.data.seq_len, cfg.data.mask_prompt, ROUND_TRIP_ROWS,
+                           packing=cfg.data.packing)
     rows = mx.array(packed.input_ids)
     ref_logits = _logits(model, rows, vocab)  # the model as evaluated after training
     mx.eval(ref_logits)
@@ -394,7 +395,8 @@ def _tune(cfg, model, tok, vocab: int, iters: int, lr: float, log) -> dict:
         raise ConfigError(f"quantization tuning needs the run's cache: {e}") from None
     teacher = models.load_role(cfg, "teacher")[0]
     held = cfg.data.test or cfg.data.valid
-    packed = data_mod.pack(held, tok, cfg.data.seq_len, cfg.data.mask_prompt, TUNE_EVAL_ROWS)
+    packed = data_mod.pack(held, tok, cfg.data.seq_len, cfg.data.mask_prompt, TUNE_EVAL_ROWS,
+                           packing=cfg.data.packing)
     rows = mx.array(packed.input_ids)
     teacher_lp = losses.log_softmax(_logits(teacher, rows, vocab))
     mx.eval(teacher_lp)

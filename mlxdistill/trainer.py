@@ -90,7 +90,7 @@ def batch_source(cfg: Config, quiet: bool, log, world: Optional[World] = None):
     match = models.check_vocab(ttok, tcfg, stok, scfg)
     models.check_seq_len(cfg.data.seq_len, tcfg, "teacher")
     packed = data_mod.pack(cfg.data.train, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
-                           cfg.data.max_rows, cfg.data.long_lines)
+                           cfg.data.max_rows, cfg.data.long_lines, cfg.data.packing)
     if (note := packed.long_report(cfg.data.seq_len, cfg.data.long_lines, cfg.data.train)):
         log(note)
     return data_mod.PackedRows(packed), match.vocab_size, match.fingerprint, teacher, None
@@ -157,7 +157,7 @@ def eval_targets(cfg: Config, run_dir: str, vocab_size: int, log,
     else:
         _, ttok = models.load_meta(cfg.teacher.model, "teacher")
     packed = data_mod.pack(cfg.data.valid, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
-                           cfg.train.eval_rows)
+                           cfg.train.eval_rows, packing=cfg.data.packing)
     x = mx.array(packed.input_ids)
     lp = []
     for b in range(0, x.shape[0], 4):

@@ -73,11 +73,12 @@ def main() -> None:
 
     # Choose the learning rate on validation data, report on test data.
     valid = data_mod.pack(cfg.data.valid, tok, cfg.data.seq_len, cfg.data.mask_prompt,
-                          args.valid_rows)
+                          args.valid_rows, packing=cfg.data.packing)
     val = compare(teacher, {n: load_export(f) for n, f in folders.items()}, valid, vocab)
     best = min((n for n in folders if n != "plain"), key=lambda n: val[n]["kl"])
     print(f"chosen on {cfg.data.valid}: {best} ({time.time() - t0:.0f} s)", flush=True)
-    test = data_mod.pack(cfg.data.test, tok, cfg.data.seq_len, cfg.data.mask_prompt)
+    test = data_mod.pack(cfg.data.test, tok, cfg.data.seq_len, cfg.data.mask_prompt,
+                         packing=cfg.data.packing)
     students = {"float32 student": load_trained_student(args.run, cfg),
                 f"{args.bits}-bit plain": load_export(folders["plain"]),
                 f"{args.bits}-bit tuned": load_export(folders[best])}

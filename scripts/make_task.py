@@ -1,13 +1,16 @@
 """Write the embedded specialist task: multi-digit addition and subtraction, worked digit by
 digit with carries and borrows, with a checkable final answer.
 
-    python scripts/make_task.py            # data/task/{train,valid,test,prompts}.jsonl
+    python scripts/make_task.py                  # data/task/{train,valid,test,prompts}.jsonl
+    python scripts/make_task.py --format plain   # "4821+397=" (the earlier format)
 
 Each line of train/valid/test is {"prompt", "completion", "answer"}: the prompt is the
-problem ("4821+397=\\n"), the completion its worked solution, one column per line from the
-units up, then "Answer: N" (the reasoning template "{reasoning}\\nAnswer: {answer}\\n"), and
-`answer` the reference the exact verifier compares with. prompts.jsonl holds the training
-problems without solutions, for the teacher to write its own (`mlxdistill generate`).
+problem, in the default index-hint format with every digit after its place tag and both
+operands four digits ("k4h8t2u1+K0H3T9U7=\n" is 4821+397), the completion its worked
+solution, one column per line from the units up ("u1+U7+0=8 c0"), then "Answer: N" (the
+reasoning template "{reasoning}\nAnswer: {answer}\n"), and `answer` the reference the exact
+verifier compares with. prompts.jsonl holds the training problems without solutions, for
+the teacher to write its own (`mlxdistill generate`).
 
 Seeded, so the files are reproducible; no problem appears in more than one split (checked
 when written), so held-out accuracy measures arithmetic, not recall.
@@ -56,6 +59,47 @@ def worked(a: int, op: str, b: int, width: int = 0, fixed: bool = False) -> tupl
     return "\n".join(lines), answer
 
 
+# Place tags, units first: the digit of place k is written after TAGS[k] in the first operand
+# and after TAGS[k].upper() in the second, and each worked line names its column's two tags.
+TAGS = "uthk"
+
+
+def worked_hints(a: int, op: str, b: int, width: int) -> tuple[str, str, str]:
+    """(prompt, worked solution, answer) in the index-hint format: every operand digit
+    follows its place tag ("h9t4u1-H3T6U2="), and column k's line starts with the tags of
+    the digits it reads ("u1-U2-0=9 b1": 1 - 2 - borrow 0 is 9, borrow 1 out). Finding a
+    column's digits is then a lookup by content — the token after the tag — instead of a
+    count of positions from each number's end, which is what the untagged teacher got
+    wrong (Zhou et al., "What Algorithms Can Transformers Learn?", 2023). Every line of a
+    problem has one length and every problem `width` lines."""
+    if width > len(TAGS):
+        raise ValueError(f"index hints name {len(TAGS)} places; width {width} is too wide")
+    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    lines, digits, c = [], [], 0
+    for k, (x, y) in enumerate(zip(map(int, da), map(int, db))):
+        t, T = TAGS[k], TAGS[k].upper()
+        if op == "+":
+            s = x + y + c
+            lines.append(f"{t}{x}+{T}{y}+{c}={s % 10} c{s // 10}")
+            digits.append(s % 10)
+            c = s // 10
+        else:
+            d = x - y - c
+            lines.append(f"{t}{x}-{T}{y}-{c}={d % 10} b{int(d < 0)}")
+            digits.append(d % 10)
+            c = int(d < 0)
+    if op == "+" and c:
+        digits.append(c)
+    answer = str(int("".join(map(str, digits[::-1]))))
+    assert answer == str(a + b if op == "+" else a - b)
+
+    def tagged(n: int, upper: bool) -> str:
+        z = str(n).zfill(width)
+        return "".join((TAGS[width - 1 - i].upper() if upper else TAGS[width - 1 - i]) + ch
+                       for i, ch in enumerate(z))
+    return f"{tagged(a, False)}{op}{tagged(b, True)}=\n", "\n".join(lines), answer
+
+
 def problem(rng: random.Random, max_digits: int) -> tuple[int, str, int]:
     na, nb = rng.randint(2, max_digits), rng.randint(1, max_digits)
     a = rng.randint(10 ** (na - 1), 10 ** na - 1)
@@ -66,18 +110,32 @@ def problem(rng: random.Random, max_digits: int) -> tuple[int, str, int]:
     return a, op, b
 
 
-def record(a: int, op: str, b: int, pad: int = 0, fixed: bool = False) -> dict:
+def record(a: int, op: str, b: int, pad: int = 0, fixed: bool = False,
+           hints: int = 0) -> dict:
     """pad > 0 writes both operands with `pad` digits (leading zeros) and works every
     column: each digit then sits at a fixed distance from the "=", so reading the k-th
-    column's digits is a fixed-offset lookup rather than a count from each number's end."""
+    column's digits is a fixed-offset lookup rather than a count from each number's end.
+    hints > 0: the index-hint format of `worked_hints`, `hints` columns."""
+    if hints:
+        prompt, steps, answer = worked_hints(a, op, b, hints)
+        return {"prompt": prompt, "answer": answer,
+                "completion": TEMPLATE.format(reasoning=steps, answer=answer)}
     steps, answer = worked(a, op, b, pad, fixed)
     return {"prompt": f"{a:0{pad}d}{op}{b:0{pad}d}=\n",
             "completion": TEMPLATE.format(reasoning=steps, answer=answer), "answer": answer}
 
 
-def make(seed: int, sizes: dict, max_digits: int, pad: bool = False,
-         fixed: bool = False) -> dict:
+# How the problems are written (see record): the index-hint format is the one the shipped
+# teacher is trained on; the others are the earlier formats its README section compares.
+FORMATS = {"hints": dict(hints=True), "plain": {}, "pad": dict(pad=True),
+           "fixed": dict(pad=True, fixed=True)}
+
+
+def make(seed: int, sizes: dict, max_digits: int, fmt: str = "hints") -> dict:
     """Split name -> records; every problem is distinct across all splits."""
+    f = FORMATS[fmt]
+    width = dict(pad=max_digits if f.get("pad") else 0, fixed=f.get("fixed", False),
+                 hints=max_digits if f.get("hints") else 0)
     rng = random.Random(seed)
     seen: set = set()
     out = {}
@@ -87,7 +145,7 @@ def make(seed: int, sizes: dict, max_digits: int, pad: bool = False,
             p = problem(rng, max_digits)
             if p not in seen:
                 seen.add(p)
-                recs.append(record(*p, pad=max_digits if pad else 0, fixed=fixed))
+                recs.append(record(*p, **width))
         out[split] = recs
     return out
 
@@ -107,13 +165,12 @@ def main() -> None:
     ap.add_argument("--valid", type=int, default=300)
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--max-digits", type=int, default=4)
-    ap.add_argument("--pad", action="store_true",
-                    help="operands zero-padded to --max-digits (see record)")
-    ap.add_argument("--fixed-width", action="store_true",
-                    help="every worked line of an operation the same length (see worked)")
+    ap.add_argument("--format", choices=list(FORMATS), default="hints",
+                    help="hints: digits tagged by place (worked_hints); plain: '4821+397='; "
+                         "pad: zero-padded operands; fixed: padded, lines of one length")
     args = ap.parse_args()
     splits = make(args.seed, {"train": args.train, "valid": args.valid, "test": args.test},
-                  args.max_digits, args.pad, args.fixed_width)
+                  args.max_digits, args.format)
     prompts = {r["prompt"] for recs in splits.values() for r in recs}
     if len(prompts) != sum(map(len, splits.values())):
         raise SystemExit("error: a problem appears twice; the splits would not be held out")

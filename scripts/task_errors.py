@@ -33,7 +33,8 @@ from mlxdistill.config import load_config  # noqa: E402
 from mlxdistill.files import atomic_json  # noqa: E402
 from mlxdistill.task import greedy_answers, task_prompts  # noqa: E402
 
-LINE = re.compile(r"^(\d)(?:\+10|\+00)?([+-])(\d)[+-](\d)=(\d+) [cb](\d)$")
+# "7+10-8-0=8 b1" (plain), "7+00-8-0=..." (fixed width), "u7-U8-0=9 b1" (index hints)
+LINE = re.compile(r"^[a-z]?(\d)(?:\+10|\+00)?([+-])[A-Z]?(\d)[+-](\d)=(\d+) [cb](\d)$")
 
 
 def first_error(got: str, gold: str) -> str | None:

@@ -45,6 +45,28 @@ def test_prompt_completion_masks_prompt(tok, tmp_path):
     assert unmasked.loss_mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
 
 
+def test_completions_never_straddle_rows(tok, tmp_path):
+    """Rows do not see each other: a completion packed after its prompt's row ended would be
+    trained with no prompt. auto keeps such records whole, padding (untrained) the row."""
+    recs = [{"prompt": "the king", "completion": "sleep ."}] * 3  # 5 tokens each with </s>
+    p = write(tmp_path / "pc.jsonl", recs)
+    the, eos = tok.convert_tokens_to_ids("the"), tok.convert_tokens_to_ids("</s>")
+    packed = data_mod.pack(p, tok, seq_len=8)
+    assert packed.rows == 3 and all(r[0] == the for r in packed.input_ids.tolist())
+    assert packed.input_ids[0, 5:].tolist() == [eos] * 3  # the padding
+    assert packed.loss_mask[0].tolist() == [0, 1, 1, 1, 0, 0, 0, 0]
+    assert (packed.loss_mask.sum(1) == 3).all()
+    stream = data_mod.pack(p, tok, seq_len=8, packing="stream")
+    assert stream.rows == 2 and stream.input_ids[1, 0] != the  # the second record split
+    # text runs on under auto; "whole" keeps text records in one row too
+    t = write(tmp_path / "t.jsonl", [{"text": "the king sleep ."}] * 3)
+    assert data_mod.pack(t, tok, seq_len=8).rows == 2
+    whole = data_mod.pack(t, tok, seq_len=8, packing="whole")
+    assert whole.rows == 3 and whole.loss_mask.sum() == 3 * 4
+    # a record longer than a row is still split (long_lines), padding nothing
+    assert data_mod.pack(p, tok, seq_len=4).loss_mask.sum() == 9
+
+
 def test_chat_trains_assistant_turns_only(tok, tmp_path):
     msgs = [{"role": "user", "content": "the king"}, {"role": "assistant", "content": "sleep"}]
     p = write(tmp_path / "chat.jsonl", [{"messages": msgs}])

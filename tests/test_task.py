@@ -42,6 +42,28 @@ def test_padded_problems_work_every_column():
     assert task_errors.first_error(bad, rec["completion"]) == "operand digit"
 
 
+def test_index_hint_format():
+    rec = make_task.record(941, "-", 362, hints=4)
+    assert rec["prompt"] == "k0h9t4u1-K0H3T6U2=\n" and rec["answer"] == "579"
+    assert rec["completion"] == ("u1-U2-0=9 b1\nt4-T6-1=7 b1\nh9-H3-1=5 b0\nk0-K0-0=0 b0\n"
+                                 "Answer: 579\n")
+    assert make_task.record(9999, "+", 1, hints=4)["completion"].endswith(
+        "k9+K0+1=0 c1\nAnswer: 10000\n")
+    for a, op, b in [(52, "-", 8), (4821, "+", 397), (1000, "-", 1), (5, "+", 5), (10, "-", 10)]:
+        rec = make_task.record(a, op, b, hints=4)
+        lines = rec["completion"].split("\nAnswer:")[0].split("\n")
+        assert len(lines) == 4 and len({len(x) for x in lines}) == 1, lines
+        assert rec["answer"] == str(eval(f"{a}{op}{b}"))
+    import task_errors
+
+    rec = make_task.record(941, "-", 362, hints=4)
+    assert task_errors.first_error(rec["completion"], rec["completion"]) is None
+    for wrong, kind in [("t1-T6-1=7", "operand digit"), ("t4-T6-0=7", "carry in"),
+                        ("t4-T6-1=8", "arithmetic")]:
+        got = rec["completion"].replace("t4-T6-1=7", wrong)
+        assert task_errors.first_error(got, rec["completion"]) == kind
+
+
 def test_task_errors_names_the_first_wrong_line():
     import task_errors
 
@@ -63,6 +85,8 @@ def test_splits_held_out_and_reproducible():
     problems = [r["prompt"] for recs in splits.values() for r in recs]
     assert len(set(problems)) == len(problems) == 500
     assert make_task.make(5, {"train": 400, "valid": 50, "test": 50}, 3) == splits
+    plain = make_task.make(5, {"train": 400, "valid": 50, "test": 50}, 3, "plain")
+    assert [r["answer"] for r in plain["test"]] == [r["answer"] for r in splits["test"]]
     # the shipped files are the seeded generator's output, and disjoint
     shipped = {}
     for split in ("train", "valid", "test"):
@@ -257,3 +281,24 @@ def test_specialist_benchmark_plumbing(tmp_path, monkeypatch):
     monkeypatch.setattr(specialist, "train", lambda cfg, **kw: trained.append(cfg))
     specialist.main()
     assert trained == []  # finished variants are not run again
+
+
+def test_shipped_specialist_pair():
+    """weights/specialist as committed: within its budget, the student over 8x smaller, and
+    the teacher solving held-out problems of data/task/test.jsonl greedily."""
+    import build_specialist as bs
+    from mlx.utils import tree_flatten
+
+    from mlxdistill import models, task
+    from mlxdistill.config import load_config
+
+    w = os.path.join(ROOT, "weights", "specialist")
+    assert os.path.getsize(os.path.join(w, "teacher", "model.safetensors")) <= bs.MAX_TEACHER_BYTES
+    loaded = {n: models.load(os.path.join(w, n), n) for n in ("teacher", "student")}
+    params = {n: sum(v.size for _, v in tree_flatten(m.parameters()))
+              for n, (m, _, _) in loaded.items()}
+    assert params["teacher"] >= 8 * params["student"]
+    g = load_config(os.path.join(ROOT, "configs", "specialist.yaml")).generate
+    prompts = task.task_prompts(os.path.join(ROOT, "data", "task", "test.jsonl"), 32)
+    teacher, tok, _ = loaded["teacher"]
+    assert task.score(prompts, task.greedy_answers(teacher, tok, prompts, g), g)["accuracy"] >= 0.8
