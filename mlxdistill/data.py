@@ -134,6 +134,13 @@ def keeps_whole(rec: dict, packing: str) -> bool:
     return packing == "whole" or (packing == "auto" and "text" not in rec)
 
 
+def row_padding(filled: int, n: int, seq_len: int, whole: bool) -> int:
+    """Padding tokens that go before a record of `n` tokens when `filled` tokens are packed:
+    what is left of the row, if the record is kept whole, fits a row, but not that rest."""
+    room = -filled % seq_len
+    return room if whole and n <= seq_len and 0 < room < n else 0
+
+
 def pack(path: str, tokenizer, seq_len: int, mask_prompt: bool = True,
          max_rows: int | None = None, long_lines: str = "split",
          packing: str = "auto") -> Packed:
@@ -160,8 +167,8 @@ def pack(path: str, tokenizer, seq_len: int, mask_prompt: bool = True,
             long += 1
             if long_lines == "truncate":
                 r_ids, r_trained = r_ids[:seq_len], r_trained[:seq_len]
-        room = -len(ids) % seq_len
-        if keeps_whole(rec, packing) and len(r_ids) <= seq_len and 0 < room < len(r_ids):
+        room = row_padding(len(ids), len(r_ids), seq_len, keeps_whole(rec, packing))
+        if room:
             ids.extend([eos if eos is not None else 0] * room)
             trained.extend([False] * room)
             real.extend([False] * room)

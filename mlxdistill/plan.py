@@ -307,7 +307,9 @@ def dataset_rows(cfg: Config) -> tuple[Optional[int], str]:
             tokens = 0
             for rec in data_mod.read_records(path):
                 segs = data_mod.record_segments(tok, rec, cfg.data.mask_prompt)
-                tokens += sum(len(ids) for ids, _ in segs) + eos
+                n = sum(len(ids) for ids, _ in segs) + eos
+                tokens += n + data_mod.row_padding(
+                    tokens, n, L, data_mod.keeps_whole(rec, cfg.data.packing))
                 if cap and tokens >= cap * L:
                     break
             rows = -(-tokens // L)

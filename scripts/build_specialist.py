@@ -7,12 +7,13 @@ solutions, and an untrained student more than 8x smaller for the distillation be
     python scripts/build_specialist.py --stage tokenizer
 
 Stages:
-  tokenizer  one token per character of the task's alphabet (digits, + - = : c b and the
-             letters of "Answer", space, newline) plus <unk> <s> </s>, as tokenizer.json:
-             arithmetic is learnt column by column, which a tokenizer that merges digits
-             would hide. mlx_lm and MLX Swift load it; encode/decode is checked to round-trip
-             every held-out record through mlx_lm's loader.
-  teacher    Llama 4 x 256 (~3.2 M parameters, under 10 MB in float16), trained with
+  tokenizer  one token per character of the task's alphabet (digits, + - = : c b, the place
+             tags u t h k U T H K, the letters of "Answer", space, newline) plus <unk> <s>
+             </s>, as tokenizer.json: arithmetic is learnt column by column, which a
+             tokenizer that merges digits would hide. mlx_lm and MLX Swift load it;
+             encode/decode is checked to round-trip every held-out record through mlx_lm's
+             loader.
+  teacher    Llama 4 x 256 (3.42 M parameters, under 10 MB in float16), trained with
              cross-entropy on the completions (prompt masked) of data/task/train.jsonl.
   student    Llama 3 x 96, random initialisation (seeded): what every benchmark variant
              starts from, so they differ only in what they are trained on.
@@ -123,8 +124,8 @@ def model_args(spec: dict, vocab: int) -> dict:
 
 
 def packed_split(tok_dir: str, path: str):
-    """(inputs, labels, mask) rows: problems packed into SEQ-token rows, only the worked
-    solutions (and the end of each) trained on."""
+    """(inputs, labels, mask) rows: problems packed into SEQ-token rows, none split across
+    two (data.packing auto), only the worked solutions (and the end of each) trained on."""
     from transformers import AutoTokenizer
 
     from mlxdistill.data import hard_targets, pack

@@ -11,6 +11,7 @@ Kinds of the first line that differs from the gold worked solution:
   arithmetic     digits and carry right, the sum/difference or carry out wrong
   columns        a line too many or too few (the solution stops early or runs on)
   format         a line that does not parse
+  answer line    every worked line right, the final answer not the one they spell
 Writes RESULTS/task_errors_NAME.json and prints the table.
 """
 
@@ -54,7 +55,13 @@ def first_error(got: str, gold: str) -> str | None:
         if m[4] != w[4]:
             return "carry in"
         return "arithmetic"
-    return "columns" if len(o_lines) != len(g_lines) else None
+    if len(o_lines) != len(g_lines):
+        return "columns"
+    return None if _answer(got) == _answer(gold) else "answer line"
+
+
+def _answer(text: str) -> str:
+    return text.split("\nAnswer:", 1)[1].split("\n")[0].strip() if "\nAnswer:" in text else ""
 
 
 def main() -> None:
@@ -63,6 +70,8 @@ def main() -> None:
     ap.add_argument("--data", default="data/task/test.jsonl")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--results", default="results")
+    ap.add_argument("--name", default="", help="RESULTS/task_errors_NAME.json "
+                    "(default: the model folder's name)")
     args = ap.parse_args()
     g = dataclasses.replace(load_config().generate, verifier="exact", max_tokens=96,
                             reasoning=TEMPLATE)
@@ -75,7 +84,7 @@ def main() -> None:
     wrong = sum(v for k, v in kinds.items() if k is not None)
     res = {"model": args.model, "problems": len(prompts), "right": kinds.get(None, 0),
            "first_error": {k: v for k, v in kinds.most_common() if k is not None}}
-    name = os.path.basename(os.path.normpath(args.model))
+    name = args.name or os.path.basename(os.path.normpath(args.model))
     os.makedirs(args.results, exist_ok=True)
     atomic_json(os.path.join(args.results, f"task_errors_{name}.json"), res)
     print(f"{args.model}: {res['right']} of {len(prompts)} worked solutions right")

@@ -153,6 +153,27 @@ def test_cache_size_matches_written_shards(tiny, tmp_path):
     assert p["cache"]["disk_bytes"] <= on_disk < 1.2 * p["cache"]["disk_bytes"] + 4096
 
 
+@pytest.mark.parametrize("packing", ["auto", "stream"])
+def test_dataset_rows_follow_packing(tiny, tmp_path, packing):
+    """plan counts the rows pack makes, padding included, for prompt/completion records."""
+    from mlx_lm.utils import load_tokenizer
+    from pathlib import Path
+
+    from mlxdistill import data as data_mod
+
+    pc = tmp_path / "pc.jsonl"
+    with open(tiny["train"]) as f, open(pc, "w") as out:
+        for line in f:
+            words = json.loads(line)["text"].split()
+            out.write(json.dumps({"prompt": " ".join(words[:5]),
+                                  "completion": " " + " ".join(words[5:30])}) + "\n")
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{
+        "data.train": str(pc), "data.packing": packing}))
+    tok = load_tokenizer(Path(tiny["teacher"]))
+    rows = data_mod.pack(str(pc), tok, 32, packing=packing).rows
+    assert plan.dataset_rows(cfg) == (rows, "tokenized")
+
+
 def test_plan_cli_fits_and_knobs(tiny, tmp_path):
     ov = tiny_overrides(tiny, tmp_path, **{"data.seq_len": 64, "train.batch_size": 8})
     res = CliRunner().invoke(main, ["plan", *ov, "--json"])

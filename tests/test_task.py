@@ -78,6 +78,8 @@ def test_task_errors_names_the_first_wrong_line():
     for kind, lines in cases.items():
         assert task_errors.first_error("\n".join(lines) + "\nAnswer: 1\n", gold) == kind, kind
     assert task_errors.first_error(right[0] + "\nAnswer: 9\n", gold) == "columns"
+    assert task_errors.first_error(gold.replace("Answer: 199", "Answer: 19"), gold) == \
+        "answer line"
 
 
 def test_splits_held_out_and_reproducible():
