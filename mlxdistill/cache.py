@@ -96,8 +96,9 @@ def check_compatible(manifest: dict, want: dict, cache_dir: str) -> None:
             continue
         if manifest.get(key, LEGACY.get(key)) != want.get(key):
             raise CacheError(
-                f"cache {cache_dir} was built with {key}={manifest.get(key, LEGACY.get(key))!r} but this config "
-                f"needs {want.get(key)!r}; point cache.dir elsewhere or delete the cache")
+                f"cache {cache_dir} was built with {key}={manifest.get(key, LEGACY.get(key))!r} "
+                f"but this config needs {want.get(key)!r}; point cache.dir elsewhere or delete "
+                "the cache")
 
 
 # ---------------------------------------------------------------- writer

@@ -6,9 +6,9 @@ digit with carries and borrows, with a checkable final answer.
 
 Each line of train/valid/test is {"prompt", "completion", "answer"}: the prompt is the
 problem, in the default index-hint format with every digit after its place tag and both
-operands four digits ("k4h8t2u1+K0H3T9U7=\n" is 4821+397), the completion its worked
+operands four digits ("k4h8t2u1+K0H3T9U7=\\n" is 4821+397), the completion its worked
 solution, one column per line from the units up ("u1+U7+0=8 c0"), then "Answer: N" (the
-reasoning template "{reasoning}\nAnswer: {answer}\n"), and `answer` the reference the exact
+reasoning template "{reasoning}\\nAnswer: {answer}\\n"), and `answer` the reference the exact
 verifier compares with. prompts.jsonl holds the training problems without solutions, for
 the teacher to write its own (`mlxdistill generate`).
 
@@ -169,6 +169,9 @@ def main() -> None:
                     help="hints: digits tagged by place (worked_hints); plain: '4821+397='; "
                          "pad: zero-padded operands; fixed: padded, lines of one length")
     args = ap.parse_args()
+    if args.format == "hints" and not 2 <= args.max_digits <= len(TAGS):
+        raise SystemExit(f"error: --max-digits {args.max_digits}: the index-hint format names "
+                         f"{len(TAGS)} places (2 to {len(TAGS)} digits); use --format plain")
     splits = make(args.seed, {"train": args.train, "valid": args.valid, "test": args.test},
                   args.max_digits, args.format)
     prompts = {r["prompt"] for recs in splits.values() for r in recs}

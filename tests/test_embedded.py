@@ -23,7 +23,8 @@ def test_weights_small_and_loadable():
     from mlx_lm.utils import load
 
     # The committed weights: the default pair (and teacher2) within 40 MB; the task
-    # specialist has a budget of its own (its teacher within 10 MB, test_specialist_weights).
+    # specialist has a budget of its own (its teacher within 10 MB: test_task.py
+    # test_shipped_specialist_pair).
     import subprocess
 
     tracked = subprocess.run(["git", "ls-files", "-z", W], capture_output=True, cwd=W)
