@@ -90,10 +90,14 @@ def config_identity(cfg: Config) -> dict:
     }
 
 
-def check_compatible(manifest: dict, want: dict, cache_dir: str) -> None:
+def check_compatible(manifest: dict, want: dict, cache_dir: str,
+                     data_path: Optional[str] = None) -> None:
     for key in IDENTITY_KEYS:
         if key not in want:
             continue
+        if key == "packing" and key not in manifest and want[key] == "auto" and data_path \
+                and data_mod.all_text(data_path):
+            continue  # built before data.packing: on text alone, auto packs the same rows
         if manifest.get(key, LEGACY.get(key)) != want.get(key):
             raise CacheError(
                 f"cache {cache_dir} was built with {key}={manifest.get(key, LEGACY.get(key))!r} "
@@ -132,7 +136,7 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
     mpath = os.path.join(c.dir, MANIFEST)
     if world.main and os.path.exists(mpath):
         manifest = read_manifest(c.dir)
-        check_compatible(manifest, want, c.dir)
+        check_compatible(manifest, want, c.dir, cfg.data.train)
     else:
         manifest = {**want, "teacher": cfg.teacher.model, "dataset": cfg.data.train,
                     "teacher_layers": models.num_layers(teacher), "hidden_resolved": hidden,

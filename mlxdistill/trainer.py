@@ -62,7 +62,8 @@ def ensure_cache(cfg: Config, quiet: bool, log, world: Optional[World] = None
     reader = cache_mod.ShardReader(cfg.cache.dir)
     if world.main:
         world.barrier("rank 0's cache verification")
-    cache_mod.check_compatible(reader.manifest, cache_mod.config_identity(cfg), cfg.cache.dir)
+    cache_mod.check_compatible(reader.manifest, cache_mod.config_identity(cfg), cfg.cache.dir,
+                               cfg.data.train)
     return reader
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -124,6 +125,35 @@ def test_cache_from_other_data_is_refused(tiny, tmp_path):
         build(tiny, tmp_path, **{"data.train": tiny["valid"]})
     with pytest.raises(cache_mod.CacheError, match="mode"):
         build(tiny, tmp_path, **{"cache.mode": "topk"})
+
+
+def test_cache_from_before_packing_key(tiny, tmp_path):
+    """A manifest written before data.packing existed was packed run-on: still valid for text
+    data under auto (the same rows), refused for prompt/completion data (other rows)."""
+    from mlxdistill.trainer import ensure_cache
+
+    def drop_key():
+        mpath = os.path.join(str(tmp_path / "cache"), cache_mod.MANIFEST)
+        m = json.load(open(mpath))
+        del m["packing"]
+        json.dump(m, open(mpath, "w"))
+
+    build(tiny, tmp_path)
+    drop_key()
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path))
+    assert ensure_cache(cfg, True, lambda m: None).manifest["rows"] > 0
+    pc = tmp_path / "pc.jsonl"
+    with open(tiny["train"]) as f, open(pc, "w") as out:
+        for line in f:
+            words = json.loads(line)["text"].split()
+            out.write(json.dumps({"prompt": " ".join(words[:4]),
+                                  "completion": " " + " ".join(words[4:])}) + "\n")
+    shutil.rmtree(tmp_path / "cache")
+    build(tiny, tmp_path, **{"data.train": str(pc), "data.packing": "stream"})
+    drop_key()
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{"data.train": str(pc)}))
+    with pytest.raises(cache_mod.CacheError, match="packing='stream'"):
+        ensure_cache(cfg, True, lambda m: None)
 
 
 def test_training_refuses_a_complete_cache_with_other_settings(tiny, tmp_path):
