@@ -26,36 +26,41 @@ import random
 TEMPLATE = "{reasoning}\nAnswer: {answer}\n"
 
 
+def columns(a: int, op: str, b: int, width: int) -> tuple[list[tuple], str]:
+    """The column-by-column working of a + b or a - b (a >= b for subtraction), units first:
+    (x, y, carry or borrow in, x + y + c or x - y - c, carry or borrow out) per column, at
+    least `width` columns, and the answer. Every format below writes these lines its way."""
+    width = max(width, len(str(a)), len(str(b)))
+    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    cols, digits, c = [], [], 0
+    for x, y in zip(map(int, da), map(int, db)):
+        v = x + y + c if op == "+" else x - y - c
+        out = int(v > 9) if op == "+" else int(v < 0)
+        cols.append((x, y, c, v, out))
+        digits.append(v % 10)
+        c = out
+    if op == "+" and c:
+        digits.append(c)
+    answer = str(int("".join(map(str, digits[::-1]))))
+    assert answer == str(a + b if op == "+" else a - b)
+    return cols, answer
+
+
 def worked(a: int, op: str, b: int, width: int = 0, fixed: bool = False) -> tuple[str, str]:
     """(worked solution, answer) of a + b or a - b (a >= b for subtraction): one line per
     column from the units up (at least `width` columns), "x+y+carry=s c<carry out>" or
     "x-y-borrow=d b<borrow out>" (a borrowed ten shown as x+10). fixed: every line of an
     operation has one length ("x+y+c=0s", "x+00-y-c=d"), so with padded operands each digit
     a line reads sits at a constant distance back from it."""
-    width = max(width, len(str(a)), len(str(b)))
-    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
-    lines, digits, c = [], [], 0
-    for x, y in zip(map(int, da), map(int, db)):
+    cols, answer = columns(a, op, b, width)
+    lines = []
+    for x, y, c, v, out in cols:
         if op == "+":
-            s = x + y + c
-            lines.append(f"{x}+{y}+{c}={s:02d} c{s // 10}" if fixed else
-                         f"{x}+{y}+{c}={s} c{s // 10}")
-            digits.append(s % 10)
-            c = s // 10
+            lines.append(f"{x}+{y}+{c}={v:02d} c{out}" if fixed else f"{x}+{y}+{c}={v} c{out}")
+        elif out:
+            lines.append(f"{x}+10-{y}-{c}={v + 10} b1")
         else:
-            d = x - y - c
-            if d < 0:
-                lines.append(f"{x}+10-{y}-{c}={d + 10} b1")
-                digits.append(d + 10)
-                c = 1
-            else:
-                lines.append(f"{x}+00-{y}-{c}={d} b0" if fixed else f"{x}-{y}-{c}={d} b0")
-                digits.append(d)
-                c = 0
-    if op == "+" and c:
-        digits.append(c)
-    answer = str(int("".join(map(str, digits[::-1]))))
-    assert answer == str(a + b if op == "+" else a - b)
+            lines.append(f"{x}+00-{y}-{c}={v} b0" if fixed else f"{x}-{y}-{c}={v} b0")
     return "\n".join(lines), answer
 
 
@@ -74,29 +79,15 @@ def worked_hints(a: int, op: str, b: int, width: int) -> tuple[str, str, str]:
     problem has one length and every problem `width` lines."""
     if width > len(TAGS):
         raise ValueError(f"index hints name {len(TAGS)} places; width {width} is too wide")
-    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
-    lines, digits, c = [], [], 0
-    for k, (x, y) in enumerate(zip(map(int, da), map(int, db))):
-        t, T = TAGS[k], TAGS[k].upper()
-        if op == "+":
-            s = x + y + c
-            lines.append(f"{t}{x}+{T}{y}+{c}={s % 10} c{s // 10}")
-            digits.append(s % 10)
-            c = s // 10
-        else:
-            d = x - y - c
-            lines.append(f"{t}{x}-{T}{y}-{c}={d % 10} b{int(d < 0)}")
-            digits.append(d % 10)
-            c = int(d < 0)
-    if op == "+" and c:
-        digits.append(c)
-    answer = str(int("".join(map(str, digits[::-1]))))
-    assert answer == str(a + b if op == "+" else a - b)
+    cols, answer = columns(a, op, b, width)
+    mark = "c" if op == "+" else "b"
+    lines = [f"{TAGS[k]}{x}{op}{TAGS[k].upper()}{y}{op}{c}={v % 10} {mark}{out}"
+             for k, (x, y, c, v, out) in enumerate(cols)]
 
     def tagged(n: int, upper: bool) -> str:
-        z = str(n).zfill(width)
-        return "".join((TAGS[width - 1 - i].upper() if upper else TAGS[width - 1 - i]) + ch
-                       for i, ch in enumerate(z))
+        tags = TAGS[:width][::-1]  # most significant place first, as the number is written
+        return "".join((t.upper() if upper else t) + ch
+                       for t, ch in zip(tags, str(n).zfill(width)))
     return f"{tagged(a, False)}{op}{tagged(b, True)}=\n", "\n".join(lines), answer
 
 

@@ -49,11 +49,14 @@ def main() -> None:
     identity = {"gold": args.gold, "seq_len": args.seq_len, "overrides": args.overrides}
     saved = json.load(open(path)) if os.path.exists(path) else {}
     res = saved if all(saved.get(k) == v for k, v in identity.items()) else {**identity}
+
+    def run_dir(packing: str) -> str:
+        return os.path.join(args.runs, f"{packing}-{args.seq_len}")
     for packing in ("stream", "auto"):
         if packing in res:
             continue
         ov = {"data.train": args.gold, "data.seq_len": args.seq_len, "data.packing": packing,
-              "loss.alpha": 1.0, "run.dir": os.path.join(args.runs, f"{packing}-{args.seq_len}"),
+              "loss.alpha": 1.0, "run.dir": run_dir(packing),
               "cache.dir": os.path.join(args.runs, f"cache-{packing}-{args.seq_len}")}
         cfg = load_config(args.config, [f"{k}={v}" for k, v in ov.items()] + args.overrides)
         print(f"== data.packing={packing}, seq_len {args.seq_len}", flush=True)
@@ -68,7 +71,7 @@ def main() -> None:
         atomic_json(path, res)
     for packing in ("stream", "auto"):
         r = res[packing]
-        r["train_ce_end"] = end_train_ce(os.path.join(args.runs, f"{packing}-{args.seq_len}"))
+        r["train_ce_end"] = end_train_ce(run_dir(packing))
         print(f"{packing:>6}: task accuracy {r['task_accuracy']:.3f} "
               f"(retention {r['retention']} %), training CE at the end {r['train_ce_end']}")
     atomic_json(path, res)

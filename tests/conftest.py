@@ -67,6 +67,19 @@ def make_text(path: str, n_docs: int = 60, seed: int = 0, words=WORDS) -> str:
     return path
 
 
+def prompt_completion(text_path: str, out: str, prompt_words: int,
+                      completion_words: int | None = None) -> str:
+    """The text records of `text_path` as prompt/completion records: the first
+    `prompt_words` words the prompt, the next `completion_words` (all: None) the completion."""
+    end = None if completion_words is None else prompt_words + completion_words
+    with open(text_path) as f, open(out, "w") as o:
+        for line in f:
+            words = json.loads(line)["text"].split()
+            o.write(json.dumps({"prompt": " ".join(words[:prompt_words]),
+                                "completion": " " + " ".join(words[prompt_words:end])}) + "\n")
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A teacher/student pair sharing one tokenizer, and train/valid/test text."""

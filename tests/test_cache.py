@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import tiny_overrides
+from conftest import prompt_completion, tiny_overrides
 from safetensors.numpy import load_file
 
 from mlxdistill import cache as cache_mod
@@ -142,16 +142,11 @@ def test_cache_from_before_packing_key(tiny, tmp_path):
     drop_key()
     cfg = load_config(None, tiny_overrides(tiny, tmp_path))
     assert ensure_cache(cfg, True, lambda m: None).manifest["rows"] > 0
-    pc = tmp_path / "pc.jsonl"
-    with open(tiny["train"]) as f, open(pc, "w") as out:
-        for line in f:
-            words = json.loads(line)["text"].split()
-            out.write(json.dumps({"prompt": " ".join(words[:4]),
-                                  "completion": " " + " ".join(words[4:])}) + "\n")
+    pc = prompt_completion(tiny["train"], str(tmp_path / "pc.jsonl"), 4)
     shutil.rmtree(tmp_path / "cache")
-    build(tiny, tmp_path, **{"data.train": str(pc), "data.packing": "stream"})
+    build(tiny, tmp_path, **{"data.train": pc, "data.packing": "stream"})
     drop_key()
-    cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{"data.train": str(pc)}))
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{"data.train": pc}))
     with pytest.raises(cache_mod.CacheError, match="packing='stream'"):
         ensure_cache(cfg, True, lambda m: None)
 

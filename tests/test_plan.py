@@ -8,7 +8,7 @@ import re
 
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, prompt_completion, tiny_overrides
 from test_families import CASES, family_pair
 
 from mlxdistill import cache, plan, probe
@@ -161,16 +161,11 @@ def test_dataset_rows_follow_packing(tiny, tmp_path, packing):
 
     from mlxdistill import data as data_mod
 
-    pc = tmp_path / "pc.jsonl"
-    with open(tiny["train"]) as f, open(pc, "w") as out:
-        for line in f:
-            words = json.loads(line)["text"].split()
-            out.write(json.dumps({"prompt": " ".join(words[:5]),
-                                  "completion": " " + " ".join(words[5:30])}) + "\n")
+    pc = prompt_completion(tiny["train"], str(tmp_path / "pc.jsonl"), 5, 25)
     cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{
-        "data.train": str(pc), "data.packing": packing}))
+        "data.train": pc, "data.packing": packing}))
     tok = load_tokenizer(Path(tiny["teacher"]))
-    rows = data_mod.pack(str(pc), tok, 32, packing=packing).rows
+    rows = data_mod.pack(pc, tok, 32, packing=packing).rows
     assert plan.dataset_rows(cfg) == (rows, "tokenized")
 
 
