@@ -24,15 +24,17 @@ from . import files, models
 # from here, where callers of the cache look for them.
 from .shards import (CacheError, check_contents, check_free_space, check_header,  # noqa: F401
                      estimate_bytes, expected_tensors, id_dtype)
-from .targets import merge_ids, sample_targets, top1_weights, topk_targets  # noqa: F401
+from .targets import (merge_ids, sample_targets, tail_logprob, top1_weights,  # noqa: F401
+                      topk_targets)
 from .config import Config, ConfigError
 from .distributed import World
 from .progress import Progress
 
-FORMAT_VERSION = 1
+# 2: top-k shards hold the teacher's tail log-mass (tail_logprob), computed from its logits.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 VERIFIED = ".verified.json"
-TARGET_KEYS = {"topk": ("ids", "logprobs"), "sample": ("ids", "counts")}
+TARGET_KEYS = {"topk": ("ids", "logprobs", "tail_logprob"), "sample": ("ids", "counts")}
 
 
 def target_keys(manifest: dict) -> list[str]:
@@ -47,7 +49,8 @@ def shard_sha256(path: str) -> str:
 
 # ---------------------------------------------------------------- manifest
 
-IDENTITY_KEYS = ("format_version", "teacher_fingerprint", "tokenizer_fingerprint", "vocab_size",
+IDENTITY_KEYS = ("format_version", "teacher_fingerprint_kind", "teacher_fingerprint",
+                 "tokenizer_fingerprint", "vocab_size",
                  "mode", "n", "k", "temperature", "seq_len", "dataset_sha256", "max_rows",
                  "mask_prompt", "seed", "shard_rows", "hidden_layers", "long_lines",
                  "keep_top1", "packing")
@@ -79,7 +82,8 @@ def config_identity(cfg: Config) -> dict:
     c = cfg.cache
     return {
         "format_version": FORMAT_VERSION,
-        "teacher_fingerprint": models.config_fingerprint(cfg.teacher.model),
+        "teacher_fingerprint_kind": models.FINGERPRINT_KIND,
+        "teacher_fingerprint": models.model_fingerprint(cfg.teacher.model),
         "mode": c.mode, "n": c.n if c.mode == "sample" else None,
         "k": c.k if c.mode == "topk" else None, "temperature": c.temperature,
         "seq_len": cfg.data.seq_len, "dataset_sha256": data_mod.file_sha256(cfg.data.train),
@@ -92,6 +96,13 @@ def config_identity(cfg: Config) -> dict:
 
 def check_compatible(manifest: dict, want: dict, cache_dir: str,
                      data_path: Optional[str] = None) -> None:
+    if "teacher_fingerprint" in want and manifest.get("teacher_fingerprint_kind") != \
+            want.get("teacher_fingerprint_kind"):
+        # Its fingerprint saw config.json and file sizes only: the same for a teacher whose
+        # weights changed in place, so nothing can vouch for the teacher that built it.
+        raise CacheError(f"cache {cache_dir} predates content hashing of the teacher's "
+                         "weights, so it cannot show which teacher built it; delete it and "
+                         "rebuild it (`mlxdistill cache`), or point cache.dir elsewhere")
     for key in IDENTITY_KEYS:
         if key not in want:
             continue
@@ -118,6 +129,7 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
     if not world.main:
         quiet, log = True, (lambda m: None)  # rank 0 reports for all
     c = cfg.cache
+    files.check_dir(c.dir, "cache.dir")  # before the teacher is loaded
     teacher, ttok, tcfg = models.load_role(cfg, "teacher")
     scfg, stok = models.load_meta(cfg.student.model, "student")
     match = models.check_vocab(ttok, tcfg, stok, scfg)
@@ -130,7 +142,7 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
 
     want = {**config_identity(cfg), "tokenizer_fingerprint": match.fingerprint,
             "vocab_size": match.vocab_size}
-    os.makedirs(c.dir, exist_ok=True)
+    files.ensure_dir(c.dir, "cache.dir")
     if world.main:  # before any rank writes: the others wait for rank 0's manifest below
         files.remove_stale_tmp(c.dir)  # partial shards of a killed pass: never read, just space
     mpath = os.path.join(c.dir, MANIFEST)
@@ -197,9 +209,11 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
             if c.temperature != 1.0:  # no second [B, L, V] copy at the default T = 1
                 logits = logits / c.temperature
             if c.mode == "topk":
-                ids, lp = topk_targets(logits - mx.logsumexp(logits, axis=-1, keepdims=True), c.k)
+                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                ids, lp = topk_targets(logprobs, c.k)
                 outs["ids"].append(ids.astype(idt))
                 outs["logprobs"].append(lp)
+                outs["tail_logprob"].append(tail_logprob(logprobs, ids))
             else:
                 ids, counts = sample_targets(logits, c.n, rng, c.keep_top1)
                 outs["ids"].append(ids.astype(idt))

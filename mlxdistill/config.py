@@ -138,7 +138,8 @@ class CacheConfig:
                f"cache.batch_size={self.batch_size!r} must be a positive integer")
 
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+LOSSES = ("forward_kl", "reverse_kl", "jsd", "symmetric_kl", "skew_kl", "skew_reverse_kl",
+          "tvd")
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,9 @@ class LossConfig:
     name: str = "forward_kl"
     alpha: float = 0.0  # weight of hard-label cross-entropy
     temperature: float = 1.0
-    beta: float = 0.5  # jsd: 0 = forward KL, 1 = reverse KL (TRL's generalized JSD)
+    # jsd (TRL's generalized JSD) and symmetric_kl ((1-beta) forward + beta reverse KL):
+    # 0 = forward KL, 1 = reverse KL
+    beta: float = 0.5
     skew: float = 0.1  # skew_kl / skew_reverse_kl mixture weight (DistiLLM)
     # On-policy (GKD): fraction of steps trained on student-written continuations scored by
     # the live teacher (needs teacher.mode=online).

@@ -149,7 +149,9 @@ class World:
 
     def average_gradients(self, grads, what: str = "the gradient all-reduce"):
         """Mean of `grads` over ranks (mlx's fused all-reduce). Local work is evaluated first
-        so that the watchdog times only the wait for the other ranks."""
+        so that the watchdog times only the wait for the other ranks. The result is
+        row-major whatever the layout of `grads` (the all-reduce flattens them), so what
+        follows must not depend on layout: a sum, for one, runs in memory order."""
         if self.size == 1:
             return grads
         mx.eval(grads)

@@ -6,6 +6,7 @@ student was trained on, so a biased objective cannot hide behind agreement.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Optional
@@ -29,7 +30,40 @@ def _load_run_config(run_dir: str):
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the "
                           "run.dir of a `mlxdistill train` run")
     with open(path) as f:
-        return from_dict(yaml.safe_load(f) or {}, source=path)
+        cfg = from_dict(yaml.safe_load(f) or {}, source=path)
+    return _anchor_inputs(cfg, run_dir)
+
+
+def _anchor_inputs(cfg, run_dir: str):
+    """A run's config.yaml holds its inputs as `train` was given them: relative paths are
+    valid from the directory it ran in. That directory is the one from which the recorded
+    run.dir leads to this run directory; inputs are looked up there first, so eval, export
+    and profile work from anywhere. A run directory moved since (or an absolute run.dir)
+    leaves them as they are, relative to where the command runs."""
+    rec = os.path.normpath(cfg.run.dir)
+    here = os.path.abspath(run_dir)
+    if os.path.isabs(rec) or rec.startswith(os.pardir):
+        return cfg
+    origin = here
+    for _ in rec.split(os.sep):
+        origin = os.path.dirname(origin)
+    if os.path.join(origin, rec) != here or origin == os.getcwd():
+        return cfg
+
+    def anchor(p):
+        if not p or os.path.isabs(p) or not os.path.exists(os.path.join(origin, p)):
+            return p
+        return os.path.join(origin, p)
+
+    d = cfg.data
+    return dataclasses.replace(
+        cfg,
+        teacher=dataclasses.replace(cfg.teacher, model=anchor(cfg.teacher.model)),
+        student=dataclasses.replace(cfg.student, model=anchor(cfg.student.model)),
+        data=dataclasses.replace(d, train=anchor(d.train), valid=anchor(d.valid),
+                                 test=anchor(d.test)),
+        cache=dataclasses.replace(cfg.cache, dir=anchor(cfg.cache.dir),
+                                  mix=tuple(anchor(m) for m in cfg.cache.mix)))
 
 
 def load_trained_student(run_dir: str, cfg):
@@ -176,6 +210,10 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
     path = data_path or cfg.data.test or cfg.data.valid
     if not path:
         raise ConfigError("no evaluation data: set data.test in the config or pass --data")
+    if write:  # what eval writes, checked before the models are loaded
+        fix = "move it away and run eval again"
+        files.check_file(os.path.join(run_dir, "eval.json"), "eval output", fix)
+        files.check_dir(os.path.join(run_dir, "plots"), "eval output", fix)
     teacher, ttok, tcfg = models.load_role(cfg, "teacher")
     before, stok, scfg = models.load_role(cfg, "student")
     match = models.check_vocab(ttok, tcfg, stok, scfg)

@@ -21,7 +21,8 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from . import data as data_mod
-from . import losses, models
+from . import gguf as gguf_mod
+from . import files, losses, models
 from .config import ConfigError
 
 BITS = (16, 8, 4)
@@ -29,8 +30,6 @@ GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
 ROUND_TRIP_ROWS = 4
 TUNE_EVAL_ROWS = 8
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
-GGUF_ARCHS = ("llama", "mistral", "mixtral")  # what mlx_lm.fuse --export-gguf accepts
-GGUF_NAME = "ggml-model-f16.gguf"
 TARGET_QUALITY = 0.9  # default cloud-fallback target: 90 % of the teacher's quality
 
 
@@ -43,6 +42,9 @@ def fuse_adapters(model) -> int:
 
 
 def _check_out(out: str, force: bool) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):  # --force replaces folders only
+        raise ConfigError(f"output {out} is a file, not a folder; choose another -o (or move "
+                          "the file away)")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
         raise ConfigError(f"output {out} exists and is not empty; pass --force to replace it")
     parent = os.path.dirname(os.path.abspath(out)) or "."
@@ -221,40 +223,6 @@ def model_card(run_dir: str, base: str, bits: int, rt: dict, ev: Optional[dict],
     return "\n".join(lines)
 
 
-def check_gguf(config: dict, bits: int) -> None:
-    """GGUF through mlx_lm's writer: float16 weights of the architectures it knows."""
-    arch = config.get("model_type")
-    if arch not in GGUF_ARCHS:
-        raise ConfigError(f"--gguf: mlx_lm cannot write model_type {arch!r} as GGUF (it writes "
-                          f"{', '.join(GGUF_ARCHS)}); export without --gguf")
-    if bits != 16:
-        raise ConfigError(f"--gguf writes float16 only (mlx_lm's GGUF writer has no quantized "
-                          f"types); use --bits 16, not {bits}, or drop --gguf")
-
-
-def write_gguf(model, config: dict, folder: str) -> dict:
-    """Write `folder`/GGUF_NAME and check that every weight is in it under its GGUF name."""
-    import contextlib
-    import io
-
-    from mlx.utils import tree_flatten
-    from mlx_lm.gguf import convert_to_gguf, translate_weight_names
-
-    weights = dict(tree_flatten(model.parameters()))
-    path = os.path.join(folder, GGUF_NAME)
-    with contextlib.redirect_stdout(io.StringIO()):  # mlx_lm prints progress
-        convert_to_gguf(folder, weights, config, path)
-    loaded, meta = mx.load(path, return_metadata=True)
-    missing = sorted(set(map(translate_weight_names, weights)) - set(loaded))
-    if missing:
-        raise ConfigError(f"GGUF file {path} lacks {missing[:3]}; report this model type")
-    emb = weights.get("model.embed_tokens.weight")
-    return {"file": GGUF_NAME, "tensors": len(loaded), "bytes": os.path.getsize(path),
-            "architecture": str(meta.get("general.architecture")),
-            "embedding_identical": emb is None or bool(mx.array_equal(
-                loaded["token_embd.weight"].astype(mx.float32), emb.astype(mx.float32)))}
-
-
 def _fallback(cfg, folder: str, tok, vocab: int, target: float) -> Optional[dict]:
     """The cloud-fallback threshold measured on the exported model itself: its confidence
     is what the app will compare with the threshold, and quantization shifts it."""
@@ -296,8 +264,10 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
         else cfg.student.model
     config, tok = models.load_meta(src, "student")
     config = dict(config)
+    # The tokenizer files come from the student itself (training never changes them).
+    tok_src = models.local_folder(cfg.student.model) or src
     if gguf:
-        check_gguf(config, bits)  # before any compute
+        gguf_mod.check(config, bits, tok_src)  # before any compute
     model = load_trained_student(run_dir, cfg)
     vocab = models.logits_size(config)
     nfused = fuse_adapters(model)
@@ -330,16 +300,17 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
         raise ConfigError(f"cannot write the export to {out}: {e.strerror or e}; choose a "
                           "writable -o folder") from None
     save_config(config, os.path.join(tmp, "config.json"))
-    tok.save_pretrained(tmp)
-    for f in glob.glob(os.path.join(src, "tokenizer*")) + glob.glob(os.path.join(src, "*.model")):
-        if not os.path.exists(os.path.join(tmp, os.path.basename(f))):
-            shutil.copy(f, tmp)
+    models.copy_tokenizer(tok, tok_src, tmp)
     missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(tmp, f))]
     if missing:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ConfigError(f"the student's tokenizer could not be written as {missing}; MLX Swift "
                           "needs tokenizer.json: convert the tokenizer with transformers first")
-    gguf_rep = write_gguf(model, config, tmp) if gguf else None
+    try:
+        gguf_rep = gguf_mod.write(model, config, tok, tmp) if gguf else None
+    except ConfigError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
     # Round trip against the float32 reference, before the folder takes its final name.
     # 16-bit must give the same top-1 at every position; quantized agreement is reported.
@@ -359,6 +330,7 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
         f.write(model_card(run_dir, cfg.teacher.model, bits, rt, ev, fb, tuning, prof))
     with open(os.path.join(tmp, "export.json"), "w") as f:
         json.dump(report, f, indent=2)
+    files.follow_umask(tmp)  # MLX writes its files 0644 whatever the umask allows
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     log(f"exported {run_dir} -> {out} ({bits}-bit, {report['size_bytes'] / 1e6:.1f} MB); "

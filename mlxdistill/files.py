@@ -3,17 +3,22 @@ state a later run would trust.
 
 Every durable file is written under a temporary name in the same directory and renamed into
 place (rename is atomic within a filesystem); a failed write removes its temporary file, so
-the previous version stays the one on disk.
+the previous version stays the one on disk. What lands there has the mode a plain open()
+would give it under the umask, whatever library wrote it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import stat
+import time
 from typing import Iterator
 
 # Errors that mean "the disk is full" whatever the filesystem reports: no space, quota, or a
@@ -23,7 +28,9 @@ NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class PathError(ValueError):
-    """A path read from a file points outside the directory it must stay in."""
+    """A path that cannot be used as asked: one read from a file that points outside the
+    directory it must stay in, or an output path where a file stands for a folder (or the
+    reverse). The message is one line."""
 
 
 def tmp_name(path: str) -> str:
@@ -80,12 +87,51 @@ def _write_failed(e: BaseException, path: str) -> BaseException:
     return e
 
 
+def umask() -> int:
+    """The process umask. Linux shows it in /proc; elsewhere it can only be read by setting
+    it, which for an instant would apply to files other threads create, so that is the
+    fallback."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str) -> None:
+    """Give `path`, and everything under it if it is a directory, the mode open() and mkdir
+    give under the umask. Libraries pick their own: safetensors writes 0600 (a cache built
+    by one user would be unreadable to a teammate's run), MLX 0644 (a group-writable umask
+    would not apply)."""
+    mask = umask()
+
+    def fix(p: str) -> None:
+        st = os.lstat(p)
+        # A filesystem without Unix modes (some network and exFAT mounts) may refuse chmod:
+        # the write itself succeeded, so it stands.
+        with contextlib.suppress(OSError):
+            if stat.S_ISDIR(st.st_mode):
+                os.chmod(p, 0o777 & ~mask)
+            elif stat.S_ISREG(st.st_mode):  # executable bits a writer set on purpose stay
+                os.chmod(p, (0o666 | (st.st_mode & 0o111)) & ~mask)
+
+    fix(path)
+    if os.path.isdir(path) and not os.path.islink(path):
+        for root, dirs, names in os.walk(path):
+            for name in dirs + names:
+                fix(os.path.join(root, name))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path to write; rename it to `path` on success, delete it on error."""
     tmp = tmp_name(path)
     try:
         yield tmp
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -113,6 +159,7 @@ def atomic_dir(path: str) -> Iterator[str]:
     os.makedirs(tmp)
     try:
         yield tmp
+        follow_umask(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     except BaseException as e:
@@ -121,6 +168,48 @@ def atomic_dir(path: str) -> Iterator[str]:
         if err is e:
             raise
         raise err from None
+
+
+def file_in_the_way(path: str) -> str | None:
+    """`path` or its nearest existing ancestor when that is not a directory."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            return None
+        p = parent
+    return None if os.path.isdir(p) else p
+
+
+def check_dir(path: str, what: str, fix: str | None = None) -> str:
+    """Refuse an output folder that a file stands in the way of (the folder itself, or one
+    of its parents), before any work that would end by writing there."""
+    blocker = file_in_the_way(path)
+    if blocker is None:
+        return path
+    fix = fix or f"point {what} at a folder, or move the file away"
+    if os.path.abspath(path) == blocker:
+        raise PathError(f"{what} {path} is a file, not a folder; {fix}")
+    raise PathError(f"{what} {path} cannot be a folder: {blocker} is a file; {fix}")
+
+
+def ensure_dir(path: str, what: str, fix: str | None = None) -> str:
+    """os.makedirs for an output folder, with a file in its place a one-line error."""
+    check_dir(path, what, fix)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def check_file(path: str, what: str, fix: str | None = None) -> str:
+    """Refuse an output file name that is a folder, or whose folder a file stands in for."""
+    if os.path.isdir(path):
+        raise PathError(f"{what} {path} is a folder, not a file; "
+                        f"{fix or f'point {what} at a file name, or move the folder away'}")
+    blocker = file_in_the_way(os.path.dirname(os.path.abspath(path)))
+    if blocker is not None:
+        raise PathError(f"{what} {path} cannot be written: {blocker} is a file, not a "
+                        f"folder; {fix or f'point {what} elsewhere, or move the file away'}")
+    return path
 
 
 def inside(base: str, name: str, what: str) -> str:
@@ -165,3 +254,79 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n} B"
+
+
+# ---------------------------------------------------------------- remembered file hashes
+
+HASH_MEMO_ENV = "MLXDISTILL_HASH_MEMO"
+RACY_NS = 2_000_000_000  # mtime granularity of the coarsest filesystems in use (FAT: 2 s)
+_log = logging.getLogger(__name__)
+
+
+def hash_memo_path() -> str:
+    """The per-user file of remembered hashes: $MLXDISTILL_HASH_MEMO, else under
+    $XDG_CACHE_HOME (~/.cache)."""
+    if os.environ.get(HASH_MEMO_ENV):
+        return os.environ[HASH_MEMO_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mlxdistill", "weight-hashes.json")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_memo(path: str) -> dict:
+    """The memo, or {} when it is missing or damaged: it only saves time, never decides."""
+    try:
+        with open(path) as f:
+            memo = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _stamp(st: os.stat_result) -> list:
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def remembered_sha256(paths: list[str]) -> list[str]:
+    """sha256 of each file, read once and then remembered by (real path, size, mtime, inode)
+    in a per-user memo, so a multi-gigabyte teacher is hashed on its first use and costs one
+    stat per file afterwards. As with git and rsync, a file rewritten with its size and
+    mtime restored (and the same inode) is taken as unchanged. A file modified within the
+    last couple of seconds, or while being hashed, is hashed but not remembered: within the
+    filesystem's mtime granularity a rewrite could keep the stamp."""
+    memo_path = hash_memo_path()
+    memo = _read_memo(memo_path)
+    out, fresh = [], {}
+    for p in paths:
+        real = os.path.realpath(p)
+        stamp = _stamp(os.stat(real))
+        hit = memo.get(real)
+        if isinstance(hit, list) and len(hit) == 4 and hit[:3] == stamp \
+                and isinstance(hit[3], str):
+            out.append(hit[3])
+            continue
+        digest = sha256_file(real)
+        out.append(digest)
+        if _stamp(os.stat(real)) == stamp and time.time_ns() - stamp[1] > RACY_NS:
+            fresh[real] = stamp + [digest]
+    if fresh:
+        _remember(memo_path, fresh)
+    return out
+
+
+def _remember(memo_path: str, fresh: dict) -> None:
+    memo = _read_memo(memo_path)  # again: another process may have added entries meanwhile
+    memo = {k: v for k, v in memo.items() if os.path.exists(k)}  # forget deleted files
+    memo.update(fresh)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(memo_path)), exist_ok=True)
+        atomic_json(memo_path, memo, indent=None)
+    except OSError as e:  # a read-only home costs the next run a re-hash, nothing else
+        _log.debug("cannot remember file hashes in %s: %s", memo_path, e)

@@ -139,14 +139,13 @@ SMALL_TEACHER_BYTES = 1 << 28
 
 
 def small_weights_sha256(path: str) -> Optional[str]:
-    """sha256 of a teacher folder's weights when they are small (under 256 MB), else None.
-    The teacher fingerprint sees only config.json and file sizes, so a small model retrained
-    in place (same shapes) would otherwise pass as the same teacher and its old answers as
-    done; hashing a few MB is cheap, hashing gigabytes is not."""
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else []
-    if not files or sum(os.path.getsize(f) for f in files) > SMALL_TEACHER_BYTES:
+    """sha256 over a teacher folder's weight hashes when they are small (under 256 MB), else
+    None: a short name for the weights, which scripts use to keep a teacher's outputs apart.
+    The per-file hashes are the remembered ones the teacher fingerprint uses."""
+    names = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else []
+    if not names or sum(os.path.getsize(f) for f in names) > SMALL_TEACHER_BYTES:
         return None
-    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+    return hashlib.sha256("".join(files.remembered_sha256(names)).encode()).hexdigest()
 
 
 _atomic_json = files.atomic_json  # a module name of its own: tests cut a run off here
@@ -165,10 +164,11 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
     if not world.main:
         quiet, log = True, (lambda m: None)  # rank 0 reports and writes for all
     log(world.describe())
+    files.check_file(g.out, "generate.out")  # before the teacher's work, not at its end
     prompts = read_prompts(g.prompts)
     verify = load_verifier(g.verifier)
     identity = {"teacher": cfg.teacher.model,
-                "teacher_fingerprint": models.config_fingerprint(cfg.teacher.model),
+                "teacher_fingerprint": models.model_fingerprint(cfg.teacher.model),
                 # the prompts' content too: an edited file at the same path is not "done"
                 "prompts": g.prompts, "prompts_sha256": file_sha256(g.prompts), "n": g.n,
                 "max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p,

@@ -192,19 +192,33 @@ def chat_template_note(teacher_tok, student_tok) -> Optional[str]:
             f"{rs[:60]!r} with the student's" + tail)
 
 
-def config_fingerprint(path: str) -> str:
-    """sha256 over config.json and the weight file names + sizes: identifies a teacher
-    without hashing gigabytes of weights."""
+WEIGHT_FILES = "*.safetensors*"  # shards and their index
+FINGERPRINT_KIND = "content-sha256"  # what a manifest's teacher fingerprint covers
+
+
+def weight_files(path: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(path, WEIGHT_FILES))) if os.path.isdir(path) else []
+
+
+def model_fingerprint(path: str) -> str:
+    """sha256 over config.json and every weight file's name and content: a model retrained
+    in place, same shapes and sizes, is another model. Each file's hash is remembered per
+    user by (path, size, mtime, inode) (files.remembered_sha256), so a 15 GB teacher is read
+    once, not on every run. A hub id is its own fingerprint."""
     h = hashlib.sha256()
-    if os.path.isdir(path):
-        with open(os.path.join(path, "config.json"), "rb") as f:
-            h.update(f.read())
-        for p in sorted(glob.glob(os.path.join(path, "*.safetensors*"))):
-            h.update(os.path.basename(p).encode())
-            h.update(str(os.path.getsize(p)).encode())
-    else:
+    if not os.path.isdir(path):
         h.update(path.encode())
+        return h.hexdigest()
+    with open(os.path.join(path, "config.json"), "rb") as f:
+        h.update(f.read())
+    names = weight_files(path)
+    for p, digest in zip(names, files.remembered_sha256(names)):
+        h.update(os.path.basename(p).encode())
+        h.update(digest.encode())
     return h.hexdigest()
+
+
+config_fingerprint = model_fingerprint  # the name scripts import
 
 
 def max_context(config: dict) -> Optional[int]:
@@ -295,13 +309,59 @@ def trainable_count(model) -> int:
     return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
 
+def adapter_base(base_model: str) -> str:
+    """The base model as adapter_config.json records it: a local folder as an absolute path,
+    valid from any directory (a relative one holds only where the run started); a hub id
+    as itself."""
+    return os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
+
+
 def save_adapters(model, adapter_config: dict, base_model: str, out_dir: str) -> None:
     """adapters.safetensors + adapter_config.json, as `mlx_lm.lora` writes them."""
     weights = dict(tree_flatten(model.trainable_parameters()))
     with files.atomic_path(os.path.join(out_dir, "adapters.safetensors")) as tmp:
         mx.save_safetensors(tmp, weights)
-    cfg = {**adapter_config, "model": base_model}
+    cfg = {**adapter_config, "model": adapter_base(base_model)}
     files.atomic_json(os.path.join(out_dir, "adapter_config.json"), cfg)
+
+
+TOKENIZER_FILES = ("tokenizer*", "*.model", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template*", "vocab.json", "merges.txt")
+
+
+def local_folder(path: str) -> Optional[str]:
+    """A model folder on disk: `path` itself, or a hub id's cached snapshot (no network)."""
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, local_files_only=True)
+    except Exception:  # not cached, not a hub id, or no huggingface_hub
+        return None
+
+
+def copy_tokenizer(tokenizer, src_path: str, dst: str) -> None:
+    """The source model's tokenizer files into `dst`, byte for byte. Saving through the
+    installed transformers would rewrite tokenizer_config.json (transformers 5 writes
+    tokenizer_class "TokenizersBackend" and drops add_bos_token), which transformers 4 and
+    swift-transformers, MLX Swift's loader, refuse; transformers writes only the
+    tokenizer.json / tokenizer_config.json that the source lacks."""
+    src = local_folder(src_path)
+    for pattern in TOKENIZER_FILES if src else ():
+        for f in glob.glob(os.path.join(src, pattern)):
+            if os.path.isfile(f):
+                shutil.copyfile(f, os.path.join(dst, os.path.basename(f)))
+    if all(os.path.isfile(os.path.join(dst, f)) for f in ("tokenizer.json",
+                                                           "tokenizer_config.json")):
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=dst) as scratch:
+        tokenizer.save_pretrained(scratch)
+        for name in os.listdir(scratch):
+            if not os.path.exists(os.path.join(dst, name)):
+                shutil.copyfile(os.path.join(scratch, name), os.path.join(dst, name))
 
 
 def save_full_model(model, tokenizer, config: dict, src_path: str, out_dir: str) -> None:
@@ -312,11 +372,7 @@ def save_full_model(model, tokenizer, config: dict, src_path: str, out_dir: str)
     with files.atomic_dir(out_dir) as tmp:
         save_model(tmp, model)
         save_config(dict(config), os.path.join(tmp, "config.json"))
-        tokenizer.save_pretrained(tmp)
-        for f in glob.glob(os.path.join(src_path, "tokenizer*")) + glob.glob(
-                os.path.join(src_path, "*.model")):
-            if not os.path.exists(os.path.join(tmp, os.path.basename(f))):
-                shutil.copy(f, tmp)
+        copy_tokenizer(tokenizer, src_path, tmp)
 
 
 

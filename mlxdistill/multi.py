@@ -40,6 +40,8 @@ def _probs(targets: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         p = c / np.maximum(c.sum(-1, keepdims=True), 1.0)
         return targets["ids"], p, np.zeros(p.shape[:-1], np.float32)
     p = np.exp(targets["logprobs"].astype(np.float32))
+    if "tail_logprob" in targets:
+        return targets["ids"], p, np.exp(targets["tail_logprob"].astype(np.float32))
     return targets["ids"], p, np.clip(1.0 - p.sum(-1), 0.0, 1.0)
 
 
@@ -56,7 +58,7 @@ def combine(targets: list[dict], weights: list[float], mode: str = "weights") ->
             sel = pick == t
             ids[sel, : i.shape[-1]] = i[sel]
             p[sel, : q.shape[-1]] = q[sel]
-        residual = None
+        residual = np.choose(pick, [r for _, _, r in parts])
     else:
         ids = np.concatenate([i for i, _, _ in parts], -1)
         p = np.concatenate([w * q for w, (_, q, _) in zip(weights, parts)], -1)
@@ -66,11 +68,13 @@ def combine(targets: list[dict], weights: list[float], mode: str = "weights") ->
         # Mixture of empirical distributions: weights in place of counts (normalised by
         # the loss), so the sampled estimator stays unbiased for the mixture.
         return {"ids": ids, "counts": p}
-    del residual  # implied: the top-k loss treats 1 - sum(p) as the tail bucket
-    # Empty slots (padding after merging) get -inf: the loss skips them.
+    # Empty slots (padding after merging) get -inf: the loss skips them. The tail is each
+    # teacher's mass outside its own k ids, mixed like the rest; an id one teacher cached
+    # and another did not keeps only the first's share, the other's stays in its tail.
     with np.errstate(divide="ignore"):
         lp = np.where(p > 0, np.log(p), -np.inf).astype(np.float16)
-    return {"ids": ids, "logprobs": lp}
+        tail = np.log(residual).astype(np.float32)
+    return {"ids": ids, "logprobs": lp, "tail_logprob": tail}
 
 
 class MixedReader:

@@ -22,6 +22,7 @@ import mlx.nn as nn
 
 from . import models
 from .config import Config
+from .hubmeta import hub_config
 from .models import ModelError
 from .probe import probe_teacher, probe_training  # the measured side of --probe
 
@@ -31,40 +32,24 @@ GB = 1 << 30
 # ---------------------------------------------------------------- model configs
 
 def read_config(path: str, what: str) -> dict:
-    """config.json of a local model folder, or of a hub id (the file alone is fetched, or read
-    from the local Hugging Face cache)."""
+    """config.json alone; config_and_note also says where it came from."""
+    return config_and_note(path, what)[0]
+
+
+def config_and_note(path: str, what: str) -> tuple[dict, Optional[str]]:
+    """config.json of a local model folder, or of a hub id (hubmeta: the file alone is
+    fetched, or read from the local Hugging Face cache, or the copy shipped with mlxdistill
+    is used, with a note saying why)."""
     if os.path.isdir(path):
         cpath = os.path.join(path, "config.json")
         if not os.path.isfile(cpath):
             raise ModelError(f"{what} model folder {path} has no config.json")
         with open(cpath) as f:
-            return json.load(f)
+            return json.load(f), None
     if path.startswith((".", "/")) or path.count("/") != 1:
         raise ModelError(f"{what} model folder {path} not found; set {what}.model to an "
                          "mlx_lm model folder or a hub id")
-    import logging
-    import socket
-
-    from huggingface_hub import hf_hub_download
-
-    try:
-        try:
-            cpath = hf_hub_download(path, "config.json", local_files_only=True)
-        except Exception:
-            # Offline, the hub client retries for half a minute; a failed lookup says so now.
-            socket.getaddrinfo("huggingface.co", 443)
-            hub_log = logging.getLogger("huggingface_hub")
-            level, hub_log.level = hub_log.level, logging.ERROR
-            try:
-                cpath = hf_hub_download(path, "config.json")
-            finally:
-                hub_log.setLevel(level)
-        with open(cpath) as f:
-            return json.load(f)
-    except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"cannot read config.json of the {what} model {path} (not a local "
-                         f"folder, and the hub fetch failed: {msg})") from None
+    return hub_config(path, what)
 
 
 def lazy_model(config: dict, what: str):
@@ -394,8 +379,8 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
          metal: Optional[bool] = None) -> dict:
     """The whole estimate for a config; `probe` also measures both passes here. `metal`
     plans for a Mac GPU (True) or a CPU (False) instead of this machine."""
-    tconf = read_config(cfg.teacher.model, "teacher")
-    sconf = read_config(cfg.student.model, "student")
+    tconf, tnote = config_and_note(cfg.teacher.model, "teacher")
+    sconf, snote = config_and_note(cfg.student.model, "student")
     ts = model_shape(tconf, f"teacher model {cfg.teacher.model}", metal=metal)
     ss = model_shape(sconf, f"student model {cfg.student.model}", metal=metal)
     vocab = min(ts.vocab, ss.vocab)
@@ -430,6 +415,7 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
         "cache": {"mode": cfg.cache.mode, "bytes_per_token": bpt, "rows": rows,
                   "rows_from": rows_how, "tokens": rows * cfg.data.seq_len if rows else None,
                   "disk_bytes": int(rows * cfg.data.seq_len * bpt) if rows else None},
+        "shipped_configs": {w: n for w, n in (("teacher", tnote), ("student", snote)) if n},
         "machine": {"memory_bytes": int(budget), "memory": budget_what,
                     "planned_for": "Mac GPU" if (metal if metal is not None else
                                                  models.compute_dtype() is None) else "CPU"},
@@ -484,6 +470,10 @@ def format_plan(p: dict) -> str:
              "trainable",
              f"machine:  {_gb(m['memory_bytes'])} ({m['memory']}); planned for a "
              f"{m['planned_for']}"]
+    shipped = p.get("shipped_configs", {})
+    for why in dict.fromkeys(shipped.values()):
+        whom = " and ".join(w for w, n in shipped.items() if n == why)
+        lines.insert(-1, f"config:   {whom} config.json shipped with mlxdistill ({why})")
     for name, est in (("teacher pass", p["teacher_pass"]), ("training", p["training"])):
         if est is None:
             continue

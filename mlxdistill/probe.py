@@ -23,7 +23,8 @@ def _fake_targets(cfg: Config, batch: int, vocab: int) -> dict:
                 "counts": mx.array(np.ones((batch, L, c.n), np.uint8))}
     k = min(c.k, vocab)
     return {"ids": mx.array(rng.integers(0, vocab, (batch, L, k)).astype(idt)),
-            "logprobs": mx.array(np.full((batch, L, k), -np.log(k), np.float16))}
+            "logprobs": mx.array(np.full((batch, L, k), -np.log(k + 1), np.float16)),
+            "tail_logprob": mx.array(np.full((batch, L), -np.log(k + 1), np.float32))}
 
 
 def baseline() -> int:

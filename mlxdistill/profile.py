@@ -288,6 +288,11 @@ def run_profile(target: str, bits_list, prompt_tokens: int = 128, gen_tokens: in
     if prompt_tokens < 1 or gen_tokens < 2 or repeats < 1:
         raise ConfigError("--prompt-tokens must be >= 1, --gen-tokens >= 2, --repeats >= 1")
     targets, run_dir = resolve_targets(target)
+    out_dir = out_dir or (os.path.join(run_dir, "profile") if run_dir else None)
+    blocker = files.file_in_the_way(out_dir) if out_dir else None
+    if blocker:  # before minutes of measurements, not after them
+        raise ConfigError(f"cannot write the profile to {out_dir}: {blocker} is a file, not "
+                          "a folder; choose another -o folder")
     rows, fidelity_rows = fidelity_text(run_dir)
     bw = memory_bandwidth_gbs()
     results = []
@@ -317,7 +322,6 @@ def run_profile(target: str, bits_list, prompt_tokens: int = 128, gen_tokens: in
             "per_model": [{"role": r["role"], "bits": r["bits"],
                            "devices": project(r, devices, bw, speed)} for r in results]},
     }
-    out_dir = out_dir or (os.path.join(run_dir, "profile") if run_dir else None)
     if out_dir:
         try:
             os.makedirs(out_dir, exist_ok=True)

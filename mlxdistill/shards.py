@@ -29,7 +29,8 @@ def expected_tensors(m: dict, rows: int) -> dict[str, tuple[tuple, str]]:
             "next_ids": ((rows,), "int32"),
             "ids": ((rows, L, width), np.dtype(id_dtype(m["vocab_size"])).name)}
     want.update({"counts": ((rows, L, width), "uint8")} if m["mode"] == "sample"
-                else {"logprobs": ((rows, L, width), "float16")})
+                else {"logprobs": ((rows, L, width), "float16"),
+                      "tail_logprob": ((rows, L), "float32")})
     for layer in m.get("hidden_resolved") or []:
         want[f"hidden.{layer}"] = ((rows, L, m["hidden_size"]), "float16")
     return want
@@ -53,7 +54,8 @@ def check_free_space(cache_dir: str, m: dict, rows: int) -> None:
 
 _ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F16": 2, "BF16": 2, "U16": 2, "I16": 2, "F32": 4,
               "U32": 4, "I32": 4, "F64": 8, "I64": 8, "U64": 8}
-_NP_TO_ST = {"int32": "I32", "uint8": "U8", "uint16": "U16", "float16": "F16"}
+_NP_TO_ST = {"int32": "I32", "uint8": "U8", "uint16": "U16", "float16": "F16",
+             "float32": "F32"}
 
 
 def check_header(path: str, name: str, want: dict) -> None:
@@ -118,6 +120,10 @@ def check_contents(t: dict, m: dict, rows: int, name: str) -> None:
         lp = t["logprobs"].astype(np.float32)
         if not np.isfinite(lp).all() or (np.exp(lp).sum(-1) > 1.0 + 1e-2).any():
             raise CacheError(f"shard {name}: log-probabilities not finite or summing above 1")
+        tail = t["tail_logprob"].astype(np.float64)
+        total = np.exp(lp.astype(np.float64)).sum(-1) + np.exp(tail)
+        if np.isnan(tail).any() or (tail > 0).any() or (np.abs(total - 1.0) > 1e-2).any():
+            raise CacheError(f"shard {name}: top-k and tail probabilities do not sum to 1")
     for key in t:
         if key.startswith("hidden.") and not np.isfinite(t[key].astype(np.float32)).all():
             raise CacheError(f"shard {name}: {key} holds non-finite values")

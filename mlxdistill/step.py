@@ -14,6 +14,7 @@ its `ok` flag says so, and the caller decides whether to skip on or stop.
 
 from __future__ import annotations
 
+import gc
 from functools import partial
 from typing import Callable
 
@@ -22,12 +23,18 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map, tree_reduce
 
+from . import losses, models
+
 # Columns of StepOut.stats: token-weighted sums over the step's micro-batches.
 NTOK, LOSS, KD, CE, HIDDEN = range(5)
 
 
 def _norm_and_clip(grads, max_norm: float):
-    sq = tree_reduce(lambda acc, g: acc + g.astype(mx.float32).square().sum(), grads, 0.0)
+    # A sum follows memory order, and the backward pass leaves some gradients column-major
+    # while an all-reduce returns them row-major: flattening first (a copy only for the
+    # former) makes the norm, and so the clipped step, independent of layout.
+    sq = tree_reduce(lambda acc, g: acc + g.astype(mx.float32).reshape(-1).square().sum(),
+                     grads, 0.0)
     gnorm = mx.sqrt(sq)
     if max_norm > 0:
         scale = mx.minimum(max_norm / (gnorm + 1e-6), 1.0)
@@ -43,6 +50,31 @@ def _assign(dst, src) -> None:
             _assign(dst[k], src[k])
         else:
             dst[k] = src[k]
+
+
+def loop_memory() -> Callable[[], None]:
+    """Set up memory for the training loop, once the setup before it is done; returns the
+    function that undoes it (call it when the loop ends, however it ends).
+
+    The peak is reset here, so `peak_mem_gb` is the loop's own: the same on a first run,
+    where the teacher was loaded once for the validation targets, as on a resumed one.
+
+    Freed buffers are kept for reuse during the loop. MLX's CPU allocator keeps only 32 MB
+    of them by default and hands the rest to malloc, which maps blocks of 32 MiB and more
+    straight from the kernel and unmaps them on free; [B, L, V] float32 logits are such
+    blocks (8 x 256 x 4096 is exactly 32 MiB), so every step faulted in and zeroed fresh
+    pages for each of them, a large share of a small model's step on a CPU. With the
+    memory limit as the cache limit (what MLX does on Metal already) a step reuses the
+    previous step's buffers. Cached buffers do not count towards the peak."""
+    gc.collect()  # what the setup dropped (a teacher loaded once) is freed before the reset
+    previous = mx.set_cache_limit(max(mx.get_memory_limit(), 1))
+    mx.reset_peak_memory()
+
+    def restore() -> None:
+        mx.set_cache_limit(previous)
+        mx.clear_cache()  # what comes next (saving, evaluation) allocates other shapes
+
+    return restore
 
 
 def make_step(model: nn.Module, opt, loss_fn: Callable, grad_clip: float = 0.0,
@@ -107,3 +139,37 @@ def make_step(model: nn.Module, opt, loss_fn: Callable, grad_clip: float = 0.0,
 
     return step
 
+
+def kd_objective(cfg, model, vocab: int, log=lambda m: None):
+    """The student's distillation loss as training computes it: (x, targets, labels, mask)
+    -> (loss, ntokens, kd, ce), over the whole sequence or in `train.loss_chunk` chunks
+    from the final hidden states, with `train.grad_checkpoint` applied to the model."""
+    t, lc = cfg.train, cfg.loss
+    if t.grad_checkpoint:
+        models.grad_checkpoint(model)
+    forward = models.logits_fn(model, vocab)
+    split = models.split_head(model, vocab) if t.loss_chunk else None
+    if t.loss_chunk and split is None:
+        log(f"train.loss_chunk: {cfg.student.model} computes its logits in a way this does "
+            "not split; using the whole-sequence loss")
+
+    def objective(x, targets, labels, mask):
+        if split is None:
+            return losses.distill_loss(forward(x), targets, labels, mask, lc.alpha,
+                                       lc.temperature, lc.name, lc.beta, lc.skew)
+        body, head, head_module = split
+        return losses.chunked_distill_loss(
+            body(x), head, head_module.trainable_parameters(), targets, labels, mask,
+            t.loss_chunk, lc.alpha, lc.temperature, lc.name, lc.beta, lc.skew)
+
+    return objective
+
+
+def step_loss(objective):
+    """kd_objective as step.make_step's loss_fn, without a hidden-state term (the probe and
+    the benchmark's profile; training adds it)."""
+    def loss_fn(_model, x, mask, labels, targets):
+        loss, ntok, kd, ce = objective(x, targets, labels, mask)
+        return loss, (ntok, kd, ce, mx.array(0.0))
+
+    return loss_fn

@@ -27,7 +27,7 @@ from . import files, losses, models, onpolicy
 from .config import Config, ConfigError, from_dict, save_config
 from .distributed import World
 from .progress import Progress
-from .step import NTOK, make_step
+from .step import NTOK, kd_objective, loop_memory, make_step, step_loss  # noqa: F401
 
 # Keys that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = {("train", "iters"), ("train", "save_every"), ("train", "eval_every"),
@@ -211,41 +211,6 @@ def restore_checkpoint(ckpt: str, model, opt) -> dict:
     return state
 
 
-def kd_objective(cfg: Config, model, vocab: int, log=lambda m: None):
-    """The student's distillation loss as training computes it: (x, targets, labels, mask)
-    -> (loss, ntokens, kd, ce), over the whole sequence or in `train.loss_chunk` chunks
-    from the final hidden states, with `train.grad_checkpoint` applied to the model."""
-    t, lc = cfg.train, cfg.loss
-    if t.grad_checkpoint:
-        models.grad_checkpoint(model)
-    forward = models.logits_fn(model, vocab)
-    split = models.split_head(model, vocab) if t.loss_chunk else None
-    if t.loss_chunk and split is None:
-        log(f"train.loss_chunk: {cfg.student.model} computes its logits in a way this does "
-            "not split; using the whole-sequence loss")
-
-    def objective(x, targets, labels, mask):
-        if split is None:
-            return losses.distill_loss(forward(x), targets, labels, mask, lc.alpha,
-                                       lc.temperature, lc.name, lc.beta, lc.skew)
-        body, head, head_module = split
-        return losses.chunked_distill_loss(
-            body(x), head, head_module.trainable_parameters(), targets, labels, mask,
-            t.loss_chunk, lc.alpha, lc.temperature, lc.name, lc.beta, lc.skew)
-
-    return objective
-
-
-def step_loss(objective):
-    """kd_objective as step.make_step's loss_fn, without a hidden-state term (the probe and
-    the benchmark's profile; training adds it)."""
-    def loss_fn(_model, x, mask, labels, targets):
-        loss, ntok, kd, ce = objective(x, targets, labels, mask)
-        return loss, (ntok, kd, ce, mx.array(0.0))
-
-    return loss_fn
-
-
 def to_arrays(batch: data_mod.Batch) -> tuple:
     labels = data_mod.hard_targets(batch.input_ids, batch.next_ids)
     targets = {k: mx.array(v) for k, v in batch.targets.items()}
@@ -331,7 +296,7 @@ def fit(cfg: Config, quiet: bool = False, log=print) -> bool:
     world = World(cfg.run.dist_timeout)
     if not world.main:
         return _fit(cfg, world, True, lambda m: None)
-    os.makedirs(cfg.run.dir, exist_ok=True)
+    files.ensure_dir(cfg.run.dir, "run.dir")
     with RunLock(cfg.run.dir):
         return _fit(cfg, world, quiet, log)
 
@@ -346,7 +311,7 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
     run_dir = cfg.run.dir
     log(world.describe())
     if world.main:
-        os.makedirs(run_dir, exist_ok=True)
+        files.ensure_dir(run_dir, "run.dir")
         _check_same_run(cfg, run_dir)
     # A missing cache is built by all ranks together.
     source, vocab, fingerprint, teacher, manifest = batch_source(cfg, quiet, log, world)
@@ -418,10 +383,12 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
         if not pending:
             return
         rows = mx.stack([mx.concatenate([st, g[None], ok.astype(mx.float32)[None]])
-                         for _, st, g, ok in pending]).tolist()
-        for (at, *_), r in zip(pending, rows):
+                         for _, _, st, g, ok in pending]).tolist()
+        for (at, on, *_), r in zip(pending, rows):
             loss_v, kd_v, ce_v, hid_v = (v / max(r[NTOK], 1.0) for v in r[1:5])
-            last.update(loss=loss_v, kd=kd_v, ce=ce_v, hidden=hid_v, grad_norm=r[5])
+            # An on-policy step has no hard labels: its CE is absent, not a perfect 0.
+            last.update(loss=loss_v, kd=kd_v, ce=None if on else ce_v, hidden=hid_v,
+                        grad_norm=r[5])
             if r[6]:
                 history.append(float(loss_v))
             elif skipped < t.nonfinite_skips:
@@ -439,11 +406,14 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
                        ", or let train.nonfinite_skips=N skip such steps"))
         pending.clear()
 
+    restore_memory = loop_memory()
     try:
         while step < t.iters:
-            mx.random.seed(cfg.run.seed * 1_000_003 + step)  # RNG is a function of the step
+            # RNG is a function of the step, and of the rank: ranks must not share dropout
+            # masks or on-policy samples (one process: rank 0 of 1, the same seed as ever)
+            mx.random.seed((cfg.run.seed * 1_000_003 + step) * world.size + world.rank)
             x, mask, labels, targets = to_arrays(next(batches))
-            if onpolicy.is_on_policy(lc.lmbda, cfg.run.seed, step):
+            if (on := onpolicy.is_on_policy(lc.lmbda, cfg.run.seed, step)):
                 x, mask, labels = onpolicy.on_policy_batch(model, vocab, x)
             if teacher_targets is not None:
                 targets = teacher_targets(x)
@@ -452,9 +422,9 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
             # batch while the device computes, with at most one step in flight.
             mx.async_eval(out, model.parameters(), opt.state)
             if pending:
-                mx.eval(pending[-1][1:])
+                mx.eval(pending[-1][2:])
             step += 1
-            pending.append((step, *out))
+            pending.append((step, on, *out))
             tok_report += x.size * world.size
             # Every rank settles at the same steps: a non-finite step stops all of them.
             if step == t.iters or not (step % t.report_every and step % t.save_every
@@ -470,7 +440,8 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
                 # No "loss" when every step since the last report was skipped.
                 rec = {"step": step, **({"loss": round(float(np.mean(history)), 5)}
                                         if history else {}),
-                       "kd": round(float(last["kd"]), 5), "ce": round(float(last["ce"]), 5),
+                       "kd": round(float(last["kd"]), 5),
+                       **({} if last["ce"] is None else {"ce": round(float(last["ce"]), 5)}),
                        "grad_norm": round(last["grad_norm"], 4),
                        "lr": float(opt.learning_rate.item()),
                        "tok_per_s": round(tok_report / max(dt, 1e-9), 1),
@@ -499,6 +470,7 @@ def _fit(cfg: Config, world: "World", quiet: bool, log) -> bool:
                                  "loss_window": history, "skipped": skipped},
                                 t.keep_checkpoints)
     finally:
+        restore_memory()
         if metrics_f is not None:
             metrics_f.close()
         bar.close()

@@ -37,7 +37,7 @@ VARIANTS = {
     "topk64_alpha05": ("top-64 + tail, 50 % CE", {"cache.mode": "topk", "cache.k": 64,
                                                  "loss.alpha": 0.5}),
     "sample16_alpha05": ("sampled n=16, 50 % CE", {"loss.alpha": 0.5}),
-    "hidden": ("sampled n=16 + hidden states of teacher blocks 3, 6 (cosine)",
+    "hidden": ("sampled n=16 + hidden states of teacher blocks 2, 5 (cosine)",
                {"cache.hidden_layers": [2, 5], "cache.dir": "caches/ablate-sample16-hidden"}),
     "multi_teacher": ("sampled n=16 from two teachers, mixed 0.75 / 0.25",
                       {"cache.mix": ["caches/ablate-teacher2"], "cache.mix_weights": [0.75, 0.25]}),

@@ -14,6 +14,14 @@ import pytest
 from mlx.utils import tree_flatten
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hash_memo(tmp_path_factory):
+    """Weight hashes remembered in the session's own file, not the user's ~/.cache (tests
+    that check the memo set their own); subprocesses inherit it through the environment."""
+    if "MLXDISTILL_HASH_MEMO" not in os.environ:
+        os.environ["MLXDISTILL_HASH_MEMO"] = str(tmp_path_factory.mktemp("memo") / "hashes.json")
 WORDS = ("the king queen lord lady sword crown night day love death ghost castle sea storm "
          "speak hear see come go stay fly fight weep laugh dream sleep wake my thy your "
          "our his her and but or yet not now then here there").split()

@@ -36,6 +36,10 @@ def test_round_trip(tiny, tmp_path, mode):
         assert shard["logprobs"].dtype == np.float16 and shard["ids"].shape[-1] == 8
         p = np.exp(shard["logprobs"].astype(np.float32)).sum(-1)
         assert (p <= 1.001).all() and (p > 0.3).all()
+        # the tail is stored, computed from the logits: with the k ids it makes up 1
+        tail = np.exp(shard["tail_logprob"].astype(np.float64))
+        assert shard["tail_logprob"].dtype == np.float32
+        assert np.abs(p + tail - 1.0).max() < 2e-3  # float16 log-probs bound it
     else:
         assert shard["counts"].dtype == np.uint8 and (shard["counts"].sum(-1) == 16).all()
 
@@ -52,7 +56,8 @@ def test_round_trip(tiny, tmp_path, mode):
     rows = {r.tobytes() for r in packed.input_ids}
     assert all(r.tobytes() in rows for r in got)
     s = cache_mod.summary(cfg.cache.dir)
-    assert s["verified"] and s["bytes_per_token"] == (48.0 if mode == "sample" else 8 * 4.0)
+    # top-k: 8 x (2-byte id + 2-byte log-prob) + the 4-byte tail
+    assert s["verified"] and s["bytes_per_token"] == (48.0 if mode == "sample" else 8 * 4.0 + 4)
 
 
 def test_batches_resume_at_any_step(tiny, tmp_path):
@@ -192,3 +197,97 @@ def test_keep_top1_cache(tiny, tmp_path):
     assert (w[..., 0] > 0.2).mean() > 0.5  # the sharpened teacher's top-1 carries real mass
     with pytest.raises(cache_mod.CacheError, match="keep_top1"):
         build(tiny, tmp_path)  # the same dir without keep_top1 is another cache
+
+
+@pytest.fixture
+def own_memo(tmp_path, monkeypatch):
+    """Weight hashes remembered in this test's own file, not the user's."""
+    path = tmp_path / "memo" / "weight-hashes.json"
+    monkeypatch.setenv("MLXDISTILL_HASH_MEMO", str(path))
+    return path
+
+
+def _teacher_copy(tiny, tmp_path):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny["teacher"], teacher)
+    return teacher
+
+
+def _rewrite_in_place(path, offset=-64):
+    """Change bytes of a file without changing its size, as a retraining that keeps every
+    shape would."""
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END)
+        old = f.read(8)
+        f.seek(offset, os.SEEK_END)
+        f.write(bytes(b ^ 0x55 for b in old))
+
+
+def test_teacher_weights_changed_in_place_refuse_the_cache(tiny, tmp_path, own_memo):
+    """Same config.json, same file names and sizes, other weights: another teacher, so its
+    old cache is refused by `cache` and by `train` in one line, not reused."""
+    from click.testing import CliRunner
+
+    from mlxdistill.cli import main
+
+    teacher = _teacher_copy(tiny, tmp_path)
+    ov = tiny_overrides(tiny, tmp_path, **{"teacher.model": str(teacher)})
+    build(tiny, tmp_path, **{"teacher.model": str(teacher)})
+    weights = teacher / "model.safetensors"
+    size = weights.stat().st_size
+    _rewrite_in_place(weights)
+    assert weights.stat().st_size == size
+    for cmd in ("cache", "train"):
+        res = CliRunner().invoke(main, [cmd, "-q", *ov])
+        assert res.exit_code == 2, res.output
+        err = res.stderr.strip().splitlines()
+        assert len(err) == 1 and "teacher_fingerprint" in err[0], res.stderr
+        assert str(tmp_path / "cache") in err[0] and "Traceback" not in res.output
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_cache_from_before_content_hashing_is_refused(tiny, tmp_path, own_memo):
+    """A manifest whose teacher fingerprint saw only file names and sizes cannot vouch for
+    the weights: refused in one line that says so, for training and for `cache`."""
+    from mlxdistill.trainer import ensure_cache
+
+    cfg, m = build(tiny, tmp_path)
+    mpath = os.path.join(cfg.cache.dir, cache_mod.MANIFEST)
+    del m["teacher_fingerprint_kind"]
+    m["teacher_fingerprint"] = "0" * 64
+    with open(mpath, "w") as f:
+        json.dump(m, f)
+    with pytest.raises(cache_mod.CacheError, match="predates content hashing.*rebuild"):
+        ensure_cache(cfg, True, lambda m: None)
+    with pytest.raises(cache_mod.CacheError, match="predates content hashing"):
+        build(tiny, tmp_path)
+
+
+def test_weight_hashes_are_hashed_once_and_remembered(tiny, tmp_path, own_memo, monkeypatch):
+    from mlxdistill import files, models
+
+    teacher = _teacher_copy(tiny, tmp_path)
+    weights = teacher / "model.safetensors"
+    past = weights.stat().st_mtime_ns - 60 * 10**9  # older than the filesystem's tick
+    os.utime(weights, ns=(past, past))
+    reads = []
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda p: reads.append(p) or real(p))
+
+    first = models.model_fingerprint(str(teacher))
+    assert len(reads) == 1 and own_memo.is_file()
+    assert models.model_fingerprint(str(teacher)) == first and len(reads) == 1  # a stat only
+
+    _rewrite_in_place(weights)  # its mtime moves: hashed again, and another fingerprint
+    os.utime(weights, ns=(past + 10**9, past + 10**9))  # ...and remembered again
+    changed = models.model_fingerprint(str(teacher))
+    assert changed != first and len(reads) == 2
+    assert models.model_fingerprint(str(teacher)) == changed and len(reads) == 2
+
+    own_memo.write_text("{not json")  # a damaged memo costs a re-hash, never an error
+    assert models.model_fingerprint(str(teacher)) == changed and len(reads) == 3
+    json.loads(own_memo.read_text())
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("MLXDISTILL_HASH_MEMO", str(blocked / "memo.json"))  # unwritable
+    assert models.model_fingerprint(str(teacher)) == changed and len(reads) == 4

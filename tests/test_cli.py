@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 from conftest import ROOT, make_model, tiny_overrides
 
@@ -79,7 +80,7 @@ def test_cache_inspect_train_eval_end_to_end(tiny, tmp_path):
     res = invoke("inspect", "--json", str(tmp_path / "cache"))
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
-    assert info["bytes_per_token"] == 32.0 and info["verified"] is True
+    assert info["bytes_per_token"] == 36.0 and info["verified"] is True
     res = invoke("train", *ov)
     assert res.exit_code == 0, res.output
     assert "KL(teacher‖student)" in res.stdout
@@ -106,3 +107,50 @@ def test_diverging_loss_stops_with_one_line(tiny, tmp_path):
     assert "at step" in err[0] and "lower train.lr" in err[0]
     assert "Traceback" not in res.output
     assert not os.path.exists(tmp_path / "run" / "model")  # nothing final written
+
+
+def _output_case(name, tiny, tmp_path):
+    """(command line, the path it must name, what the message says of it), the output path
+    being a file where a folder belongs or a folder where a file belongs."""
+    from mlxdistill.config import load_config, save_config
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder\n")
+    a_dir = tmp_path / "a-folder"
+    a_dir.mkdir()
+    if name == "train":
+        return ["train", "-q", *tiny_overrides(tiny, tmp_path, **{"run.dir": a_file})], \
+            a_file, "is a file"
+    if name == "train-parent":
+        return ["train", "-q", *tiny_overrides(tiny, tmp_path, **{"run.dir": a_file / "r"})], \
+            a_file / "r", "is a file"
+    if name == "cache":
+        return ["cache", "-q", *tiny_overrides(tiny, tmp_path, **{"cache.dir": a_file})], \
+            a_file, "is a file"
+    if name == "generate":
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text('{"prompt": "the king"}\n')
+        ov = tiny_overrides(tiny, tmp_path, **{"generate.prompts": prompts,
+                                               "generate.out": a_dir, "generate.max_tokens": 4})
+        return ["generate", "-q", *ov], a_dir, "is a folder"
+    if name == "export":
+        return ["export", str(tmp_path), "-o", str(a_file), "--force"], a_file, "is a file"
+    if name == "profile":
+        return ["profile", tiny["student"], "--bits", "16", "--repeats", "1", "-o",
+                str(a_file)], a_file, "is a file"
+    run = tmp_path / "run"  # eval: a run whose eval.json is a folder
+    run.mkdir()
+    save_config(load_config(None, tiny_overrides(tiny, tmp_path)), str(run / "config.yaml"))
+    (run / "eval.json").mkdir()
+    return ["eval", str(run)], run / "eval.json", "is a folder"
+
+
+@pytest.mark.parametrize("name", ["train", "train-parent", "cache", "generate", "export",
+                                  "profile", "eval"])
+def test_output_path_of_the_wrong_kind(tiny, tmp_path, name):
+    """Every command's output path, a file where a folder goes (or the reverse): one line
+    naming it, exit 2, before any work."""
+    args, path, says = _output_case(name, tiny, tmp_path)
+    res = invoke(*args)
+    assert res.exit_code == 2, res.output
+    assert_one_line_error(res, str(path), says)

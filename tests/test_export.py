@@ -5,7 +5,7 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_model, tiny_overrides
+from conftest import ROOT, WORDS, make_model, tiny_overrides
 
 from mlxdistill import trainer
 from mlxdistill.cli import main
@@ -90,37 +90,308 @@ def test_distillation_aware_quantization_lowers_kl(lora_run):
     assert tuning["loss_last"] < tuning["loss_first"]
 
 
-def test_gguf_float16_llama(lora_run):
-    import mlx.core as mx
+EMBEDDED_STUDENT = os.path.join(ROOT, "weights", "student")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
-    run_dir, d = lora_run
-    out = d / "gguf"
+
+@pytest.fixture(scope="module")
+def spm_run(tiny, tmp_path_factory):
+    """A LoRA run of the embedded student (SentencePiece BPE tokenizer, with
+    tokenizer.model), its own teacher: seconds, and the tokenizer a real export ships."""
+    d = tmp_path_factory.mktemp("spm")
+    cfg = load_config(None, tiny_overrides(tiny, d, **{
+        "teacher.model": EMBEDDED_STUDENT, "student.model": EMBEDDED_STUDENT,
+        "train.mode": "lora", "train.iters": 2, "train.lora_rank": 4}))
+    trainer.train(cfg, quiet=True, log=lambda m: None)
+    return cfg.run.dir, d
+
+
+def _same_bytes(a, b, names):
+    for name in names:
+        with open(os.path.join(a, name), "rb") as f, open(os.path.join(b, name), "rb") as g:
+            assert f.read() == g.read(), f"{name} differs from the source's"
+
+
+def test_export_copies_the_source_tokenizer_files(spm_run, tiny):
+    """transformers 5 re-saves tokenizer_config.json with tokenizer_class TokenizersBackend
+    and without add_bos_token, which transformers 4 and swift-transformers refuse."""
+    run_dir, d = spm_run
+    out = d / "tok"
+    res = CliRunner().invoke(main, ["export", run_dir, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    _same_bytes(EMBEDDED_STUDENT, out, TOKENIZER_FILES)
+    tc = json.load(open(out / "tokenizer_config.json"))
+    assert tc["tokenizer_class"] == "PreTrainedTokenizerFast" and tc["add_bos_token"] is False
+    # a full fine-tune's model/ folder, which export reads for a full run, keeps them too
+    cfg = load_config(None, tiny_overrides(tiny, d, **{
+        "teacher.model": EMBEDDED_STUDENT, "student.model": EMBEDDED_STUDENT,
+        "train.mode": "full", "train.iters": 1, "run.dir": str(d / "full")}))
+    trainer.train(cfg, quiet=True, log=lambda m: None)
+    _same_bytes(EMBEDDED_STUDENT, d / "full" / "model", TOKENIZER_FILES)
+
+
+def test_copy_tokenizer_writes_only_what_the_source_lacks(tmp_path):
+    from mlxdistill import models
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (src / name).write_bytes(open(os.path.join(EMBEDDED_STUDENT, name), "rb").read())
+    _, tok = models.load_meta(EMBEDDED_STUDENT, "student")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    models.copy_tokenizer(tok, str(src), str(dst))
+    _same_bytes(src, dst, ("tokenizer.model", "tokenizer_config.json"))
+    assert (dst / "tokenizer.json").is_file()  # written by transformers: the source had none
+    assert sorted(os.listdir(dst)) == sorted(set(os.listdir(dst)))  # no scratch folder left
+    assert not [f for f in os.listdir(dst) if os.path.isdir(dst / f)]
+
+
+# llama.cpp's token types
+NORMAL, USER_DEFINED, UNUSED = 1, 4, 5
+
+
+def llama_cpp_spm(text, tokens, scores, types, add_space_prefix):
+    """llama.cpp's SentencePiece tokenizer (llama-vocab.cpp, llm_tokenizer_spm_session), for
+    text without control tokens: user-defined tokens split out first (a space prefixed to
+    the text after each), then characters merged pair by pair, highest-scoring result first
+    (leftmost on ties), and characters outside the vocabulary as <0xXX> bytes."""
+    import heapq
+    import re
+
+    ids = {t: i for i, t in enumerate(tokens)}
+    user = sorted((t for t, ty in zip(tokens, types) if ty == USER_DEFINED), key=len,
+                  reverse=True)
+    parts = re.split("(" + "|".join(map(re.escape, user)) + ")", text) if user else [text]
+    out, prefix = [], add_space_prefix
+    for k, part in enumerate(parts):
+        if k % 2:
+            out.append(ids[part])
+            prefix = add_space_prefix
+            continue
+        if not part:
+            continue
+        syms = list(((" " if prefix else "") + part).replace(" ", "\u2581"))
+        prefix = False
+        nxt, prv = list(range(1, len(syms))) + [-1], list(range(-1, len(syms) - 1))
+        heap = []
+
+        def add(left, right):
+            if left >= 0 and right >= 0 and syms[left] + syms[right] in ids:
+                t = syms[left] + syms[right]
+                heapq.heappush(heap, (-scores[ids[t]], left, right, len(t)))
+
+        for i in range(len(syms) - 1):
+            add(i, i + 1)
+        while heap:
+            _, left, right, size = heapq.heappop(heap)
+            if not syms[left] or not syms[right] or len(syms[left]) + len(syms[right]) != size:
+                continue
+            syms[left], syms[right] = syms[left] + syms[right], ""
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prv[nxt[right]] = left
+            add(prv[left], left)
+            add(left, nxt[left])
+        i = 0
+        while i >= 0:
+            if syms[i] in ids:
+                out.append(ids[syms[i]])
+            else:
+                out += [ids[f"<0x{b:02X}>"] for b in syms[i].encode()]
+            i = nxt[i]
+    return out
+
+
+def _gguf_fields(path):
+    from gguf import GGUFReader
+
+    return GGUFReader(str(path)).fields
+
+
+def _held_out_texts(n=3, chars=1500):
+    with open(os.path.join(ROOT, "data", "test.jsonl")) as f:
+        return [json.loads(line)["text"][:chars] for _, line in zip(range(n), f)]
+
+
+def test_gguf_tokenizer_metadata_matches_training(spm_run):
+    """llama.cpp refuses an unsigned token_type; with placeholder scores its SentencePiece
+    merges run leftmost-first; without add_bos_token it prepends <s>, never seen in
+    training."""
+    from gguf import GGUFValueType
+    from sentencepiece import SentencePieceProcessor
+
+    from mlxdistill import data as data_mod
+    from mlxdistill import models
+
+    run_dir, d = spm_run
+    out = d / "gguf-spm"
     res = CliRunner().invoke(main, ["export", run_dir, "-o", str(out), "--gguf"])
     assert res.exit_code == 0, res.output
     rep = json.load(open(out / "export.json"))["gguf"]
-    path = out / rep["file"]
-    assert path.is_file() and rep["architecture"] == "llama" and rep["embedding_identical"]
-    tensors, meta = mx.load(str(path), return_metadata=True)
-    st = mx.load(str(out / "model.safetensors"))
-    assert len(tensors) == len(st) == rep["tensors"]  # every weight, under its GGUF name
-    assert str(meta["general.architecture"]) == "llama"
-    assert int(meta["llama.block_count"].item()) == 1
-    assert all(v.dtype in (mx.float16, mx.float32) for v in tensors.values())
-    assert rep["file"] in json.load(open(out / "export.json"))["files"] or path.is_file()
+    f = _gguf_fields(out / rep["file"])
+    assert f["tokenizer.ggml.token_type"].types == [GGUFValueType.ARRAY, GGUFValueType.INT32]
+    assert f["general.architecture"].contents() == "llama"
+    assert f["llama.block_count"].contents() == 4
+    sp = SentencePieceProcessor(model_file=os.path.join(EMBEDDED_STUDENT, "tokenizer.model"))
+    scores = f["tokenizer.ggml.scores"].contents()
+    assert scores == [sp.GetScore(i) for i in range(sp.GetPieceSize())]
+    assert len(set(scores)) > 1000
+    _, tok = models.load_meta(EMBEDDED_STUDENT, "student")
+    trained = data_mod.record_segments(tok, {"text": "To be"}, False)[0][0]
+    assert f["tokenizer.ggml.add_bos_token"].contents() == (trained[0] == tok.bos_token_id)
+    assert f["tokenizer.ggml.add_bos_token"].contents() is False
+    assert f["tokenizer.ggml.add_eos_token"].contents() is False
+    # what llama.cpp does with these tokens, scores and types is what training did
+    tokens, types = f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.token_type"].contents()
+    prefix = f["tokenizer.ggml.add_space_prefix"].contents()
+    for text in _held_out_texts():
+        assert llama_cpp_spm(text, tokens, scores, types, prefix) == data_mod._encode(tok, text)
+    assert rep["tokenizer_from"] == "tokenizer.model" and rep["embedding_identical"]
+    import mlx.core as mx
+
+    tensors = mx.load(str(out / rep["file"]))
+    assert len(tensors) == len(mx.load(str(out / "model.safetensors"))) == rep["tensors"]
 
 
-def test_gguf_refuses_what_mlx_lm_cannot_write(lora_run, tmp_path):
+def test_gguf_scores_from_tokenizer_json_merges(tmp_path):
+    """Without tokenizer.model the scores come from the merge ranks of tokenizer.json, and
+    llama.cpp's merges then follow the BPE's order."""
+    import shutil
+
+    from mlxdistill import data as data_mod
+    from mlxdistill import gguf, models
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(EMBEDDED_STUDENT, name), tmp_path)
+    _, tok = models.load_meta(str(tmp_path), "student")
+    meta = gguf.vocab_metadata(str(tmp_path), tok, 4096)
+    assert gguf.tokenizer_kind(str(tmp_path)) == "tokenizer.json"
+    tokens = meta["tokenizer.ggml.tokens"]
+    scores = meta["tokenizer.ggml.scores"].tolist()
+    types = meta["tokenizer.ggml.token_type"].tolist()
+    merges = json.load(open(tmp_path / "tokenizer.json"))["model"]["merges"]
+    first = "".join(merges[0]) if isinstance(merges[0], list) else merges[0].replace(" ", "")
+    assert scores[tokens.index(first)] == 0.0 and min(scores) < -1000
+    prefix = bool(meta["tokenizer.ggml.add_space_prefix"].item())
+    for text in _held_out_texts():
+        assert llama_cpp_spm(text, tokens, scores, types, prefix) == data_mod._encode(tok, text)
+
+
+def test_gguf_byte_level_bpe_goes_to_llama_cpp_bpe(tmp_path):
+    """A byte-level BPE with Llama 3's pre-tokenizer: llama.cpp's BPE tokenizer with the
+    merges in order and pre-tokenizer "llama-bpe"; another pre-tokenizer is refused."""
+    import mlx.core as mx
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    from mlxdistill import gguf, models
     from mlxdistill.config import ConfigError
-    from mlxdistill.export import check_gguf
 
-    run_dir, _ = lora_run
+    tk = Tokenizer(BPE(ignore_merges=True))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(gguf.LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>",
+                            eos_token="<|end_of_text|>").save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    _, tok = models.load_meta(str(tmp_path), "student")
+    meta = gguf.vocab_metadata(str(tmp_path), tok, 512)
+    tj = json.load(open(tmp_path / "tokenizer.json"))
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "llama-bpe"
+    assert meta["tokenizer.ggml.merges"] == [" ".join(m) if isinstance(m, list) else m
+                                             for m in tj["model"]["merges"]]
+    assert meta["tokenizer.ggml.token_type"].dtype == mx.int32
+    assert meta["tokenizer.ggml.token_type"][tok.bos_token_id].item() == 3  # control
+    assert len(meta["tokenizer.ggml.tokens"]) == 512  # padded to the embedding's rows
+    assert not meta["tokenizer.ggml.add_bos_token"].item()
+    tj["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ConfigError, match="byte-level BPE with Llama 3's or GPT-2's"):
+        gguf.check({"model_type": "llama"}, 16, str(tmp_path))
+
+
+def _rope_scores(q, k, n_head, n_kv, traditional):
+    """Attention logits of one position pair after RoPE, per query head (GQA: query head h
+    reads key head h // (n_head // n_kv))."""
+    import mlx.core as mx
+
+    hd = q.shape[-1] // n_head
+    qs = q.reshape(1, 1, n_head, hd).transpose(0, 2, 1, 3)
+    ks = k.reshape(1, 1, n_kv, hd).transpose(0, 2, 1, 3)
+    qr = mx.fast.rope(qs, hd, traditional=traditional, base=10000.0, scale=1.0, offset=7)
+    kr = mx.fast.rope(ks, hd, traditional=traditional, base=10000.0, scale=1.0, offset=3)
+    kr = mx.repeat(kr, n_head // n_kv, axis=1)
+    return (qr * kr).sum(-1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_gguf_tensors_in_llama_cpp_layout(arch):
+    """Grouped-query attention (4 query heads, 2 key-value heads): the permuted Q and K
+    rows under llama.cpp's interleaved RoPE give the attention logits the model computes
+    with rotate-half RoPE; every tensor carries a name llama.cpp's llama loader knows."""
+    import re
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    from mlxdistill import gguf
+
+    cfg = dict(model_type=arch, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+               num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+               vocab_size=100, rope_theta=10000.0, max_position_embeddings=256,
+               tie_word_embeddings=False)
+    if arch == "mixtral":
+        cfg.update(num_local_experts=4, num_experts_per_tok=2)
+    model_cls, args_cls = _get_classes(cfg)
+    mx.random.seed(0)
+    model = model_cls(args_cls.from_dict(cfg))
+    model.set_dtype(mx.float16)  # as export stores it
+    weights = dict(tree_flatten(model.parameters()))
+    t = gguf.tensors(weights, cfg)
+    known = (r"token_embd|output_norm|output|blk\.\d+\.(attn_(q|k|v|output|norm)|ffn_norm|"
+             r"ffn_(gate|up|down)(_exps)?|ffn_gate_inp)")
+    assert all(re.fullmatch(f"({known})\\.weight", n) for n in t), sorted(t)
+    if arch == "mixtral":
+        assert t["blk.0.ffn_gate_exps.weight"].shape == (4, 96, 64)
+    assert all(v.dtype == mx.float32 for n, v in t.items() if "norm" in n)
+    x = mx.random.normal((64,))
+    f32 = lambda name, d: d[name].astype(mx.float32) @ x  # noqa: E731
+    ref = _rope_scores(f32("model.layers.0.self_attn.q_proj.weight", weights),
+                       f32("model.layers.0.self_attn.k_proj.weight", weights), 4, 2,
+                       traditional=False)
+    got = _rope_scores(f32("blk.0.attn_q.weight", t), f32("blk.0.attn_k.weight", t), 4, 2,
+                       traditional=True)
+    assert mx.allclose(ref, got, rtol=1e-5, atol=1e-5).item()
+
+
+def test_gguf_refuses_what_llama_cpp_would_not_run_as_trained(lora_run, spm_run, tmp_path):
+    from mlxdistill.config import ConfigError
+    from mlxdistill.gguf import check
+
+    run_dir, _ = spm_run
     res = CliRunner().invoke(main, ["export", run_dir, "-o", str(tmp_path / "q"), "--bits", "4",
                                     "--gguf"])
     assert res.exit_code == 2 and "float16 only" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "q").exists()
-    with pytest.raises(ConfigError, match="model_type 'qwen2'"):
-        check_gguf({"model_type": "qwen2"}, 16)
-    check_gguf({"model_type": "mistral"}, 16)  # accepted
+    # the tiny word-level tokenizer has no llama.cpp equivalent
+    res = CliRunner().invoke(main, ["export", lora_run[0], "-o", str(tmp_path / "w"), "--gguf"])
+    assert res.exit_code == 2 and "WordLevel" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "w").exists()
+    with pytest.raises(ConfigError, match="not 'qwen2'"):
+        check({"model_type": "qwen2"}, 16, EMBEDDED_STUDENT)
+    with pytest.raises(ConfigError, match="rope_scaling type 'yarn'"):
+        check({"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}}, 16,
+              EMBEDDED_STUDENT)
+    check({"model_type": "mistral"}, 16, EMBEDDED_STUDENT)  # accepted
+    check({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, 16,
+          EMBEDDED_STUDENT)
 
 
 def _one_line_error(args, needle):

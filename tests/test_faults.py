@@ -467,3 +467,42 @@ def test_long_records_are_counted_and_truncated_when_asked(tiny, tmp_path):
     tokens = {how: json.loads(open(tmp_path / how / "cache" / "manifest.json").read())["tokens"]
               for how in ("split", "truncate")}
     assert tokens["truncate"] < tokens["split"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_written_files_follow_the_umask(tiny, tmp_path, monkeypatch, mask):
+    """Shards, manifest, checkpoints and exports get the mode the umask gives any file, so a
+    cache built by one user is readable by a teammate's run (safetensors writes 0600, MLX
+    0644, whatever the umask)."""
+    monkeypatch.setenv("MLXDISTILL_HASH_MEMO", str(tmp_path / "memo.json"))
+    ov = tiny_overrides(tiny, tmp_path, **{"train.iters": 4, "train.save_every": 2})
+    old = os.umask(mask)
+    try:
+        for args in (["train", "-q", *ov], ["export", str(tmp_path / "run"), "-o",
+                                            str(tmp_path / "out")]):
+            res = invoke(*args)
+            assert res.exit_code == 0, res.output
+    finally:
+        os.umask(old)
+    ckpt = max((tmp_path / "run" / "checkpoints").iterdir())
+    written = [tmp_path / "cache" / "shard-00000.safetensors", tmp_path / "cache" /
+               "manifest.json", *ckpt.iterdir(), tmp_path / "run" / "model" /
+               "model.safetensors", tmp_path / "run" / "eval.json",
+               tmp_path / "out" / "model.safetensors", tmp_path / "out" / "config.json"]
+    modes = {str(p): oct(p.stat().st_mode & 0o777) for p in written}
+    assert set(modes.values()) == {oct(0o666 & ~mask)}, modes
+    for d in (ckpt, tmp_path / "run" / "model", tmp_path / "out"):
+        assert d.stat().st_mode & 0o777 == 0o777 & ~mask, d
+
+
+def test_topk_tail_that_does_not_complete_the_distribution_is_refused(topk_cache, tmp_path):
+    d = str(tmp_path / "cache")
+    shutil.copytree(topk_cache, d)
+
+    def shrink(path):
+        t = load_file(path)
+        t["tail_logprob"][:] = np.log(0.9)  # with the top k, well over 1
+        save_file(t, path)
+
+    name = _rewrite(d, 0, shrink)
+    one_line_error(invoke("inspect", d), name, "do not sum to 1")

@@ -199,93 +199,7 @@ def test_plan_cli_fits_and_knobs(tiny, tmp_path):
 
 # ---------------------------------------------------------------- recipes for real pairs
 
-def _llama3_rope(factor):
-    return {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192, "rope_type": "llama3"}
-
-
-Q4 = {"quantization": {"group_size": 64, "bits": 4}}
-# config.json dimensions of the hub models the recipes name (as published; no hub here).
-REAL_CONFIGS = {
-    "mlx-community/Qwen2.5-7B-Instruct-4bit": dict(
-        model_type="qwen2", hidden_size=3584, num_hidden_layers=28, intermediate_size=18944,
-        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, rope_theta=1e6, max_position_embeddings=32768,
-        torch_dtype="bfloat16", **Q4),
-    "Qwen/Qwen2.5-0.5B-Instruct": dict(
-        model_type="qwen2", hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
-        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768,
-        torch_dtype="bfloat16"),
-    "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit": dict(
-        model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, rope_theta=500000.0, rope_scaling=_llama3_rope(8.0),
-        max_position_embeddings=131072, torch_dtype="bfloat16", **Q4),
-    "meta-llama/Llama-3.2-1B-Instruct": dict(
-        model_type="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=500000.0,
-        rope_scaling=_llama3_rope(32.0), max_position_embeddings=131072,
-        torch_dtype="bfloat16"),
-    "mlx-community/gemma-2-9b-it-4bit": dict(
-        model_type="gemma2", hidden_size=3584, num_hidden_layers=42, intermediate_size=14336,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=256000,
-        rms_norm_eps=1e-6, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
-        final_logit_softcapping=30.0, rope_theta=10000.0, torch_dtype="bfloat16", **Q4),
-    "google/gemma-2-2b-it": dict(
-        model_type="gemma2", hidden_size=2304, num_hidden_layers=26, intermediate_size=9216,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=256000,
-        rms_norm_eps=1e-6, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
-        final_logit_softcapping=30.0, rope_theta=10000.0, torch_dtype="float32"),
-    "mlx-community/Qwen3-8B-4bit": dict(
-        model_type="qwen3", hidden_size=4096, num_hidden_layers=36, intermediate_size=12288,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1e6,
-        max_position_embeddings=40960, torch_dtype="bfloat16", **Q4),
-    "Qwen/Qwen3-0.6B": dict(
-        model_type="qwen3", hidden_size=1024, num_hidden_layers=28, intermediate_size=3072,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-        rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=1e6,
-        max_position_embeddings=40960, torch_dtype="bfloat16"),
-    "mlx-community/Phi-3-medium-4k-instruct-4bit": dict(
-        model_type="phi3", hidden_size=5120, num_hidden_layers=40, intermediate_size=17920,
-        num_attention_heads=40, num_key_value_heads=10, vocab_size=32064, rms_norm_eps=1e-5,
-        rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
-        torch_dtype="bfloat16", **Q4),
-    "microsoft/Phi-3-mini-4k-instruct": dict(
-        model_type="phi3", hidden_size=3072, num_hidden_layers=32, intermediate_size=8192,
-        num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, rms_norm_eps=1e-5,
-        rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
-        torch_dtype="bfloat16"),
-    "mlx-community/Mistral-Nemo-Instruct-2407-4bit": dict(
-        model_type="mistral", hidden_size=5120, num_hidden_layers=40, intermediate_size=14336,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
-        rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=1024000,
-        tie_word_embeddings=False, torch_dtype="bfloat16", **Q4),
-    "mlx-community/Ministral-8B-Instruct-2410-4bit": dict(
-        model_type="mistral", hidden_size=4096, num_hidden_layers=36, intermediate_size=12288,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
-        rms_norm_eps=1e-5, rope_theta=1e8, max_position_embeddings=32768,
-        tie_word_embeddings=False, torch_dtype="bfloat16", **Q4),
-    "HuggingFaceTB/SmolLM2-1.7B-Instruct": dict(
-        model_type="llama", hidden_size=2048, num_hidden_layers=24, intermediate_size=8192,
-        num_attention_heads=32, num_key_value_heads=32, vocab_size=49152, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, rope_theta=130000.0, max_position_embeddings=8192,
-        torch_dtype="bfloat16"),
-    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
-        model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
-        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192,
-        torch_dtype="bfloat16"),
-}
 RECIPES = sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml"))
-
-
-def recipe_plan(path: str, monkeypatch) -> dict:
-    """The plan of a recipe for a Mac GPU, its models' config.json read from REAL_CONFIGS."""
-    monkeypatch.setattr(plan, "read_config", lambda p, what: REAL_CONFIGS[p])
-    return plan.plan(load_config(path), metal=True, memory_bytes=1 << 40)
 
 
 def stated_memory(path: str) -> dict:
@@ -305,20 +219,114 @@ def test_every_recipe_loads_and_opens_with_its_command(name):
     assert cfg.loss.name == "forward_kl"
 
 
-@pytest.mark.parametrize("name", [r for r in RECIPES
-                                  if r not in ("default.yaml", "lora.yaml", "specialist.yaml")])
-def test_recipe_states_the_memory_plan_computes(name, monkeypatch):
+HUB_RECIPES = [r for r in RECIPES if r not in ("default.yaml", "lora.yaml", "specialist.yaml")]
+
+
+@pytest.fixture
+def hub_unreachable(tmp_path, monkeypatch):
+    """No network and an empty Hugging Face cache; the calls made to the hub are recorded."""
+    import socket
+
+    import huggingface_hub
+
+    calls = []
+
+    def no_hub(repo_id, filename, **kw):
+        calls.append(repo_id)
+        raise ConnectionError("no network in tests")
+
+    def no_dns(*a, **kw):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    return calls
+
+
+@pytest.mark.parametrize("name", HUB_RECIPES)
+def test_recipe_plan_offline_prints_the_memory_its_header_states(name, hub_unreachable):
+    """`mlxdistill plan -c configs/X.yaml --mac`, the command each hub recipe's header names,
+    works with the hub unreachable (the config.json fields shipped in mlxdistill/hub_configs)
+    and prints the figures the header states."""
     path = os.path.join(ROOT, "configs", name)
     cfg = load_config(path)
-    assert cfg.teacher.model in REAL_CONFIGS and cfg.student.model in REAL_CONFIGS
     stated = stated_memory(path)
     assert stated, f"{name} does not state its memory"
-    p = recipe_plan(path, monkeypatch)
+    head = open(path).read().split("\n\n")[0]
+    assert f"mlxdistill plan -c configs/{name} --mac" in head, name
+    res = CliRunner().invoke(main, ["plan", "-c", path, "--mac"])
+    assert res.exit_code == 0, res.output
+    assert set(hub_unreachable) == {cfg.teacher.model, cfg.student.model}
+    assert "config:   teacher and student config.json shipped with mlxdistill (the hub " \
+        "fetch failed" in res.output, res.output
+    for part, label in (("teacher_pass", "teacher pass:"), ("training", "training:")):
+        m = re.search(re.escape(label) + r"\s+peak ([\d.]+) GB", res.output)
+        assert m, res.output
+        # The header rounds to 0.1 GB, the output to 0.01 GB.
+        assert abs(float(m[1]) - stated[part]) <= 0.055, (name, part, m[1], stated[part])
+    p = plan.plan(cfg, metal=True, memory_bytes=1 << 40)
     for part in ("teacher_pass", "training"):
         assert stated[part] == round(p[part]["peak_bytes"] / plan.GB, 1), (name, part)
     # A student above ~1 B parameters trains LoRA adapters.
     if p["student"]["params"] > 1.2e9:
         assert cfg.train.mode == "lora", name
+
+
+# Parameter counts the hub publishes for the recipes' models (safetensors metadata): the
+# shipped widths and counts build exactly these models.
+PUBLISHED_PARAMS = {
+    "mlx-community/Qwen2.5-7B-Instruct-4bit": 7_615_616_512,
+    "Qwen/Qwen2.5-0.5B-Instruct": 494_032_768,
+    "mlx-community/Meta-Llama-3.1-8B-Instruct-4bit": 8_030_261_248,
+    "meta-llama/Llama-3.2-1B-Instruct": 1_235_814_400,
+    "mlx-community/gemma-2-9b-it-4bit": 9_241_705_984,
+    "google/gemma-2-2b-it": 2_614_341_888,
+    "mlx-community/Qwen3-8B-4bit": 8_190_735_360,
+    "Qwen/Qwen3-0.6B": 596_049_920,
+    "mlx-community/Phi-3-medium-4k-instruct-4bit": 13_960_238_080,
+    "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552,
+    "mlx-community/Mistral-Nemo-Instruct-2407-4bit": 12_247_782_400,
+    "mlx-community/Ministral-8B-Instruct-2410-4bit": 8_019_808_256,
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": 1_711_376_384,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": 134_515_008,
+}
+
+
+def test_shipped_configs_are_exactly_the_recipes_models():
+    from mlxdistill import hubmeta
+
+    named = set()
+    for name in HUB_RECIPES:
+        cfg = load_config(os.path.join(ROOT, "configs", name))
+        named |= {cfg.teacher.model, cfg.student.model}
+    assert named == set(PUBLISHED_PARAMS)
+    files = sorted(os.listdir(hubmeta.SHIPPED_DIR))
+    assert files == sorted(m.replace("/", "--") + ".json" for m in named)
+    for hub_id, params in PUBLISHED_PARAMS.items():
+        with open(hubmeta.shipped_path(hub_id)) as f:
+            conf = json.load(f)
+        assert plan.model_shape(conf, hub_id).params == params, hub_id
+        assert ("quantization" in conf) == ("4bit" in hub_id), hub_id
+    assert hubmeta.shipped_path("qwen/QWEN3-0.6b") == hubmeta.shipped_path("Qwen/Qwen3-0.6B")
+
+
+def test_hub_id_without_shipped_config_offline_is_one_line_error(hub_unreachable):
+    cfg = load_config(os.path.join(ROOT, "configs", "qwen3-8b-to-0.6b.yaml"),
+                      ["student.model=Qwen/Qwen3-1.7B"])
+    with pytest.raises(plan.ModelError, match=r"^cannot read config.json of the student "
+                       r"model Qwen/Qwen3-1.7B .*hub fetch failed.*local mlx_lm model folder"):
+        plan.plan(cfg, metal=True)
+
+
+def test_hub_config_is_preferred_to_the_shipped_copy(monkeypatch):
+    """The shipped copy stands in only when the hub does not answer."""
+    from mlxdistill import hubmeta
+
+    fetched = {"model_type": "qwen3", "hidden_size": 64}
+    monkeypatch.setattr(hubmeta, "fetch", lambda hub_id: fetched)
+    assert plan.config_and_note("Qwen/Qwen3-0.6B", "student") == (fetched, None)
 
 
 def test_grad_checkpoint_changes_only_its_model():
