@@ -96,6 +96,21 @@ def _load(config_path, overrides):
 
 
 @main.command()
+@click.argument("prefix", default="")
+@click.option("--markdown", is_flag=True, help="The reference page (docs/configuration.md).")
+def config(prefix, markdown):
+    """Every config key: its default and what it does (PREFIX: e.g. loss or train.lr)."""
+    from . import confdoc
+
+    out = confdoc.markdown() if markdown else confdoc.text(prefix)
+    if not out:
+        click.echo(f"error: no config key starts with {prefix!r}; run `mlxdistill config` "
+                   "for them all", err=True)
+        sys.exit(2)
+    click.echo(out.rstrip("\n"))
+
+
+@main.command()
 @config_opt
 @quiet_opt
 @overrides_arg
@@ -103,7 +118,8 @@ def _load(config_path, overrides):
 def train(config_path, quiet, overrides):
     """Train a student (builds the teacher cache if missing), then evaluate it.
 
-    OVERRIDES are KEY=VALUE pairs such as train.iters=200 loss.alpha=0.5."""
+    OVERRIDES are KEY=VALUE pairs such as train.iters=200 loss.alpha=0.5; `mlxdistill
+    config` lists every key with its default and meaning."""
     from .trainer import train as run_train
 
     cfg = _load(config_path, overrides)

@@ -30,6 +30,12 @@ def _one_of(key: str, value: Any, allowed) -> None:
     _check(value in allowed, f"{key}={value!r} is not valid; use one of: {', '.join(allowed)}")
 
 
+def _key(default: Any, doc: str) -> Any:
+    """A config key with its one description: the configuration reference
+    (docs/configuration.md, `mlxdistill config`) is generated from these."""
+    return field(default=default, metadata={"doc": doc})
+
+
 def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = ok and (value >= 0 if allow_zero else value > 0)
@@ -38,10 +44,11 @@ def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    model: str = "weights/teacher"
-    mode: str = "cache"  # cache | online
-    # Run a model folder's own Python (config.json `model_file`)? Never by default.
-    trust_remote_code: bool = False
+    model: str = _key("weights/teacher", "mlx_lm model folder or hub id")
+    mode: str = _key("cache", "`cache` (train from `cache.dir`) or `online` (the teacher stays "
+                     "in memory and gives dense targets each step)")
+    trust_remote_code: bool = _key(False, "run the model folder's own Python (`model_file` in "
+                                   "its config.json); never by default")
 
     def __post_init__(self):
         _one_of("teacher.mode", self.mode, ("cache", "online"))
@@ -51,8 +58,9 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    model: str = "weights/student"
-    trust_remote_code: bool = False
+    model: str = _key("weights/student", "mlx_lm model folder or hub id; must share the "
+                      "teacher's tokenizer")
+    trust_remote_code: bool = _key(False, "as `teacher.trust_remote_code`, for the student")
 
     def __post_init__(self):
         _check(isinstance(self.trust_remote_code, bool),
@@ -61,21 +69,24 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = "data/train.jsonl"
-    valid: Optional[str] = "data/valid.jsonl"
-    test: Optional[str] = "data/test.jsonl"
-    seq_len: int = 256
-    # Cap on packed training rows (null = all): sizes the teacher pass to what a run uses.
-    max_rows: Optional[int] = None
-    # Train only on completions / assistant turns of prompt-completion and chat data.
-    mask_prompt: bool = True
-    # A record longer than seq_len: split (runs on into the next row) | truncate (keep its
-    # first seq_len tokens). Either way the count is reported.
-    long_lines: str = "split"
-    # auto: prompt/completion and chat records never straddle two rows (a row that cannot
-    # hold the next one is padded), text runs on | stream: everything runs on | whole:
-    # every record that fits a row is kept in one.
-    packing: str = "auto"
+    train: str = _key("data/train.jsonl", "training data: mlx_lm JSONL (`text`, "
+                      "`prompt`/`completion` or `messages` records) or `.txt`")
+    valid: Optional[str] = _key("data/valid.jsonl", "validation data for the periodic "
+                                "evaluation (null: none)")
+    test: Optional[str] = _key("data/test.jsonl", "held-out data for the final evaluation "
+                               "(null: none)")
+    seq_len: int = _key(256, "tokens per packed row; must fit both models' context")
+    max_rows: Optional[int] = _key(None, "cap on packed training rows (null: all): sizes the "
+                                   "teacher pass to what a run uses")
+    mask_prompt: bool = _key(True, "train only on completions / assistant turns of "
+                             "prompt-completion and chat records")
+    long_lines: str = _key("split", "a record longer than `seq_len`: `split` (runs on into the "
+                           "next row) or `truncate` (keeps its first `seq_len` tokens); "
+                           "counted either way")
+    packing: str = _key("auto", "`auto`: a prompt/completion or chat record that does not fit "
+                        "what is left of a row starts the next one (the rest is padding, not "
+                        "trained on), so no completion is trained without its prompt; text "
+                        "runs on. `stream`: every record runs on; `whole`: text kept whole too")
 
     def __post_init__(self):
         _check(isinstance(self.seq_len, int) and self.seq_len >= 2,
@@ -89,22 +100,27 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    dir: str = "caches/default"
-    mode: str = "sample"  # sample | topk
-    n: int = 16
-    k: int = 64
-    temperature: float = 1.0
-    hidden_layers: tuple = ()
-    # sample mode: store the teacher's top-1 id with its exact probability in one of the n
-    # slots and sample the other n-1 from the rest (same bytes, less sampling noise).
-    keep_top1: bool = False
-    shard_rows: int = 256  # rows per shard: the unit of resume after a kill
-    batch_size: int = 8  # rows per teacher forward pass
-    seed: int = 0
-    # Multi-teacher: more caches (other teachers, same data settings) mixed with this one.
-    mix: tuple = ()
-    mix_weights: tuple = ()  # one per cache, cache.dir first; () = equal
-    mix_mode: str = "weights"  # weights | confidence
+    dir: str = _key("caches/default", "the teacher cache's folder")
+    mode: str = _key("sample", "`sample` (n draws per position, unbiased) or `topk` (the k "
+                     "most likely ids with their log-probabilities, and the tail's)")
+    n: int = _key(16, "draws per position in sample mode (1-255)")
+    k: int = _key(64, "ids per position in topk mode")
+    temperature: float = _key(1.0, "teacher temperature at capture; must equal "
+                              "`loss.temperature`")
+    hidden_layers: tuple = _key((), "teacher blocks whose outputs are cached for hidden-state "
+                                "distillation, counted from 0 (negative: from the end)")
+    keep_top1: bool = _key(False, "sample mode: keep the teacher's top-1 id with its exact "
+                           "probability in one of the n slots, the other n-1 drawn from the "
+                           "rest (same bytes, less sampling noise)")
+    shard_rows: int = _key(256, "rows per shard: the unit of resume after a kill")
+    batch_size: int = _key(8, "rows per teacher forward pass")
+    seed: int = _key(0, "sampling seed (per-shard keys: a resumed pass redraws identically)")
+    mix: tuple = _key((), "multi-teacher: more caches (other teachers, the same data settings) "
+                      "mixed with this one")
+    mix_weights: tuple = _key((), "multi-teacher: one weight per cache, `cache.dir` first "
+                              "([]: equal)")
+    mix_mode: str = _key("weights", "multi-teacher: `weights` (a mixture) or `confidence` "
+                         "(per position, the teacher most sure of its top token)")
 
     def __post_init__(self):
         _one_of("cache.mode", self.mode, ("sample", "topk"))
@@ -144,20 +160,21 @@ LOSSES = ("forward_kl", "reverse_kl", "jsd", "symmetric_kl", "skew_kl", "skew_re
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "forward_kl"
-    alpha: float = 0.0  # weight of hard-label cross-entropy
-    temperature: float = 1.0
-    # jsd (TRL's generalized JSD) and symmetric_kl ((1-beta) forward + beta reverse KL):
-    # 0 = forward KL, 1 = reverse KL
-    beta: float = 0.5
-    skew: float = 0.1  # skew_kl / skew_reverse_kl mixture weight (DistiLLM)
-    # On-policy (GKD): fraction of steps trained on student-written continuations scored by
-    # the live teacher (needs teacher.mode=online).
-    lmbda: float = 0.0
-    # Hidden-state distillation (when the cache holds cache.hidden_layers):
-    hidden_weight: float = 1.0
-    hidden_loss: str = "cosine"  # cosine | mse
-    hidden_student_layers: tuple = ()  # student block per cached teacher layer; () = same depth
+    name: str = _key("forward_kl", "the divergence: " + ", ".join(f"`{n}`" for n in LOSSES)
+                     + " (sampled caches: `forward_kl` only)")
+    alpha: float = _key(0.0, "weight of hard-label cross-entropy: (1 - alpha) KD + alpha CE")
+    temperature: float = _key(1.0, "T; the divergence is scaled by T^2")
+    beta: float = _key(0.5, "`jsd` (TRL's generalized JSD) and `symmetric_kl` ((1 - beta) "
+                       "forward + beta reverse KL): 0 is forward KL, 1 reverse KL")
+    skew: float = _key(0.1, "`skew_kl` / `skew_reverse_kl` mixture weight (DistiLLM)")
+    lmbda: float = _key(0.0, "on-policy (GKD): fraction of steps trained on student-written "
+                        "continuations scored by the live teacher; needs "
+                        "`teacher.mode: online`")
+    hidden_weight: float = _key(1.0, "weight of the hidden-state term (when the cache holds "
+                                "`cache.hidden_layers`)")
+    hidden_loss: str = _key("cosine", "hidden-state term: `cosine` (scale-free) or `mse`")
+    hidden_student_layers: tuple = _key((), "student block per cached teacher layer, counted "
+                                        "from 0 ([]: the same relative depth)")
 
     def __post_init__(self):
         _one_of("loss.name", self.name, LOSSES)
@@ -176,32 +193,34 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    mode: str = "full"  # full | lora | dora
-    iters: int = 1000
-    batch_size: int = 8
-    lr: float = 3.0e-4
-    grad_accum: int = 1
-    lora_rank: int = 8
-    lora_layers: int = -1  # -1: all layers
-    lora_scale: float = 20.0
-    lora_dropout: float = 0.0
-    save_every: int = 100
-    eval_every: int = 100
-    warmup: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    eval_rows: int = 8  # valid rows whose teacher distributions are kept for periodic eval
-    report_every: int = 10
-    keep_checkpoints: int = 2  # newest checkpoints kept in run.dir/checkpoints
-    # Memory for long sequences and big vocabularies: the loss over this many positions at a
-    # time, logits recomputed in the backward pass (0: whole sequence), and recomputing each
-    # block's activations in the backward pass instead of storing them.
-    loss_chunk: int = 0
-    grad_checkpoint: bool = False
-    # Steps with a non-finite loss or gradient that may be skipped (update dropped, data moves
-    # on) before the run stops; 0 stops at the first, keeping the last good checkpoint.
-    nonfinite_skips: int = 0
+    mode: str = _key("full", "`full`, `lora` or `dora` (mlx_lm's layers)")
+    iters: int = _key(1000, "optimizer steps")
+    batch_size: int = _key(8, "rows per step, over all ranks")
+    lr: float = _key(3.0e-4, "AdamW peak learning rate")
+    grad_accum: int = _key(1, "micro-batches per step (`batch_size` must be divisible by it)")
+    lora_rank: int = _key(8, "LoRA/DoRA rank")
+    lora_layers: int = _key(-1, "LoRA/DoRA: how many of the last blocks get adapters (-1: all)")
+    lora_scale: float = _key(20.0, "LoRA/DoRA scale")
+    lora_dropout: float = _key(0.0, "LoRA/DoRA dropout")
+    save_every: int = _key(100, "steps between checkpoints")
+    eval_every: int = _key(100, "steps between validations (CE, KL to the teacher, top-1 "
+                           "agreement on `eval_rows` validation rows)")
+    warmup: int = _key(20, "linear warm-up steps")
+    min_lr_ratio: float = _key(0.1, "cosine decay floor, as a fraction of `lr`")
+    weight_decay: float = _key(0.0, "AdamW weight decay")
+    grad_clip: float = _key(1.0, "global gradient-norm clip (0: off)")
+    eval_rows: int = _key(8, "validation rows whose teacher distributions are kept for the "
+                          "periodic validation")
+    report_every: int = _key(10, "steps between metrics.jsonl records")
+    keep_checkpoints: int = _key(2, "newest checkpoints kept in `run.dir`/checkpoints")
+    loss_chunk: int = _key(0, "positions per loss chunk (0: the whole sequence); each chunk's "
+                           "logits are recomputed in the backward pass, so [B, L, V] float32 "
+                           "logits never exist at once: for 150k-token vocabularies")
+    grad_checkpoint: bool = _key(False, "recompute each block's activations in the backward "
+                                 "pass instead of storing them (long sequences)")
+    nonfinite_skips: int = _key(0, "steps with a non-finite loss or gradient that may be "
+                                "skipped (update dropped, data moves on) before the run stops; "
+                                "0 stops at the first, keeping the last good checkpoint")
 
     def __post_init__(self):
         _one_of("train.mode", self.mode, ("full", "lora", "dora"))
@@ -231,11 +250,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    dir: str = "runs/default"
-    seed: int = 0
-    # Seconds a rank waits for the others inside one collective before it stops with an
-    # error (several ranks only): a dead or hung rank must not leave the rest waiting forever.
-    dist_timeout: float = 600.0
+    dir: str = _key("runs/default", "the run's output folder (model or adapters, metrics, "
+                    "checkpoints, evaluation, plots)")
+    seed: int = _key(0, "seed of the data order and of every random draw in training")
+    dist_timeout: float = _key(600.0, "several ranks: seconds a rank waits for the others (in "
+                               "one collective, or to connect) before it stops with an error")
 
     def __post_init__(self):
         _positive("run.dist_timeout", self.dist_timeout)
@@ -243,23 +262,24 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    prompts: str = "data/prompts.jsonl"
-    out: str = "data/generated.jsonl"
-    n: int = 1  # answers per prompt
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 1.0
-    # null | exact | regex:PATTERN | module:function (see generate.py)
-    verifier: Optional[str] = None
-    system: Optional[str] = None  # system prompt for chat prompts
-    batch_size: int = 8  # prompts per batched generation call
-    seed: int = 0
-    # Reasoning template: null (the whole answer is the final answer) | think |
-    # "TEXT{reasoning}TEXT{answer}TEXT"; the verifier and task accuracy see the final answer
-    # only (see generate.py).
-    reasoning: Optional[str] = None
-    # Test prompts with an `answer` field that `mlxdistill eval` scores for task accuracy.
-    eval_prompts: int = 200
+    prompts: str = _key("data/prompts.jsonl", "`generate`: prompts (JSONL: `prompt` or "
+                        "`messages`, optional `answer`)")
+    out: str = _key("data/generated.jsonl", "`generate`: output JSONL of prompt/completion "
+                    "records")
+    n: int = _key(1, "answers per prompt")
+    max_tokens: int = _key(256, "tokens per answer at most")
+    temperature: float = _key(0.7, "sampling temperature (0: greedy)")
+    top_p: float = _key(1.0, "nucleus sampling mass")
+    verifier: Optional[str] = _key(None, "keep only answers that pass: null (all), `exact`, "
+                                   "`regex:PATTERN` or `module:function`")
+    system: Optional[str] = _key(None, "system prompt for chat prompts")
+    batch_size: int = _key(8, "prompts per batched generation call")
+    seed: int = _key(0, "sampling seed")
+    reasoning: Optional[str] = _key(None, "where the final answer starts: null (the whole "
+                                    "answer), `think`, or `\"TEXT{reasoning}TEXT{answer}TEXT\"`; "
+                                    "the verifier and task accuracy see the final answer only")
+    eval_prompts: int = _key(200, "test records with an `answer` that `eval` scores for task "
+                             "accuracy (0: off)")
 
     def __post_init__(self):
         _check(self.reasoning is None or self.reasoning == "think"

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from mlxdistill.config import ConfigError, load_config, parse_overrides
@@ -74,3 +76,35 @@ def test_shipped_configs_open_with_their_command():
         first = open(p).readline()
         assert first.startswith(f"# mlxdistill train -c configs/{os.path.basename(p)}"), p
         load_config(p)  # every shipped recipe validates
+
+
+def test_configuration_reference_page_is_current():
+    """docs/configuration.md is generated from the descriptions in config.py; a key added,
+    renamed or redescribed without regenerating it fails here."""
+    from mlxdistill import confdoc
+
+    page = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "configuration.md")
+    with open(page, encoding="utf-8") as f:
+        assert f.read() == confdoc.markdown(), (
+            "docs/configuration.md is stale: mlxdistill config --markdown > "
+            "docs/configuration.md")
+
+
+def test_every_key_has_a_description_and_config_prints_it():
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from mlxdistill.cli import main
+    from mlxdistill.config import _CLASSES
+
+    keys = [f"{s}.{f.name}" for s, c in _CLASSES.items() for f in dataclasses.fields(c)]
+    assert all(len(dataclasses.fields(c)) for c in _CLASSES.values())
+    out = CliRunner().invoke(main, ["config"]).output
+    for key in keys:
+        assert f"\n{key} = " in "\n" + out, key
+    res = CliRunner().invoke(main, ["config", "train.lr"])
+    assert res.exit_code == 0 and res.output.startswith("train.lr = 0.0003")
+    assert "AdamW peak learning rate" in res.output
+    bad = CliRunner().invoke(main, ["config", "trian"])
+    assert bad.exit_code == 2 and "no config key" in bad.output
