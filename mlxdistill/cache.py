@@ -1,6 +1,6 @@
 """Teacher pass -> cache shards, and the verified reader that streams them to training.
 
-Layout (binding, see DESIGN.md): `manifest.json` + `shard-NNNNN.safetensors`. Each shard is
+Layout (binding, see docs/design.md): `manifest.json` + `shard-NNNNN.safetensors`. Each shard is
 written under a temp name and renamed; the manifest is rewritten atomically after every
 shard, so a killed pass resumes at the next shard and never trusts a partial file.
 """
@@ -30,7 +30,8 @@ from .config import Config, ConfigError
 from .distributed import World
 from .progress import Progress
 
-# 2: top-k shards hold the teacher's tail log-mass (tail_logprob), computed from its logits.
+# 2: top-k shards hold the teacher's tail log-mass (tail_logprob, from its logits), and the
+# teacher fingerprint hashes the weights' content (format 1's saw file names and sizes only).
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 VERIFIED = ".verified.json"
@@ -54,9 +55,6 @@ IDENTITY_KEYS = ("format_version", "teacher_fingerprint_kind", "teacher_fingerpr
                  "mode", "n", "k", "temperature", "seq_len", "dataset_sha256", "max_rows",
                  "mask_prompt", "seed", "shard_rows", "hidden_layers", "long_lines",
                  "keep_top1", "packing")
-# Identity keys added after format 1 shipped: what a manifest without them was built with.
-LEGACY = {"long_lines": "split", "keep_top1": False, "packing": "stream"}
-
 
 def read_manifest(cache_dir: str) -> dict:
     path = os.path.join(cache_dir, MANIFEST)
@@ -94,25 +92,12 @@ def config_identity(cfg: Config) -> dict:
     }
 
 
-def check_compatible(manifest: dict, want: dict, cache_dir: str,
-                     data_path: Optional[str] = None) -> None:
-    if "teacher_fingerprint" in want and manifest.get("teacher_fingerprint_kind") != \
-            want.get("teacher_fingerprint_kind"):
-        # Its fingerprint saw config.json and file sizes only: the same for a teacher whose
-        # weights changed in place, so nothing can vouch for the teacher that built it.
-        raise CacheError(f"cache {cache_dir} predates content hashing of the teacher's "
-                         "weights, so it cannot show which teacher built it; delete it and "
-                         "rebuild it (`mlxdistill cache`), or point cache.dir elsewhere")
+def check_compatible(manifest: dict, want: dict, cache_dir: str) -> None:
     for key in IDENTITY_KEYS:
-        if key not in want:
-            continue
-        if key == "packing" and key not in manifest and want[key] == "auto" and data_path \
-                and data_mod.all_text(data_path):
-            continue  # built before data.packing: on text alone, auto packs the same rows
-        if manifest.get(key, LEGACY.get(key)) != want.get(key):
+        if key in want and manifest.get(key) != want[key]:
             raise CacheError(
-                f"cache {cache_dir} was built with {key}={manifest.get(key, LEGACY.get(key))!r} "
-                f"but this config needs {want.get(key)!r}; point cache.dir elsewhere or delete "
+                f"cache {cache_dir} was built with {key}={manifest.get(key)!r} "
+                f"but this config needs {want[key]!r}; point cache.dir elsewhere or delete "
                 "the cache")
 
 
@@ -148,7 +133,7 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
     mpath = os.path.join(c.dir, MANIFEST)
     if world.main and os.path.exists(mpath):
         manifest = read_manifest(c.dir)
-        check_compatible(manifest, want, c.dir, cfg.data.train)
+        check_compatible(manifest, want, c.dir)
     else:
         manifest = {**want, "teacher": cfg.teacher.model, "dataset": cfg.data.train,
                     "teacher_layers": models.num_layers(teacher), "hidden_resolved": hidden,

@@ -134,11 +134,6 @@ def keeps_whole(rec: dict, packing: str) -> bool:
     return packing == "whole" or (packing == "auto" and "text" not in rec)
 
 
-def all_text(path: str) -> bool:
-    """Whether every record of `path` is plain text (then "auto" packs like "stream")."""
-    return all("text" in rec for rec in read_records(path))
-
-
 def row_padding(filled: int, n: int, seq_len: int, whole: bool) -> int:
     """Padding tokens that go before a record of `n` tokens when `filled` tokens are packed:
     what is left of the row, if the record is kept whole, fits a row, but not that rest."""

@@ -27,6 +27,7 @@ from . import files, losses, models, onpolicy
 from .config import Config, ConfigError, from_dict, save_config
 from .distributed import World
 from .progress import Progress
+# step_loss is imported from here by plan's probe and the benchmark
 from .step import NTOK, kd_objective, loop_memory, make_step, step_loss  # noqa: F401
 
 # Keys that may change between a run and its resume without changing what is computed.
@@ -62,8 +63,7 @@ def ensure_cache(cfg: Config, quiet: bool, log, world: Optional[World] = None
     reader = cache_mod.ShardReader(cfg.cache.dir)
     if world.main:
         world.barrier("rank 0's cache verification")
-    cache_mod.check_compatible(reader.manifest, cache_mod.config_identity(cfg), cfg.cache.dir,
-                               cfg.data.train)
+    cache_mod.check_compatible(reader.manifest, cache_mod.config_identity(cfg), cfg.cache.dir)
     return reader
 
 

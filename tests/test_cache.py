@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import prompt_completion, tiny_overrides
+from conftest import tiny_overrides
 from safetensors.numpy import load_file
 
 from mlxdistill import cache as cache_mod
@@ -132,28 +132,20 @@ def test_cache_from_other_data_is_refused(tiny, tmp_path):
         build(tiny, tmp_path, **{"cache.mode": "topk"})
 
 
-def test_cache_from_before_packing_key(tiny, tmp_path):
-    """A manifest written before data.packing existed was packed run-on: still valid for text
-    data under auto (the same rows), refused for prompt/completion data (other rows)."""
+def test_cache_of_an_earlier_format_is_refused(tiny, tmp_path):
+    """Format 1 stored no top-k tail and fingerprinted the teacher by file names and sizes:
+    such a cache cannot say which weights built it, so training and `cache` refuse it in
+    one line that says to rebuild."""
     from mlxdistill.trainer import ensure_cache
 
-    def drop_key():
-        mpath = os.path.join(str(tmp_path / "cache"), cache_mod.MANIFEST)
-        m = json.load(open(mpath))
-        del m["packing"]
-        json.dump(m, open(mpath, "w"))
-
-    build(tiny, tmp_path)
-    drop_key()
-    cfg = load_config(None, tiny_overrides(tiny, tmp_path))
-    assert ensure_cache(cfg, True, lambda m: None).manifest["rows"] > 0
-    pc = prompt_completion(tiny["train"], str(tmp_path / "pc.jsonl"), 4)
-    shutil.rmtree(tmp_path / "cache")
-    build(tiny, tmp_path, **{"data.train": pc, "data.packing": "stream"})
-    drop_key()
-    cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{"data.train": pc}))
-    with pytest.raises(cache_mod.CacheError, match="packing='stream'"):
+    cfg, m = build(tiny, tmp_path)
+    m["format_version"] = 1
+    with open(os.path.join(cfg.cache.dir, cache_mod.MANIFEST), "w") as f:
+        json.dump(m, f)
+    with pytest.raises(cache_mod.CacheError, match="format_version 1.*rebuild the cache"):
         ensure_cache(cfg, True, lambda m: None)
+    with pytest.raises(cache_mod.CacheError, match="format_version 1"):
+        build(tiny, tmp_path)
 
 
 def test_training_refuses_a_complete_cache_with_other_settings(tiny, tmp_path):
@@ -244,23 +236,6 @@ def test_teacher_weights_changed_in_place_refuse_the_cache(tiny, tmp_path, own_m
         assert len(err) == 1 and "teacher_fingerprint" in err[0], res.stderr
         assert str(tmp_path / "cache") in err[0] and "Traceback" not in res.output
     assert not (tmp_path / "run" / "model").exists()
-
-
-def test_cache_from_before_content_hashing_is_refused(tiny, tmp_path, own_memo):
-    """A manifest whose teacher fingerprint saw only file names and sizes cannot vouch for
-    the weights: refused in one line that says so, for training and for `cache`."""
-    from mlxdistill.trainer import ensure_cache
-
-    cfg, m = build(tiny, tmp_path)
-    mpath = os.path.join(cfg.cache.dir, cache_mod.MANIFEST)
-    del m["teacher_fingerprint_kind"]
-    m["teacher_fingerprint"] = "0" * 64
-    with open(mpath, "w") as f:
-        json.dump(m, f)
-    with pytest.raises(cache_mod.CacheError, match="predates content hashing.*rebuild"):
-        ensure_cache(cfg, True, lambda m: None)
-    with pytest.raises(cache_mod.CacheError, match="predates content hashing"):
-        build(tiny, tmp_path)
 
 
 def test_weight_hashes_are_hashed_once_and_remembered(tiny, tmp_path, own_memo, monkeypatch):
