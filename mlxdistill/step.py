@@ -1,4 +1,5 @@
-"""One optimizer step, built once and used by the trainer and by `plan`'s probe.
+"""One optimizer step, built once and used by the trainer and by `plan`'s probe: the
+distillation objective (`kd_objective`), the compiled step, and the loop's memory setup.
 
 The common case (one process, no gradient accumulation) is a single compiled function:
 forward, loss, backward, gradient clipping, the non-finite guard and the AdamW update, with
@@ -59,13 +60,14 @@ def loop_memory() -> Callable[[], None]:
     The peak is reset here, so `peak_mem_gb` is the loop's own: the same on a first run,
     where the teacher was loaded once for the validation targets, as on a resumed one.
 
-    Freed buffers are kept for reuse during the loop. MLX's CPU allocator keeps only 32 MB
-    of them by default and hands the rest to malloc, which maps blocks of 32 MiB and more
-    straight from the kernel and unmaps them on free; [B, L, V] float32 logits are such
-    blocks (8 x 256 x 4096 is exactly 32 MiB), so every step faulted in and zeroed fresh
-    pages for each of them, a large share of a small model's step on a CPU. With the
-    memory limit as the cache limit (what MLX does on Metal already) a step reuses the
-    previous step's buffers. Cached buffers do not count towards the peak."""
+    Freed buffers are kept for reuse while the loop runs. MLX's CPU allocator keeps only
+    32 MB of them by default and passes the rest to malloc, which maps blocks of 32 MiB and
+    more straight from the kernel and unmaps them when freed. [B, L, V] float32 logits and
+    their gradients are such blocks (8 x 256 x 4096 is exactly 32 MiB), so without this
+    every step faults in and zeroes fresh pages for each of them, a large share of a small
+    model's step on a CPU. With the memory limit as the cache limit, which is what MLX uses
+    on Metal anyway, a step reuses the previous step's buffers. Cached buffers are not
+    counted in the peak."""
     gc.collect()  # what the setup dropped (a teacher loaded once) is freed before the reset
     previous = mx.set_cache_limit(max(mx.get_memory_limit(), 1))
     mx.reset_peak_memory()

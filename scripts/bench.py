@@ -4,7 +4,9 @@ cache and online, on the same student, rows, batch size, sequence length and ste
     python scripts/bench.py                      # embedded pair, 40 steps, 3 rounds
     python scripts/bench.py --steps 80 --repeats 5 train.batch_size=16
 
-Per variant: positions/s (batch x seq_len per second, median over report windows after the
+First, as a user feels it: `mlx_lm.lora` and `mlxdistill train` as processes, timed by the
+wall clock (scripts/bench_wall.py, `--wall-repeats` rounds). Then, in one process, each
+trainer's own speed report, per variant: positions/s (batch x seq_len per second, median over report windows after the
 first, which holds compilation, then the median over rounds), its ratio to mlx_lm's own
 trainer, and peak memory. The variants run round-robin, `--repeats` rounds, so a change in
 the machine's load hits all of them alike. Also: shard reader throughput alone, teacher-pass
@@ -40,18 +42,22 @@ from mlx.utils import tree_flatten  # noqa: E402
 from mlxdistill import cache as cache_mod  # noqa: E402
 from mlxdistill import files, models, trainer  # noqa: E402
 from mlxdistill.config import load_config  # noqa: E402
-from mlxdistill.step import make_step  # noqa: E402
+from mlxdistill.step import loop_memory, make_step  # noqa: E402
 
 REPORT = 5
 
 
-def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
+def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
+    """The best of `reps` float32 n x n matmuls: a peak rate, so the fastest one, which
+    other jobs on a shared machine slowed the least."""
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
     mx.eval(a @ b)
-    t0 = time.perf_counter()
+    best = float("inf")
     for _ in range(reps):
+        t0 = time.perf_counter()
         mx.eval(a @ b)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
 
 
 def mlx_lm_lora_ce(cfg, steps: int, mode: str) -> dict:
@@ -149,17 +155,7 @@ def model_flops_per_token(model, seq_len: int) -> float:
     return 3 * (2 * n + 4 * layers * seq_len * q_dim)
 
 
-def _median_time(fn, reps: int) -> float:
-    mx.eval(fn())  # compile / warm up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def step_profile(cfg, peak_gflops: float, reps: int = 5) -> dict:
+def step_profile(cfg, peak_gflops: float, reps: int = 9) -> dict:
     """Where one full fine-tune step's time goes, on one cached batch, each part compiled as
     the trainer compiles it: forward to the logits; forward and loss; forward, loss and
     backward; the whole step (clipping and AdamW too). Differences give each part's time;
@@ -178,14 +174,27 @@ def step_profile(cfg, peak_gflops: float, reps: int = 5) -> dict:
     fwd = mx.compile(lambda x: forward(x), inputs=st)
     lossf = mx.compile(lambda x: loss_fn(model, x, mask, labels, targets)[0], inputs=st)
     gradf = mx.compile(lambda x: grad(model, x, mask, labels, targets), inputs=st, outputs=st)
-    t = {"forward": _median_time(lambda: fwd(x), reps),
-         "forward+loss": _median_time(lambda: lossf(x), reps),
-         "forward+loss+backward": _median_time(lambda: gradf(x), reps)}
     opt = optim.AdamW(learning_rate=1e-5)
     opt.init(model.trainable_parameters())
     step = make_step(model, opt, loss_fn, cfg.train.grad_clip)
-    t["whole step"] = _median_time(
-        lambda: (step(x, mask, labels, targets), model.parameters(), opt.state), reps)
+    fns = {"forward": lambda: fwd(x), "forward+loss": lambda: lossf(x),
+           "forward+loss+backward": lambda: gradf(x),
+           "whole step": lambda: (step(x, mask, labels, targets), model.parameters(), opt.state)}
+    times: dict = {k: [] for k in fns}
+    restore = loop_memory()  # the memory setup the training loop runs in
+    try:
+        for f in fns.values():
+            mx.eval(f())  # compile / warm up
+        # The parts take turns, so a change in the machine's load hits all of them alike
+        # and their differences stay meaningful.
+        for _ in range(reps):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                mx.eval(f())
+                times[k].append(time.perf_counter() - t0)
+    finally:
+        restore()
+    t = {k: statistics.median(v) for k, v in times.items()}
     flops = model_flops_per_token(model, cfg.data.seq_len) * x.size
     parts = {"forward (body + head)": t["forward"],
              "loss": t["forward+loss"] - t["forward"],
@@ -243,13 +252,62 @@ def plot(res: dict, path: str) -> None:
     plt.close(fig)
 
 
+def write_markdown(res: dict, path: str) -> str:
+    """bench.md from bench.json's contents: the wall-clock comparison of the command lines
+    (scripts/bench_wall.py) when present, then the in-process figures."""
+    import bench_wall
+
+    lines = []
+    if res.get("wall_clock"):
+        lines += bench_wall.lines(res["wall_clock"]) + [""]
+    if res.get("page_faults"):
+        lines += bench_wall.fault_lines(res["page_faults"]) + [""]
+    if res.get("variants"):
+        v = res["variants"]
+        lines += [f"In one process, each trainer's own speed report ({res['steps']} steps, "
+                  f"median of {res['repeats']} rounds):", "",
+                  "| variant | positions/s | × mlx_lm | peak GB | × mlx_lm peak |",
+                  "|---|---|---|---|---|"]
+        for name, r in v.items():
+            lines.append(f"| {name} | {r['pos_per_s']:,.0f} | {r['ratio_to_mlx_lm']:.2f} | "
+                         f"{r['peak_gb']:.3f} | {r['peak_ratio_to_mlx_lm']:.2f} |")
+    if res.get("step_profile"):
+        sp = res["step_profile"]
+        bpt = ", ".join(f"{k} {b:,.0f}" for k, b in res["bytes_per_token"].items())
+        lines += ["", f"KD from the sampled cache vs online KD (LoRA): "
+                  f"{res['cache_vs_online_lora']}x; shard reader alone: "
+                  f"{res['loader_batches_per_s']} batches/s vs the trainer's "
+                  f"{res['trainer_batches_per_s']}; teacher pass {res['cache_build_tok_s']:,.0f} "
+                  f"tok/s vs plain teacher forward {res['teacher_forward_tok_s']:,.0f} tok/s "
+                  f"({res['cache_build_ratio']}x); bytes per token: {bpt}.", "",
+                  f"MFU: student full fine-tune {res['full_ft_model_gflops']} model GFLOP/s = "
+                  f"{res['mfu']:.0%} of a {res['matmul_gflops_fp32']} GFLOP/s float32 matmul; "
+                  f"a 4x wider random student ({res['wide_student']['params'] / 1e6:.1f} M "
+                  f"parameters): {res['wide_student']['model_gflops']} GFLOP/s = "
+                  f"{res['wide_student']['mfu']:.0%}.",
+                  "", f"One full fine-tune step, {sp['step_s']} s: " + ", ".join(
+                      f"{k} {s_:.3f} s" for k, s_ in sp["parts_s"].items())
+                  + f"; its matmuls at the measured matmul rate would take "
+                  f"{sp['matmul_at_peak_s']} s."]
+    text = "\n".join(lines) + "\n"
+    with files.atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=3, help="round-robin rounds of all variants")
+    ap.add_argument("--wall-repeats", type=int, default=3,
+                    help="rounds of the wall-clock comparison of the command lines "
+                         "(scripts/bench_wall.py); 0 keeps the one in OUT/bench.json")
     ap.add_argument("--out", default="results")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.steps < 2 or args.repeats < 1 or args.wall_repeats < 0:
+        ap.error("--steps needs at least 2, --repeats at least 1, --wall-repeats at least 0")
     base = load_config(None, ["cache.dir=caches/bench-sample", "data.max_rows=256"]
                        + args.overrides)
     topk = load_config(None, ["cache.dir=caches/bench-topk", "cache.mode=topk",
@@ -316,32 +374,24 @@ def main() -> None:
     })
     res["mfu"] = round(res["full_ft_model_gflops"] / peak, 3)
     res["cache_build_ratio"] = round(res["cache_build_tok_s"] / res["teacher_forward_tok_s"], 3)
-    lines = ["| variant | positions/s | × mlx_lm | peak GB | × mlx_lm peak |",
-             "|---|---|---|---|---|"]
-    for name, r in v.items():
-        lines.append(f"| {name} | {r['pos_per_s']:,.0f} | {r['ratio_to_mlx_lm']:.2f} | "
-                     f"{r['peak_gb']:.3f} | {r['peak_ratio_to_mlx_lm']:.2f} |")
-    sp = res["step_profile"]
-    bpt = ", ".join(f"{k} {b:,.0f}" for k, b in res["bytes_per_token"].items())
-    lines += ["", f"KD from the sampled cache vs online KD (LoRA): {res['cache_vs_online_lora']}x; "
-              f"shard reader alone: {res['loader_batches_per_s']} batches/s vs the trainer's "
-              f"{res['trainer_batches_per_s']}; teacher pass {res['cache_build_tok_s']:,.0f} "
-              f"tok/s vs plain teacher forward {res['teacher_forward_tok_s']:,.0f} tok/s "
-              f"({res['cache_build_ratio']}x); bytes per token: {bpt}.", "",
-              f"MFU: student full fine-tune {res['full_ft_model_gflops']} model GFLOP/s = "
-              f"{res['mfu']:.0%} of a {res['matmul_gflops_fp32']} GFLOP/s float32 matmul; a 4x "
-              f"wider random student ({wide_params / 1e6:.1f} M parameters): "
-              f"{res['wide_student']['model_gflops']} GFLOP/s = {res['wide_student']['mfu']:.0%}.",
-              "", f"One full fine-tune step, {sp['step_s']} s: " + ", ".join(
-                  f"{k} {s_:.3f} s" for k, s_ in sp["parts_s"].items())
-              + f"; its matmuls at the measured matmul rate would take {sp['matmul_at_peak_s']} s."]
+    import bench_wall
+
+    print("== page faults of one step, in a fresh process", flush=True)
+    res["page_faults"] = bench_wall.fresh_page_faults(args.overrides)
+    path = os.path.join(args.out, "bench.json")
+    if args.wall_repeats:
+        print("== wall clock: mlx_lm.lora and mlxdistill train as processes", flush=True)
+        res["wall_clock"] = bench_wall.measure(repeats=args.wall_repeats,
+                                               overrides=args.overrides)
+    elif os.path.exists(path):  # kept from the last run that measured it (it has its date)
+        with open(path) as f:
+            if "wall_clock" in (old := json.load(f)):
+                res["wall_clock"] = old["wall_clock"]
     os.makedirs(args.out, exist_ok=True)
-    files.atomic_json(os.path.join(args.out, "bench.json"), res)
-    with files.atomic_path(os.path.join(args.out, "bench.md")) as tmp:
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    files.atomic_json(path, res)
+    text = write_markdown(res, os.path.join(args.out, "bench.md"))
     plot(res, os.path.join(args.out, "bench.png"))
-    print("\n".join(lines))
+    print(text)
 
 
 if __name__ == "__main__":
