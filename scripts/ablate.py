@@ -88,11 +88,13 @@ def main() -> None:
                                                       f"cache.dir={mix_dir}"]),
                   quiet=True, log=print)
         res = train(cfg, quiet=True, log=print)
+        online = cfg.teacher.mode == "online"
         with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as f:
             tps = [r["tok_per_s"] for r in map(json.loads, f) if "tok_per_s" in r]
-        online = cfg.teacher.mode == "online"
+        m = json.load(open(os.path.join(cfg.cache.dir, "manifest.json"))) if not online else {}
         results[name] = {
             "label": label, "overrides": ov, "iters": cfg.train.iters,
+            "hidden_bytes": 2 * (m.get("hidden_size") or 0) * len(m.get("hidden_resolved") or []),
             "bytes_per_token": None if online else summary(cfg.cache.dir)["bytes_per_token"],
             "train_tok_per_s": round(sum(tps) / len(tps), 1), "wall_s": round(time.time() - t0),
             "teacher": res["teacher"], "before": res["student_before"],
@@ -117,9 +119,8 @@ def main() -> None:
         if name == "plain_ce":
             bpt = "0"
         extra = r["overrides"]
-        if extra.get("cache.hidden_layers"):  # hidden states are stored beside the targets
-            m = json.load(open(os.path.join(extra["cache.dir"], "manifest.json")))
-            bpt += f" + {2 * m['hidden_size'] * len(m['hidden_resolved']):,} hidden"
+        if r.get("hidden_bytes"):  # hidden states are stored beside the targets
+            bpt += f" + {r['hidden_bytes']:,} hidden"
         if extra.get("cache.mix"):
             bpt = f"{len(extra['cache.mix']) + 1} × {bpt}"
         rows.append(f"| {r['label']} | {bpt} | {a['ce']:.3f} | {a['kl']:.3f} | "
