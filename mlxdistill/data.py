@@ -12,13 +12,14 @@ a row predicts token t+1, so `loss_mask[t]` says whether the *next* token is tra
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+from . import files
 
 
 class DataError(ValueError):
@@ -49,11 +50,7 @@ class Packed:
 
 
 def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return files.sha256_file(path)
 
 
 def read_jsonl(path: str, valid, expected: str, what: str = "dataset") -> list[dict]:
