@@ -19,16 +19,14 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from . import data as data_mod
-from . import files, models
-# Shard checks and target sampling live in their own modules; their names stay importable
-# from here, where callers of the cache look for them.
-from .shards import (CacheError, check_contents, check_free_space, check_header,  # noqa: F401
-                     estimate_bytes, expected_tensors, id_dtype)
-from .targets import (merge_ids, sample_targets, tail_logprob, top1_weights,  # noqa: F401
-                      topk_targets)
+from . import files, models, surgery
 from .config import Config, ConfigError
 from .distributed import World
 from .progress import Progress
+from .resume import refuse_changed
+from .shards import (CacheError, check_contents, check_free_space, check_header,
+                     expected_tensors, id_dtype)
+from .targets import from_logits, top1_weights
 
 # 2: top-k shards hold the teacher's tail log-mass (tail_logprob, from its logits), and the
 # teacher fingerprint hashes the weights' content (format 1's saw file names and sizes only).
@@ -42,10 +40,6 @@ def target_keys(manifest: dict) -> list[str]:
     """Per-position teacher tensors of a cache: its distribution, then any hidden states."""
     return list(TARGET_KEYS[manifest["mode"]]) + [
         f"hidden.{layer}" for layer in manifest.get("hidden_resolved") or []]
-
-
-def shard_sha256(path: str) -> str:
-    return data_mod.file_sha256(path)
 
 
 # ---------------------------------------------------------------- manifest
@@ -84,7 +78,7 @@ def config_identity(cfg: Config) -> dict:
         "teacher_fingerprint": models.model_fingerprint(cfg.teacher.model),
         "mode": c.mode, "n": c.n if c.mode == "sample" else None,
         "k": c.k if c.mode == "topk" else None, "temperature": c.temperature,
-        "seq_len": cfg.data.seq_len, "dataset_sha256": data_mod.file_sha256(cfg.data.train),
+        "seq_len": cfg.data.seq_len, "dataset_sha256": files.sha256_file(cfg.data.train),
         "max_rows": cfg.data.max_rows, "mask_prompt": cfg.data.mask_prompt, "seed": c.seed,
         "shard_rows": c.shard_rows, "hidden_layers": list(c.hidden_layers),
         "long_lines": cfg.data.long_lines, "keep_top1": c.keep_top1 and c.mode == "sample",
@@ -93,17 +87,20 @@ def config_identity(cfg: Config) -> dict:
 
 
 def check_compatible(manifest: dict, want: dict, cache_dir: str) -> None:
-    for key in IDENTITY_KEYS:
-        if key in want and manifest.get(key) != want[key]:
-            raise CacheError(
-                f"cache {cache_dir} was built with {key}={manifest.get(key)!r} "
-                f"but this config needs {want[key]!r}; point cache.dir elsewhere or delete "
-                "the cache")
+    """Refuse a cache whose manifest disagrees with `want` on an identity key (the first in
+    IDENTITY_KEYS order is named; a key the manifest lacks reads as None)."""
+    keys = [key for key in IDENTITY_KEYS if key in want]
+    refuse_changed(
+        {key: manifest.get(key) for key in keys}, want, keys=keys, error=CacheError,
+        message=lambda key, was, now: (
+            f"cache {cache_dir} was built with {key}={was!r} but this config needs {now!r}; "
+            "point cache.dir elsewhere or delete the cache"))
 
 
 # ---------------------------------------------------------------- writer
 
-def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = None) -> dict:
+def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = None,
+          teacher: Optional[models.Lazy] = None) -> dict:
     """Run the teacher over data.train and write the cache; resumes a killed build.
 
     Under `mlx.launch` the ranks take the missing shards round-robin and write them into the
@@ -115,15 +112,13 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
         quiet, log = True, (lambda m: None)  # rank 0 reports for all
     c = cfg.cache
     files.check_dir(c.dir, "cache.dir")  # before the teacher is loaded
-    teacher, ttok, tcfg = models.load_role(cfg, "teacher")
+    teacher, ttok, tcfg = (teacher or models.Lazy(cfg, "teacher")).get()
     scfg, stok = models.load_meta(cfg.student.model, "student")
-    match = models.check_vocab(ttok, tcfg, stok, scfg)
-    models.check_seq_len(cfg.data.seq_len, tcfg, "teacher")
-    models.check_seq_len(cfg.data.seq_len, scfg, "student")
+    match = models.check_pair(ttok, tcfg, stok, scfg, cfg.data.seq_len)
     if c.mode == "topk" and c.k > match.vocab_size:
         raise ConfigError(f"cache.k={c.k} exceeds the vocabulary size {match.vocab_size}")
-    hidden = models.resolve_layers(c.hidden_layers, models.num_layers(teacher),
-                                   "cache.hidden_layers")
+    hidden = surgery.resolve_layers(c.hidden_layers, surgery.num_layers(teacher),
+                                    "cache.hidden_layers")
 
     want = {**config_identity(cfg), "tokenizer_fingerprint": match.fingerprint,
             "vocab_size": match.vocab_size}
@@ -136,7 +131,7 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
         check_compatible(manifest, want, c.dir)
     else:
         manifest = {**want, "teacher": cfg.teacher.model, "dataset": cfg.data.train,
-                    "teacher_layers": models.num_layers(teacher), "hidden_resolved": hidden,
+                    "teacher_layers": surgery.num_layers(teacher), "hidden_resolved": hidden,
                     "hidden_size": int(tcfg.get("hidden_size", 0)) or None,
                     "shards": [], "complete": False}
     # Every rank follows rank 0's view of the cache.
@@ -171,7 +166,7 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
                        for i in todo[world.rank::world.size]),
                    f"teacher pass ({c.mode})", "tok", quiet)
     forward = models.logits_fn(teacher, match.vocab_size)
-    captured, _ = models.capture_layers(teacher, hidden)
+    captured = surgery.capture_layers(teacher, hidden)
     idt = id_dtype(match.vocab_size)
     t0 = time.time()
     pending: list[dict] = []  # this rank's shard records not yet in the manifest
@@ -190,19 +185,9 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
         rng = np.random.default_rng([c.seed, i])  # per shard: a resume redraws identically
         for b in range(lo, hi, c.batch_size):
             x = mx.array(packed.input_ids[b:min(b + c.batch_size, hi)])
-            logits = forward(x).astype(mx.float32)
-            if c.temperature != 1.0:  # no second [B, L, V] copy at the default T = 1
-                logits = logits / c.temperature
-            if c.mode == "topk":
-                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-                ids, lp = topk_targets(logprobs, c.k)
-                outs["ids"].append(ids.astype(idt))
-                outs["logprobs"].append(lp)
-                outs["tail_logprob"].append(tail_logprob(logprobs, ids))
-            else:
-                ids, counts = sample_targets(logits, c.n, rng, c.keep_top1)
-                outs["ids"].append(ids.astype(idt))
-                outs["counts"].append(counts)
+            got = from_logits(forward(x), c.mode, c.n, c.k, c.temperature, rng, c.keep_top1)
+            for key, value in got.items():
+                outs[key].append(value.astype(idt) if key == "ids" else value)
             for layer in hidden:
                 outs[f"hidden.{layer}"].append(np.asarray(captured[layer].astype(mx.float16)))
             bar.update(x.shape[0], units=x.size)
@@ -210,7 +195,7 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
         name = f"shard-{i:05d}.safetensors"
         with files.atomic_path(os.path.join(c.dir, name)) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp)
-            sha = shard_sha256(tmp)
+            sha = files.sha256_file(tmp)
         pending.append({"index": i, "file": name, "rows": hi - lo, "sha256": sha})
     bar.close()
     if todo_rows and world.main:
@@ -292,7 +277,7 @@ class ShardReader:
             stamp = [st.st_size, st.st_mtime_ns, s["sha256"]]
             if seen.get(s["file"]) == stamp:
                 continue
-            if shard_sha256(path) != s["sha256"]:
+            if files.sha256_file(path) != s["sha256"]:
                 raise CacheError(f"shard {path} does not match its sha256 in the manifest "
                                  "(corrupt or altered); delete it and rerun `mlxdistill cache`")
             seen[s["file"]] = stamp
@@ -412,3 +397,23 @@ def summary(cache_dir: str) -> dict:
         "keep_top1": bool(m.get("keep_top1")),
         "verified": True,
     }
+
+
+def ensure(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = None,
+           teacher: Optional[models.Lazy] = None) -> "ShardReader":
+    """The verified cache of `cfg`, built first if missing or incomplete. Under several ranks
+    all of them run the teacher (rank 0's view of the cache decides), and rank 0 verifies
+    the shards before the others, which then find them already verified."""
+    world = world or World(cfg.run.dist_timeout)
+    mpath = os.path.join(cfg.cache.dir, MANIFEST)
+    need = world.main and (not os.path.exists(mpath)
+                           or not read_manifest(cfg.cache.dir).get("complete"))
+    if world.bcast(need, "checking the cache"):
+        build(cfg, quiet=quiet, log=log, world=world, teacher=teacher)
+    if not world.main:
+        world.barrier("rank 0's cache verification")
+    reader = ShardReader(cfg.cache.dir)
+    if world.main:
+        world.barrier("rank 0's cache verification")
+    check_compatible(reader.manifest, config_identity(cfg), cfg.cache.dir)
+    return reader

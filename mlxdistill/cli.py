@@ -1,5 +1,9 @@
 """`mlxdistill` command line: parse, call one function, print. User errors exit 2 with one
-line on stderr; an interrupted job says how to resume."""
+line on stderr; an interrupted job says how to resume.
+
+Each command imports what it runs inside its own function, on purpose: most modules pull in
+mlx (and mlx_lm), and `mlxdistill --help` should not wait for them. Only light modules are
+imported here."""
 
 from __future__ import annotations
 
@@ -10,23 +14,9 @@ import sys
 
 import click
 
-from . import BLAS
-
-
-def _user_errors() -> tuple:
-    from .cache import CacheError
-    from .config import ConfigError
-    from .data import DataError
-    from .files import PathError
-    from .models import ModelError
-
-    return (ConfigError, DataError, CacheError, ModelError, PathError)
-
-
-def _rank_lost() -> type:
-    from .distributed import DistributedError
-
-    return DistributedError
+from . import BLAS, errors
+from .fallback import TARGET_QUALITY
+from .files import os_error_message
 
 
 def _log(quiet: bool):
@@ -44,14 +34,9 @@ def guarded(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except _user_errors() as e:
+        except errors.Error as e:  # exit 2; distributed.EXIT_CODE when another rank failed
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except _rank_lost() as e:  # another rank died or hung: stop, saying so
-            from .distributed import EXIT_CODE
-
-            click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_CODE)
+            sys.exit(e.exit_code)
         except FloatingPointError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(3)
@@ -59,8 +44,6 @@ def guarded(fn):
             click.echo(f"error: {e.filename or e}: file not found", err=True)
             sys.exit(2)
         except OSError as e:  # disk full, read-only or forbidden directory: fixable by the user
-            from .files import os_error_message
-
             msg = os_error_message(e)
             if msg is None:
                 raise
@@ -120,10 +103,9 @@ def train(config_path, quiet, overrides):
 
     OVERRIDES are KEY=VALUE pairs such as train.iters=200 loss.alpha=0.5; `mlxdistill
     config` lists every key with its default and meaning."""
-    from .trainer import train as run_train
+    from . import api
 
-    cfg = _load(config_path, overrides)
-    run_train(cfg, quiet=quiet, log=_log(quiet))
+    api.train(_load(config_path, overrides), quiet=quiet, log=_log(quiet))
 
 
 @main.command()
@@ -133,15 +115,9 @@ def train(config_path, quiet, overrides):
 @guarded
 def cache(config_path, quiet, overrides):
     """Run the teacher over data.train and write the cache (resumes a killed pass)."""
-    from .cache import build
-    from .distributed import World
+    from . import api
 
-    cfg = _load(config_path, overrides)
-    world = World(cfg.run.dist_timeout)
-    log = _log(quiet or not world.main)  # rank 0 reports for all
-    log(world.describe())
-    m = build(cfg, quiet=quiet, log=log, world=world)
-    log(f"cache {cfg.cache.dir}: {m['rows']} rows, {m['tokens']} tokens, mode {m['mode']}")
+    api.build_cache(_load(config_path, overrides), quiet=quiet, log=_log(quiet))
 
 
 @main.command()
@@ -151,9 +127,9 @@ def cache(config_path, quiet, overrides):
 @guarded
 def generate(config_path, quiet, overrides):
     """Teacher-written answers for generate.prompts -> generate.out (resumes)."""
-    from .generate import generate as run_generate
+    from . import api
 
-    run_generate(_load(config_path, overrides), quiet=quiet, log=_log(quiet))
+    api.generate(_load(config_path, overrides), quiet=quiet, log=_log(quiet))
 
 
 @main.command("eval")
@@ -164,9 +140,9 @@ def generate(config_path, quiet, overrides):
 @guarded
 def eval_cmd(run_dir, data_path, as_json):
     """Evaluate RUN_DIR's student against its teacher (writes RUN_DIR/eval.json)."""
-    from .evaluate import evaluate_run
+    from . import api
 
-    res = evaluate_run(run_dir, data_path, quiet=as_json, log=click.echo)
+    res = api.evaluate(run_dir, data_path, quiet=as_json, log=click.echo)
     if as_json:
         click.echo(json.dumps(res, indent=2))
 
@@ -177,9 +153,9 @@ def eval_cmd(run_dir, data_path, as_json):
 @guarded
 def inspect(cache_dir, as_json):
     """Summarise and fully verify a teacher cache."""
-    from .cache import summary
+    from . import api
 
-    s = summary(cache_dir)
+    s = api.inspect_cache(cache_dir)
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -200,17 +176,16 @@ def inspect(cache_dir, as_json):
 @click.option("--tune-lr", type=float, default=1e-5, show_default=True)
 @click.option("--gguf", is_flag=True, help="Also write a float16 GGUF file (llama, mistral, "
               "mixtral; 16 bits only).")
-@click.option("--target-quality", type=float, default=0.9, show_default=True,
+@click.option("--target-quality", type=float, default=TARGET_QUALITY, show_default=True,
               help="Cloud fallback: fraction of the teacher's quality the student + teacher "
                    "system must keep; sets the deferral threshold in the model card.")
 @guarded
 def export(run_dir, out, bits, group_size, force, tune_iters, tune_lr, gguf, target_quality):
     """Fuse, optionally quantize and verify RUN_DIR's student into OUT."""
-    from .export import export_run
+    from . import api
 
-    export_run(run_dir, out, bits, group_size, force, log=click.echo,
-               tune_iters=tune_iters, tune_lr=tune_lr, gguf=gguf,
-               target_quality=target_quality)
+    api.export(run_dir, out, bits, group_size, force, log=click.echo, tune_iters=tune_iters,
+               tune_lr=tune_lr, gguf=gguf, target_quality=target_quality)
 
 
 @main.command()
@@ -229,7 +204,8 @@ def profile(model_or_run, bits, prompt_tokens, gen_tokens, repeats, group_size, 
             as_json):
     """Latency, memory and fidelity per precision, projected onto target devices."""
     from .config import ConfigError
-    from .profile import format_report, run_profile
+    from . import api
+    from .profile import format_report
 
     try:
         bits_list = [int(b) for b in bits.split(",") if b.strip()]
@@ -237,7 +213,7 @@ def profile(model_or_run, bits, prompt_tokens, gen_tokens, repeats, group_size, 
         raise ConfigError(f"--bits {bits!r} must be a comma-separated list such as 16,8,4") \
             from None
     log = (lambda m: None) if as_json else click.echo
-    rep = run_profile(model_or_run, bits_list, prompt_tokens, gen_tokens, repeats, group_size,
+    rep = api.profile(model_or_run, bits_list, prompt_tokens, gen_tokens, repeats, group_size,
                       out_dir, log=log)
     click.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
 
@@ -255,9 +231,10 @@ def profile(model_or_run, bits, prompt_tokens, gen_tokens, repeats, group_size, 
 @guarded
 def plan(config_path, probe, memory_gb, mac, as_json, overrides):
     """Will CONFIG fit? Peak memory of the teacher pass and training, cache size, time."""
-    from .plan import format_plan, plan as make_plan
+    from . import api
+    from .plan import format_plan
 
-    p = make_plan(_load(config_path, overrides), probe=probe,
+    p = api.plan(_load(config_path, overrides), probe=probe,
                   memory_bytes=int(memory_gb * (1 << 30)) if memory_gb else None,
                   metal=True if mac else None)
     click.echo(json.dumps(p, indent=2) if as_json else format_plan(p))

@@ -13,11 +13,15 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import Error
+from .files import atomic_path
+from .losses import DIVERGENCES
+
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(PROJECT_ROOT, "configs", "default.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(Error):
     """A user error in a config file or override; the message is one line."""
 
 
@@ -154,8 +158,7 @@ class CacheConfig:
                f"cache.batch_size={self.batch_size!r} must be a positive integer")
 
 
-LOSSES = ("forward_kl", "reverse_kl", "jsd", "symmetric_kl", "skew_kl", "skew_reverse_kl",
-          "tvd")
+LOSSES = tuple(DIVERGENCES)  # the loss names, in losses.py's order
 
 
 @dataclass(frozen=True)
@@ -447,7 +450,5 @@ def _anchor_embedded_paths(cfg: Config) -> Config:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    from .files import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

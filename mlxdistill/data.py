@@ -19,10 +19,10 @@ from typing import Optional
 
 import numpy as np
 
-from . import files
+from .errors import Error
 
 
-class DataError(ValueError):
+class DataError(Error):
     """A user error in a dataset file; the message is one line."""
 
 
@@ -47,10 +47,6 @@ class Packed:
     @property
     def rows(self) -> int:
         return self.input_ids.shape[0]
-
-
-def file_sha256(path: str) -> str:
-    return files.sha256_file(path)
 
 
 def read_jsonl(path: str, valid, expected: str, what: str = "dataset") -> list[dict]:

@@ -30,12 +30,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from .errors import Error
+
 DEFAULT_TIMEOUT = 600.0  # seconds; must exceed rank 0's longest solo work (a checkpoint, eval)
 EXIT_CODE = 4  # a rank stopped because another failed (2 is a user error, 3 a diverged loss)
 
 
-class DistributedError(RuntimeError):
-    """Another rank died or stopped answering; the message is one line."""
+class DistributedError(Error, RuntimeError):
+    """Another rank died or stopped answering; the message is one line. Still a
+    RuntimeError (what a failed collective raises), and exits with EXIT_CODE, not 2."""
+
+    exit_code = EXIT_CODE
 
 
 # Launchers' environment variables: only then can init() wait for other processes.

@@ -6,74 +6,23 @@ student was trained on, so a biased objective cannot hide behind agreement.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
-import yaml
 
 from . import data as data_mod
-from . import files, losses, models
-from .config import ConfigError, from_dict
+from . import fallback, files, losses, models
+from .config import Config, ConfigError
+from .plots import plot_deferral
 from .progress import Progress
+from .rundir import RunDir
+from .task import task_accuracy
+from .validation import EVAL_BATCH, score
 
-EVAL_BATCH = 4
 ECE_BINS = 15
-
-
-def _load_run_config(run_dir: str):
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the "
-                          "run.dir of a `mlxdistill train` run")
-    with open(path) as f:
-        cfg = from_dict(yaml.safe_load(f) or {}, source=path)
-    return _anchor_inputs(cfg, run_dir)
-
-
-def _anchor_inputs(cfg, run_dir: str):
-    """A run's config.yaml holds its inputs as `train` was given them: relative paths are
-    valid from the directory it ran in. That directory is the one from which the recorded
-    run.dir leads to this run directory; inputs are looked up there first, so eval, export
-    and profile work from anywhere. A run directory moved since (or an absolute run.dir)
-    leaves them as they are, relative to where the command runs."""
-    rec = os.path.normpath(cfg.run.dir)
-    here = os.path.abspath(run_dir)
-    if os.path.isabs(rec) or rec.startswith(os.pardir):
-        return cfg
-    origin = here
-    for _ in rec.split(os.sep):
-        origin = os.path.dirname(origin)
-    if os.path.join(origin, rec) != here or origin == os.getcwd():
-        return cfg
-
-    def anchor(p):
-        if not p or os.path.isabs(p) or not os.path.exists(os.path.join(origin, p)):
-            return p
-        return os.path.join(origin, p)
-
-    d = cfg.data
-    return dataclasses.replace(
-        cfg,
-        teacher=dataclasses.replace(cfg.teacher, model=anchor(cfg.teacher.model)),
-        student=dataclasses.replace(cfg.student, model=anchor(cfg.student.model)),
-        data=dataclasses.replace(d, train=anchor(d.train), valid=anchor(d.valid),
-                                 test=anchor(d.test)),
-        cache=dataclasses.replace(cfg.cache, dir=anchor(cfg.cache.dir),
-                                  mix=tuple(anchor(m) for m in cfg.cache.mix)))
-
-
-def load_trained_student(run_dir: str, cfg):
-    if os.path.isdir(os.path.join(run_dir, "model")):
-        return models.load(os.path.join(run_dir, "model"), "trained student",
-                           trust_remote_code=cfg.student.trust_remote_code)[0]
-    if os.path.isfile(os.path.join(run_dir, "adapters.safetensors")):
-        return models.load_role(cfg, "student", adapter_path=run_dir)[0]
-    raise ConfigError(f"{run_dir} has neither model/ nor adapters.safetensors; the run did not "
-                      "finish: rerun `mlxdistill train` with the same config to complete it")
 
 
 def _accumulate(stats: dict, key: str, value: mx.array) -> None:
@@ -103,11 +52,10 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
         for name, lp in [("teacher", lp_t)] + [(k, losses.log_softmax(f(x)))
                                                for k, f in s_fwd.items()]:
             st = sums[name]
-            ce, _ = losses.masked_mean(
-                -mx.take_along_axis(lp, mx.maximum(labels, 0)[..., None], -1)[..., 0], mask)
-            _accumulate(st, "ce", ce * n)
+            for key, v in score(lp, labels, mask, None if name == "teacher" else lp_t).items():
+                if key != "tokens":
+                    _accumulate(st, key, v)
             pred = mx.argmax(lp, -1)
-            _accumulate(st, "accuracy", ((pred == labels) * m).sum())
             keep = np.array(mask).reshape(-1)
             conf = np.array(mx.exp(mx.max(lp, -1))).reshape(-1)[keep]
             bins = calib.setdefault(name, np.zeros((3, ECE_BINS)))
@@ -116,8 +64,6 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
             np.add.at(bins[1], idx, conf)
             np.add.at(bins[2], idx, np.array(pred == labels).reshape(-1)[keep])
             if name != "teacher":
-                _accumulate(st, "kl", (losses.dense_kl_pos(lp, lp_t) * m).sum())
-                _accumulate(st, "agree_top1", ((mx.argmax(lp, -1) == top_t) * m).sum())
                 top5 = mx.argpartition(-lp, kth=4, axis=-1)[..., :5]
                 hit = (top5 == top_t[..., None]).any(axis=-1)
                 _accumulate(st, "agree_top5", (hit * m).sum())
@@ -162,8 +108,6 @@ def example_rows(path: str, tokenizer, seq_len: int, mask_prompt: bool):
 
 def per_example(teacher, student, ids: np.ndarray, trained: np.ndarray, vocab: int) -> dict:
     """Per record: the student's confidence signals and both models' next-token accuracy."""
-    from . import fallback
-
     t_fwd, s_fwd = models.logits_fn(teacher, vocab), models.logits_fn(student, vocab)
     out: dict = {k: [] for k in (*fallback.SIGNALS, "student", "teacher", "tokens")}
     for b in range(0, ids.shape[0], EVAL_BATCH):
@@ -183,8 +127,6 @@ def per_example(teacher, student, ids: np.ndarray, trained: np.ndarray, vocab: i
 
 
 def fallback_summary(teacher, student, path: str, tokenizer, cfg, vocab: int) -> dict:
-    from . import fallback
-
     ids, trained = example_rows(path, tokenizer, cfg.data.seq_len, cfg.data.mask_prompt)
     res = fallback.summarize(per_example(teacher, student, ids, trained, vocab))
     res["data"] = path
@@ -205,19 +147,26 @@ def retention(res: dict) -> dict:
 
 
 def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = False,
-                 log=print, write: bool = True) -> dict:
-    cfg = _load_run_config(run_dir)
+                 log=print, write: bool = True, cfg: Optional[Config] = None,
+                 teacher: Optional[models.Lazy] = None) -> dict:
+    """Teacher, student before and student after on `data_path` (default: the run's
+    data.test): the table, task accuracy when the records carry answers, and the
+    cloud-fallback curve; written to eval.json unless `write` is False. `cfg` and `teacher`
+    let `train` pass what it already holds (its config, a teacher it kept in memory)."""
+    run = RunDir(run_dir)
+    cfg = cfg or run.load_config()
+    teacher = teacher or models.Lazy(cfg, "teacher")
     path = data_path or cfg.data.test or cfg.data.valid
     if not path:
         raise ConfigError("no evaluation data: set data.test in the config or pass --data")
     if write:  # what eval writes, checked before the models are loaded
         fix = "move it away and run eval again"
-        files.check_file(os.path.join(run_dir, "eval.json"), "eval output", fix)
-        files.check_dir(os.path.join(run_dir, "plots"), "eval output", fix)
-    teacher, ttok, tcfg = models.load_role(cfg, "teacher")
+        files.check_file(run.eval_json, "eval output", fix)
+        files.check_dir(run.plots, "eval output", fix)
+    teacher, ttok, tcfg = teacher.get()
     before, stok, scfg = models.load_role(cfg, "student")
-    match = models.check_vocab(ttok, tcfg, stok, scfg)
-    after = load_trained_student(run_dir, cfg)
+    match = models.check_pair(ttok, tcfg, stok, scfg, cfg.data.seq_len)
+    after = run.load_student(cfg)
     packed = data_mod.pack(path, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
                            packing=cfg.data.packing)
     res = compare(teacher, {"student_before": before, "student_after": after}, packed,
@@ -225,8 +174,6 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
     res["retention"] = retention(res)
     res["data"] = path
     # Task accuracy: when the records carry reference answers, each model answers greedily.
-    from .task import task_accuracy
-
     task = task_accuracy({"teacher": teacher, "student_before": before,
                           "student_after": after}, ttok, path, cfg.generate)
     if task is not None:
@@ -234,10 +181,8 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
     # Cloud fallback: per-query confidence of the trained student and the deferral curve.
     res["fallback"] = fallback_summary(teacher, after, path, ttok, cfg, match.vocab_size)
     if write:
-        files.atomic_json(os.path.join(run_dir, "eval.json"), res)
-        from .plots import plot_deferral
-
-        plot_deferral(res["fallback"], os.path.join(run_dir, "plots", "deferral.png"))
+        files.atomic_json(run.eval_json, res)
+        plot_deferral(res["fallback"], os.path.join(run.plots, "deferral.png"))
     if not quiet:
         log(format_table(res))
     return res

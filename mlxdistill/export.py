@@ -10,10 +10,10 @@ compares its logits with the model that was evaluated, on fixed rows of held-out
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
-import shutil
 from typing import Optional
 
 import mlx.core as mx
@@ -21,16 +21,20 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from . import data as data_mod
+from . import fallback, files, losses, models, saving
+from .fallback import TARGET_QUALITY
 from . import gguf as gguf_mod
-from . import files, losses, models
+from .cache import ShardReader
 from .config import ConfigError
+from .evaluate import example_rows, per_example
+from .rundir import RunDir
+from .shards import CacheError
+from .step import to_arrays
 
 BITS = (16, 8, 4)
-GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
 ROUND_TRIP_ROWS = 4
 TUNE_EVAL_ROWS = 8
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
-TARGET_QUALITY = 0.9  # default cloud-fallback target: 90 % of the teacher's quality
 
 
 def fuse_adapters(model) -> int:
@@ -104,7 +108,6 @@ def tune_quantized(model, reader, vocab: int, iters: int, lr: float, batch_size:
     on a CPU far faster than the quantized kernels (no fast path there)."""
     import mlx.optimizers as optim
 
-    from .trainer import to_arrays
 
     qmods = {name: m for name, m in model.named_modules() if _tunable(m)}
     if not qmods:
@@ -226,8 +229,6 @@ def model_card(run_dir: str, base: str, bits: int, rt: dict, ev: Optional[dict],
 def _fallback(cfg, folder: str, tok, vocab: int, target: float) -> Optional[dict]:
     """The cloud-fallback threshold measured on the exported model itself: its confidence
     is what the app will compare with the threshold, and quantization shifts it."""
-    from . import fallback
-    from .evaluate import example_rows, per_example
     from mlx_lm.utils import load as mlx_load
 
     held = cfg.data.test or cfg.data.valid
@@ -248,27 +249,21 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
                target_quality: float = TARGET_QUALITY) -> dict:
     from mlx_lm.utils import save_config, save_model
 
-    from .evaluate import _load_run_config, load_trained_student
-
-    if bits not in BITS:
-        raise ConfigError(f"--bits {bits} is not supported; use one of 16, 8, 4")
-    if group_size not in GROUP_SIZES:
-        raise ConfigError(f"--group-size {group_size} is not supported by MLX's quantization; "
-                          f"use one of {', '.join(map(str, GROUP_SIZES))}")
+    saving.check_quant(bits, group_size, BITS)
     if not 0.0 < target_quality <= 1.0:
         raise ConfigError(f"--target-quality {target_quality} must be a fraction of the "
                           "teacher's quality in (0, 1], e.g. 0.9")
     _check_out(out, force)
-    cfg = _load_run_config(run_dir)
-    src = os.path.join(run_dir, "model") if os.path.isdir(os.path.join(run_dir, "model")) \
-        else cfg.student.model
+    run = RunDir(run_dir)
+    cfg = run.load_config()
+    src = run.model if os.path.isdir(run.model) else cfg.student.model
     config, tok = models.load_meta(src, "student")
     config = dict(config)
     # The tokenizer files come from the student itself (training never changes them).
-    tok_src = models.local_folder(cfg.student.model) or src
+    tok_src = saving.local_folder(cfg.student.model) or src
     if gguf:
         gguf_mod.check(config, bits, tok_src)  # before any compute
-    model = load_trained_student(run_dir, cfg)
+    model = run.load_student(cfg)
     vocab = models.logits_size(config)
     nfused = fuse_adapters(model)
     model.eval()
@@ -287,52 +282,50 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
     model.set_dtype(mx.float16)
     config["torch_dtype"] = "float16"
     if bits < 16:
-        model, config = models.quantize(model, config, group_size, bits)
+        model, config = saving.quantize(model, config, group_size, bits)
         if tune_iters > 0:
             tuning = _tune(cfg, model, tok, vocab, tune_iters, tune_lr, log)
     config.pop("quantization_config", None)
 
-    tmp = out.rstrip("/") + ".tmp"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_model(tmp, model)
-    except OSError as e:
-        raise ConfigError(f"cannot write the export to {out}: {e.strerror or e}; choose a "
-                          "writable -o folder") from None
-    save_config(config, os.path.join(tmp, "config.json"))
-    models.copy_tokenizer(tok, tok_src, tmp)
-    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(tmp, f))]
-    if missing:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"the student's tokenizer could not be written as {missing}; MLX Swift "
-                          "needs tokenizer.json: convert the tokenizer with transformers first")
-    try:
+    # Everything is written into a temporary folder that replaces `out` as a whole only once
+    # it is complete and checked (a non-empty `out` only with --force: _check_out), and is
+    # removed if anything fails on the way. atomic_dir also gives the files the umask's
+    # mode: MLX writes its files 0644 whatever the umask allows.
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(files.atomic_dir(out))  # creating it can fail too
+            save_model(tmp, model)
+        except OSError as e:
+            raise ConfigError(f"cannot write the export to {out}: {e.strerror or e}; choose a "
+                              "writable -o folder") from None
+        save_config(config, os.path.join(tmp, "config.json"))
+        saving.copy_tokenizer(tok, tok_src, tmp)
+        missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(tmp, f))]
+        if missing:
+            raise ConfigError(f"the student's tokenizer could not be written as {missing}; MLX "
+                              "Swift needs tokenizer.json: convert the tokenizer with "
+                              "transformers first")
         gguf_rep = gguf_mod.write(model, config, tok, tmp) if gguf else None
-    except ConfigError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
-    # Round trip against the float32 reference, before the folder takes its final name.
-    # 16-bit must give the same top-1 at every position; quantized agreement is reported.
-    rt = round_trip(ref_logits, tmp, rows, vocab)
-    rt["check"] = ("pass" if rt["top1_agreement"] == 1.0 else "FAIL") if bits == 16 \
-        else "reported"
-    fb = _fallback(cfg, tmp, tok, vocab, target_quality)
-    ev_path = os.path.join(run_dir, "eval.json")
-    ev = json.load(open(ev_path)) if os.path.exists(ev_path) else None
-    prof = _profile_rows(run_dir, bits)
-    report = {"run_dir": run_dir, "bits": bits, "group_size": group_size if bits < 16 else None,
-              "fused_layers": nfused, "round_trip": rt, "tuning": tuning, "gguf": gguf_rep,
-              "fallback": fb, "profile": prof,
-              "files": sorted(os.listdir(tmp)) + ["README.md", "export.json"],
-              "size_bytes": sum(os.path.getsize(p) for p in glob.glob(os.path.join(tmp, "*")))}
-    with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(model_card(run_dir, cfg.teacher.model, bits, rt, ev, fb, tuning, prof))
-    with open(os.path.join(tmp, "export.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    files.follow_umask(tmp)  # MLX writes its files 0644 whatever the umask allows
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+        # Round trip against the float32 reference, before the folder takes its final name.
+        # 16-bit must give the same top-1 at every position; quantized agreement is reported.
+        rt = round_trip(ref_logits, tmp, rows, vocab)
+        rt["check"] = ("pass" if rt["top1_agreement"] == 1.0 else "FAIL") if bits == 16 \
+            else "reported"
+        fb = _fallback(cfg, tmp, tok, vocab, target_quality)
+        ev = json.load(open(run.eval_json)) if os.path.exists(run.eval_json) else None
+        prof = _profile_rows(run_dir, bits)
+        report = {"run_dir": run_dir, "bits": bits,
+                  "group_size": group_size if bits < 16 else None,
+                  "fused_layers": nfused, "round_trip": rt, "tuning": tuning, "gguf": gguf_rep,
+                  "fallback": fb, "profile": prof,
+                  "files": sorted(os.listdir(tmp)) + ["README.md", "export.json"],
+                  "size_bytes": sum(os.path.getsize(p)
+                                    for p in glob.glob(os.path.join(tmp, "*")))}
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(run_dir, cfg.teacher.model, bits, rt, ev, fb, tuning, prof))
+        with open(os.path.join(tmp, "export.json"), "w") as f:
+            json.dump(report, f, indent=2)
     log(f"exported {run_dir} -> {out} ({bits}-bit, {report['size_bytes'] / 1e6:.1f} MB); "
         f"round trip: top-1 agreement {rt['top1_agreement']}, max |Δlogit| "
         f"{rt['max_abs_logit_diff']}")
@@ -344,7 +337,7 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
 
 def _profile_rows(run_dir: str, bits: int) -> Optional[list]:
     """The student's rows at `bits` from RUN_DIR/profile/profile.json, if it was profiled."""
-    path = os.path.join(run_dir, "profile", "profile.json")
+    path = os.path.join(RunDir(run_dir).profile, "profile.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -356,7 +349,6 @@ def _profile_rows(run_dir: str, bits: int) -> Optional[list]:
 def _tune(cfg, model, tok, vocab: int, iters: int, lr: float, log) -> dict:
     """Tune a quantized student against the run's teacher cache; KL to the live teacher on
     held-out rows before and after says whether it helped."""
-    from .cache import CacheError, ShardReader
 
     if cfg.teacher.mode != "cache":
         raise ConfigError("quantization tuning reads the run's teacher cache; this run used "

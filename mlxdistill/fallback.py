@@ -26,6 +26,7 @@ SIGNALS = {
               "its two most likely next tokens",
 }
 QUALITY = "next-token accuracy against the reference text, averaged per example"
+TARGET_QUALITY = 0.9  # default target (`export --target-quality`): 90 % of the teacher's quality
 
 
 def deferral_curve(conf, q_student, q_teacher) -> dict:

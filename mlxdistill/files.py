@@ -21,13 +21,15 @@ import stat
 import time
 from typing import Iterator
 
+from .errors import Error
+
 # Errors that mean "the disk is full" whatever the filesystem reports: no space, quota, or a
 # file-size limit (RLIMIT_FSIZE) hit mid-write.
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-class PathError(ValueError):
+class PathError(Error):
     """A path that cannot be used as asked: one read from a file that points outside the
     directory it must stay in, or an output path where a file stands for a folder (or the
     reverse). The message is one line."""

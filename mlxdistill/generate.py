@@ -34,9 +34,10 @@ import mlx.core as mx
 
 from . import files, models
 from .config import Config, ConfigError
-from .data import file_sha256, read_jsonl
+from .data import read_jsonl
 from .distributed import World
 from .progress import Progress
+from .resume import first_difference, refuse_changed
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -156,6 +157,7 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
     gives rank r the r-th batch of prompts; rank 0 gathers the answers and writes them in
     prompt order. A batch's seed depends only on its position, so the file is the same for
     any number of ranks, and a resume may even use another number."""
+    # mlx_lm here, not at the top: it takes about a second to import (transformers)
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
@@ -170,7 +172,7 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
     identity = {"teacher": cfg.teacher.model,
                 "teacher_fingerprint": models.model_fingerprint(cfg.teacher.model),
                 # the prompts' content too: an edited file at the same path is not "done"
-                "prompts": g.prompts, "prompts_sha256": file_sha256(g.prompts), "n": g.n,
+                "prompts": g.prompts, "prompts_sha256": files.sha256_file(g.prompts), "n": g.n,
                 "max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p,
                 "verifier": g.verifier, "system": g.system, "batch_size": g.batch_size,
                 "seed": g.seed}
@@ -189,15 +191,15 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
         if os.path.exists(g.out) and os.path.exists(mpath):
             with open(mpath) as f:
                 done_manifest = json.load(f)
-            if done_manifest.get("settings") == identity:
+            if first_difference(done_manifest.get("settings"), identity) is None:
                 finished = done_manifest
         if finished is None:
             if os.path.exists(ppath) and os.path.exists(partial):
                 with open(ppath) as f:
                     old = json.load(f)
-                if old.get("settings") != identity:
-                    raise ConfigError(f"{partial} was started with other settings; delete it "
-                                      f"and {ppath} or restore the settings")
+                refuse_changed(old.get("settings"), identity, message=lambda *_: (
+                    f"{partial} was started with other settings; delete it and {ppath} or "
+                    "restore the settings"))
                 prog = old
                 log(f"resuming {g.out}: {prog['done']}/{len(prompts)} prompts done")
             os.makedirs(os.path.dirname(os.path.abspath(g.out)), exist_ok=True)

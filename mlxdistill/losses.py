@@ -9,11 +9,25 @@ over the positions whose mask is 1; a batch with no trained position gives 0, no
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 _EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class KD:
+    """The distillation term's settings, fixed for a run (built from `cfg.loss`): the
+    divergence `name` (a key of DIVERGENCES), the temperature T, `beta` (JSD's mixture
+    weight; symmetric KL's share of reverse KL), `skew` (the skewed KLs' mixture weight) and
+    `alpha`, the share of hard-label cross-entropy in the objective."""
+    name: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    skew: float = 0.1
+    alpha: float = 0.0
 
 
 def log_softmax(logits: mx.array, temperature: float = 1.0) -> mx.array:
@@ -172,8 +186,7 @@ DIVERGENCES = {
 }
 
 
-def _per_position(student_logits: mx.array, targets: dict, labels, temperature: float,
-                  name: str, beta: float, skew: float):
+def _per_position(student_logits: mx.array, targets: dict, labels, kd: KD):
     """(KD per position, CE per position or None when labels is None).
 
     Sparse targets never build the student's [B, L, V] log-softmax: the student's log-prob
@@ -182,10 +195,10 @@ def _per_position(student_logits: mx.array, targets: dict, labels, temperature: 
     the same [B, L, V] work as plain cross-entropy, forward and backward. Top-k targets
     remove their ids from one copy of the logits for the student's tail (_topk_lse), whose
     logsumexp then gives the full one."""
-    z = _scaled(student_logits, temperature)
+    z = _scaled(student_logits, kd.temperature)
     sparse = "ids" in targets
     topk = sparse and "logprobs" in targets
-    share = labels is not None and temperature == 1.0
+    share = labels is not None and kd.temperature == 1.0
     cols = [targets["ids"].astype(mx.int32)] if sparse else []
     if share:
         cols.append(mx.maximum(labels, 0).astype(mx.int32)[..., None])
@@ -199,16 +212,16 @@ def _per_position(student_logits: mx.array, targets: dict, labels, temperature: 
         lse = mx.logsumexp(z, axis=-1, keepdims=True)
     at = picked - lse if cols else None
     if "counts" in targets:
-        if name != "forward_kl":
-            raise ValueError(f"loss {name!r} is not defined on sampled targets")
+        if kd.name != "forward_kl":
+            raise ValueError(f"loss {kd.name!r} is not defined on sampled targets")
         per = sampled_kl_pos(at[..., :targets["ids"].shape[-1]], targets["counts"])
     elif topk:
         tail_t = (targets["tail_logprob"][..., None] if "tail_logprob" in targets
                   else teacher_tail(targets["logprobs"]))
-        per = DIVERGENCES[name](*buckets(at[..., :k], targets["logprobs"], rest - lse,
-                                         tail_t), beta, skew)
+        per = DIVERGENCES[kd.name](*buckets(at[..., :k], targets["logprobs"], rest - lse,
+                                            tail_t), kd.beta, kd.skew)
     else:
-        per = DIVERGENCES[name](_log0(targets["logprobs"]), z - lse, beta, skew)
+        per = DIVERGENCES[kd.name](_log0(targets["logprobs"]), z - lse, kd.beta, kd.skew)
     if labels is None:
         return per, None
     ce = -at[..., -1] if share else _ce_pos(student_logits, labels)
@@ -232,8 +245,8 @@ def kd_loss(student_logits: mx.array, targets: dict, mask: mx.array,
     the teacher's log-mass outside the k ids, computed from its logits when the cache was
     written; without it the tail is 1 - sum p in float32) or {"logprobs"} (dense, full
     vocabulary)."""
-    per, _ = _per_position(student_logits, finite_targets(targets, mask), None, temperature,
-                           name, beta, skew)
+    per, _ = _per_position(student_logits, finite_targets(targets, mask), None,
+                           KD(name, temperature, beta, skew))
     loss, ntok = masked_mean(per, mask)
     return loss * (temperature ** 2), ntok
 
@@ -260,28 +273,23 @@ def ce_loss(student_logits: mx.array, labels: mx.array, mask: mx.array) -> tuple
 
 
 def distill_loss(student_logits: mx.array, targets: dict, labels: mx.array, mask: mx.array,
-                 alpha: float = 0.0, temperature: float = 1.0, name: str = "forward_kl",
-                 beta: float = 0.5, skew: float = 0.1):
+                 kd: KD = KD()):
     """(1 - alpha) * KD + alpha * CE -> (loss, ntokens, kd, ce). CE is computed even at
     alpha = 0: it is logged, and shares the KD's logsumexp and gather."""
-    kd, ntok, ce, _ = _kd_and_ce(student_logits, targets, labels, mask, temperature, name,
-                                 beta, skew)
-    return (1.0 - alpha) * kd + alpha * ce, ntok, kd, ce
+    kd_v, ntok, ce, _ = _kd_and_ce(student_logits, targets, labels, mask, kd)
+    return (1.0 - kd.alpha) * kd_v + kd.alpha * ce, ntok, kd_v, ce
 
 
-def _kd_and_ce(student_logits, targets, labels, mask, temperature, name, beta, skew):
+def _kd_and_ce(student_logits, targets, labels, mask, kd: KD):
     """(KD x T^2, its trained tokens, CE, its tokens): masked means of _per_position."""
-    per, ce_per = _per_position(student_logits, finite_targets(targets, mask), labels,
-                                temperature, name, beta, skew)
-    kd, ntok = masked_mean(per, mask)
+    per, ce_per = _per_position(student_logits, finite_targets(targets, mask), labels, kd)
+    kd_v, ntok = masked_mean(per, mask)
     ce, n_ce = masked_mean(ce_per, mask.astype(mx.bool_) & (labels >= 0))
-    return kd * (temperature ** 2), ntok, ce, n_ce
+    return kd_v * (kd.temperature ** 2), ntok, ce, n_ce
 
 
 def chunked_distill_loss(hidden: mx.array, head, head_params, targets: dict,
-                         labels: mx.array, mask: mx.array, chunk: int, alpha: float = 0.0,
-                         temperature: float = 1.0, name: str = "forward_kl", beta: float = 0.5,
-                         skew: float = 0.1):
+                         labels: mx.array, mask: mx.array, chunk: int, kd: KD = KD()):
     """distill_loss from the final hidden states, `chunk` positions at a time, so [B, L, V]
     float32 logits, their log-softmax and its gradient never exist for the whole sequence —
     what bounds memory for 150k-token vocabularies.
@@ -301,9 +309,9 @@ def chunked_distill_loss(hidden: mx.array, head, head_params, targets: dict,
 
     def sums(ls, h, sl):
         logits = head(tree_unflatten(list(zip(names, ls))), h)
-        kd, n, ce, n_ce = _kd_and_ce(logits, {k: v[:, sl] for k, v in targets.items()},
-                                     labels[:, sl], mask[:, sl], temperature, name, beta, skew)
-        return [kd * n, n, ce * n_ce, n_ce]
+        kd_v, n, ce, n_ce = _kd_and_ce(logits, {k: v[:, sl] for k, v in targets.items()},
+                                       labels[:, sl], mask[:, sl], kd)
+        return [kd_v * n, n, ce * n_ce, n_ce]
 
     @mx.custom_function
     def total(*args):
@@ -329,6 +337,6 @@ def chunked_distill_loss(hidden: mx.array, head, head_params, targets: dict,
         return tuple(dls) + (mx.concatenate(dh, axis=1),)
 
     kd_sum, ntok, ce_sum, n_ce = total(*leaves, hidden)
-    kd = kd_sum / mx.maximum(ntok, 1.0)
+    kd_v = kd_sum / mx.maximum(ntok, 1.0)
     ce = ce_sum / mx.maximum(n_ce, 1.0)
-    return (1.0 - alpha) * kd + alpha * ce, ntok, kd, ce
+    return (1.0 - kd.alpha) * kd_v + kd.alpha * ce, ntok, kd_v, ce

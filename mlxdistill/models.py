@@ -1,6 +1,6 @@
-"""Load teacher and student through mlx_lm, check their vocabularies agree, and set the
-student up for full, LoRA or DoRA training (mlx_lm's own layers, so adapters load back in
-`mlx_lm.generate --adapter-path`)."""
+"""Load teacher and student through mlx_lm and check they can be distilled: vocabularies
+that agree, chat templates, context length, and content fingerprints of the weights.
+Changing a loaded model for training is surgery.py's job; writing one, saving.py's."""
 
 from __future__ import annotations
 
@@ -9,19 +9,17 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from . import files
 from .config import ConfigError
+from .errors import Error
 
 
-class ModelError(ValueError):
+class ModelError(Error):
     """A user error about a model folder; the message is one line."""
 
 
@@ -50,7 +48,8 @@ def compute_dtype() -> Optional[mx.Dtype]:
     return mx.float32 if not mx.metal.is_available() else None
 
 
-def _model_files_present(path: str) -> bool:
+def is_model_folder(path: str) -> bool:
+    """A local mlx_lm model folder: config.json and at least one *.safetensors file."""
     return os.path.isfile(os.path.join(path, "config.json")) and bool(
         glob.glob(os.path.join(path, "*.safetensors")))
 
@@ -66,7 +65,7 @@ def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = 
         if not os.path.isdir(path):
             raise ModelError(f"{what} model folder {path} not found; set {what}.model to an "
                              "mlx_lm model folder or a hub id")
-        if not _model_files_present(path):
+        if not is_model_folder(path):
             raise ModelError(f"{what} model folder {path} has no config.json + *.safetensors; "
                              "convert it with `mlx_lm.convert` first")
         try:
@@ -218,9 +217,6 @@ def model_fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
-config_fingerprint = model_fingerprint  # the name scripts import
-
-
 def max_context(config: dict) -> Optional[int]:
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         if isinstance(config.get(key), int):
@@ -235,221 +231,46 @@ def check_seq_len(seq_len: int, config: dict, what: str) -> None:
                           f"{ctx} tokens; lower data.seq_len")
 
 
-def num_layers(model) -> int:
-    return len(model.layers)
+def check_pair(teacher_tok, teacher_cfg: dict, student_tok, student_cfg: dict,
+               seq_len: int) -> VocabMatch:
+    """Everything a teacher and a student must agree on before any compute: one vocabulary
+    (check_vocab) and a context that holds data.seq_len on both sides."""
+    match = check_vocab(teacher_tok, teacher_cfg, student_tok, student_cfg)
+    check_seq_len(seq_len, teacher_cfg, "teacher")
+    check_seq_len(seq_len, student_cfg, "student")
+    return match
 
 
-def capture_layers(model, indices) -> tuple[dict, callable]:
-    """Record the outputs of transformer blocks `indices` in a dict on every forward pass.
-
-    MLX has no forward hooks, and wrapping a block in another module would rename its
-    parameters (breaking checkpoints and mlx_lm loading); so each chosen block's class is
-    swapped for a subclass whose __call__ also stores the output. Returns (store, undo)."""
-    store: dict = {}
-    undo = []
-    for i in indices:
-        layer = model.layers[i]
-        cls = layer.__class__
-
-        def call(self, *args, _cls=cls, _i=i, **kwargs):
-            out = _cls.__call__(self, *args, **kwargs)
-            store[_i] = out[0] if isinstance(out, tuple) else out
-            return out
-
-        layer.__class__ = type(f"Captured{cls.__name__}", (cls,), {"__call__": call})
-        undo.append((layer, cls))
-
-    def restore():
-        for layer, c in undo:
-            layer.__class__ = c
-
-    return store, restore
+def check_student(student_tok, student_cfg: dict, fingerprint: str, vocab: int, seq_len: int,
+                  teacher: str, student: str) -> None:
+    """check_pair for a teacher known only by what a cache recorded of it: its vocabulary
+    fingerprint and size."""
+    check_seq_len(seq_len, student_cfg, "student")
+    fs = vocab_fingerprint(student_tok)
+    if fs != fingerprint:
+        raise ConfigError(f"student {student} has another tokenizer than the teacher {teacher} "
+                          f"(vocabulary fingerprints: teacher {fingerprint[:12]}, student "
+                          f"{fs[:12]}); use a student of the teacher's family")
+    if logits_size(student_cfg) < vocab:
+        raise ConfigError(f"student vocab_size {logits_size(student_cfg)} is below the "
+                          f"teacher's {vocab}")
 
 
-def resolve_layers(indices, n: int, key: str) -> list[int]:
-    """Negative indices count from the end; anything outside the model is a config error."""
-    out = []
-    for i in indices:
-        if not isinstance(i, int) or not -n <= i < n:
-            raise ConfigError(f"{key}: layer {i!r} is out of range for a model with {n} "
-                              f"layers (use 0..{n - 1} or negative from the end)")
-        out.append(i % n)
-    return out
+class Lazy:
+    """The config's teacher or student, loaded on first use and kept until released, so the
+    stages of one command (cache pass, validation targets, evaluation) share one load."""
 
+    def __init__(self, cfg, role: str):
+        self.cfg, self.role, self._loaded = cfg, role, None
 
-def default_layer_map(teacher_layers: list[int], n_teacher: int, n_student: int) -> list[int]:
-    """Student block for each teacher block at the same relative depth."""
-    return [max(0, round((t + 1) * n_student / n_teacher) - 1) for t in teacher_layers]
+    def get(self):
+        """(model, tokenizer, config), as load_role returns them."""
+        if self._loaded is None:
+            self._loaded = load_role(self.cfg, self.role)
+        return self._loaded
 
-
-class Projector(nn.Module):
-    """Learned linear maps from student to teacher hidden width, one per mapped layer."""
-
-    def __init__(self, d_student: int, d_teacher: int, count: int):
-        super().__init__()
-        self.maps = [nn.Linear(d_student, d_teacher, bias=False) for _ in range(count)]
-
-
-def setup_training(model, mode: str, rank: int, layers: int, scale: float,
-                   dropout: float) -> dict:
-    """Freeze/unfreeze for `mode`; returns the adapter_config that mlx_lm reads back."""
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
-    n = num_layers(model) if layers == -1 else min(layers, num_layers(model))
-    params = {"rank": rank, "scale": scale, "dropout": dropout}
-    if mode == "full":
-        model.unfreeze()
-    else:
-        model.freeze()
-        linear_to_lora_layers(model, n, params, use_dora=(mode == "dora"))
-    return {"fine_tune_type": mode, "num_layers": n, "lora_parameters": params}
-
-
-def trainable_count(model) -> int:
-    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-
-
-def adapter_base(base_model: str) -> str:
-    """The base model as adapter_config.json records it: a local folder as an absolute path,
-    valid from any directory (a relative one holds only where the run started); a hub id
-    as itself."""
-    return os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
-
-
-def save_adapters(model, adapter_config: dict, base_model: str, out_dir: str) -> None:
-    """adapters.safetensors + adapter_config.json, as `mlx_lm.lora` writes them."""
-    weights = dict(tree_flatten(model.trainable_parameters()))
-    with files.atomic_path(os.path.join(out_dir, "adapters.safetensors")) as tmp:
-        mx.save_safetensors(tmp, weights)
-    cfg = {**adapter_config, "model": adapter_base(base_model)}
-    files.atomic_json(os.path.join(out_dir, "adapter_config.json"), cfg)
-
-
-TOKENIZER_FILES = ("tokenizer*", "*.model", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template*", "vocab.json", "merges.txt")
-
-
-def local_folder(path: str) -> Optional[str]:
-    """A model folder on disk: `path` itself, or a hub id's cached snapshot (no network)."""
-    if os.path.isdir(path):
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(path, local_files_only=True)
-    except Exception:  # not cached, not a hub id, or no huggingface_hub
-        return None
-
-
-def copy_tokenizer(tokenizer, src_path: str, dst: str) -> None:
-    """The source model's tokenizer files into `dst`, byte for byte. Saving through the
-    installed transformers would rewrite tokenizer_config.json (transformers 5 writes
-    tokenizer_class "TokenizersBackend" and drops add_bos_token), which transformers 4 and
-    swift-transformers, MLX Swift's loader, refuse; transformers writes only the
-    tokenizer.json / tokenizer_config.json that the source lacks."""
-    src = local_folder(src_path)
-    for pattern in TOKENIZER_FILES if src else ():
-        for f in glob.glob(os.path.join(src, pattern)):
-            if os.path.isfile(f):
-                shutil.copyfile(f, os.path.join(dst, os.path.basename(f)))
-    if all(os.path.isfile(os.path.join(dst, f)) for f in ("tokenizer.json",
-                                                           "tokenizer_config.json")):
-        return
-    import tempfile
-
-    with tempfile.TemporaryDirectory(dir=dst) as scratch:
-        tokenizer.save_pretrained(scratch)
-        for name in os.listdir(scratch):
-            if not os.path.exists(os.path.join(dst, name)):
-                shutil.copyfile(os.path.join(scratch, name), os.path.join(dst, name))
-
-
-def save_full_model(model, tokenizer, config: dict, src_path: str, out_dir: str) -> None:
-    """An mlx_lm-loadable folder (weights, config.json, tokenizer), written under a temp name
-    and renamed so a half-written model/ never exists."""
-    from mlx_lm.utils import save_config, save_model
-
-    with files.atomic_dir(out_dir) as tmp:
-        save_model(tmp, model)
-        save_config(dict(config), os.path.join(tmp, "config.json"))
-        copy_tokenizer(tokenizer, src_path, tmp)
-
-
-
-def quantize(model, config: dict, group_size: int, bits: int):
-    """mlx_lm's affine quantization, without its print to stdout (which would corrupt
-    `--json` output)."""
-    import contextlib
-    import io
-
-    from mlx_lm.utils import quantize_model
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return quantize_model(model, config, group_size, bits)
-
-
-def split_head(model, vocab_size: int):
-    """(body, head, head_module) with head(head_module.trainable_parameters(), body(x)) ==
-    model(x)[..., :vocab], or None when the model's
-    structure is not the usual `model.model` + `lm_head` / tied embedding (+ Gemma-2 style
-    soft-capping). Checked on a probe input, so an architecture that computes its logits
-    some other way falls back to the whole-sequence loss instead of training on wrong ones."""
-    inner = getattr(model, "model", None)
-    emb = getattr(inner, "embed_tokens", None)
-    proj = getattr(model, "lm_head", None)
-    args = getattr(model, "args", None)
-    # Some families keep an lm_head next to tied embeddings until weights are loaded.
-    tied = getattr(model, "tie_word_embeddings", getattr(args, "tie_word_embeddings", None))
-    if tied and hasattr(emb, "as_linear"):
-        proj = None
-    if inner is None or (proj is None and not hasattr(emb, "as_linear")):
-        return None
-    cap = getattr(args, "final_logit_softcapping", None)
-
-    def head(h):
-        out = proj(h) if proj is not None else emb.as_linear(h)
-        if cap:
-            out = mx.tanh(out / cap) * cap
-        return out[..., :vocab_size] if out.shape[-1] != vocab_size else out
-
-    probe = mx.array([[1, 2, 3, 4]])
-    training = model.training
-    model.eval()  # no dropout in the comparison
-    try:
-        same = mx.allclose(head(inner(probe)), logits_fn(model, vocab_size)(probe),
-                           atol=1e-4, rtol=1e-4).item()
-    except Exception:  # an inner module with another signature: use the whole model
-        return None
-    finally:
-        model.train(training)
-    module = proj if proj is not None else emb
-
-    def head_with(params, h):
-        module.update(params)  # params arrive through mx.checkpoint: gradients flow to them
-        return head(h)
-
-    return (inner, head_with, module) if same else None
-
-
-def grad_checkpoint(model) -> None:
-    """Recompute each transformer block's activations in the backward pass instead of
-    keeping them. mlx_lm's helper patches the block class for the whole process (every
-    later model of that architecture would be checkpointed too); here each block of this
-    model gets a subclass of its own, as capture_layers does, so nothing else changes."""
-    layers = getattr(getattr(model, "model", model), "layers", None) or getattr(model, "layers")
-    for layer in layers:
-        cls = layer.__class__
-        if getattr(cls, "_checkpointed", False):
-            continue
-
-        def call(self, *args, _cls=cls, **kwargs):
-            def inner(params, *a, **k):
-                self.update(params)
-                return _cls.__call__(self, *a, **k)
-
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-        layer.__class__ = type(cls.__name__, (cls,), {"__call__": call, "_checkpointed": True})
+    def release(self) -> None:
+        self._loaded = None
 
 
 def logits_fn(model, vocab_size: int):

@@ -14,7 +14,8 @@ from typing import Iterator
 import numpy as np
 
 from . import data as data_mod
-from .cache import CacheError, ShardReader
+from .cache import ShardReader
+from .shards import CacheError
 from .targets import merge_ids
 
 # Settings that must agree for the caches to describe the same positions.
@@ -58,16 +59,17 @@ def combine(targets: list[dict], weights: list[float], mode: str = "weights") ->
             sel = pick == t
             ids[sel, : i.shape[-1]] = i[sel]
             p[sel, : q.shape[-1]] = q[sel]
-        residual = np.choose(pick, [r for _, _, r in parts])
     else:
         ids = np.concatenate([i for i, _, _ in parts], -1)
         p = np.concatenate([w * q for w, (_, q, _) in zip(weights, parts)], -1)
         ids, p = merge_ids(ids, p)
-        residual = sum(w * r for w, (_, _, r) in zip(weights, parts))
     if "counts" in targets[0]:
         # Mixture of empirical distributions: weights in place of counts (normalised by
         # the loss), so the sampled estimator stays unbiased for the mixture.
         return {"ids": ids, "counts": p}
+    # Only top-k targets have a residual (the mass outside the cached ids) to mix.
+    residual = (np.choose(pick, [r for _, _, r in parts]) if mode == "confidence"
+                else sum(w * r for w, (_, _, r) in zip(weights, parts)))
     # Empty slots (padding after merging) get -inf: the loss skips them. The tail is each
     # teacher's mass outside its own k ids, mixed like the rest; an id one teacher cached
     # and another did not keeps only the first's share, the other's stays in its tail.

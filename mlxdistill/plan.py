@@ -12,6 +12,7 @@ to check the memory model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -19,12 +20,15 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from . import data as data_mod
 from . import models
 from .config import Config
 from .hubmeta import hub_config
 from .models import ModelError
 from .probe import probe_teacher, probe_training  # the measured side of --probe
+from .shards import id_dtype
 
 GB = 1 << 30
 
@@ -58,7 +62,6 @@ def lazy_model(config: dict, what: str):
     return model_cls(args_cls.from_dict(config))
 
 
-
 @dataclass(frozen=True)
 class ModelShape:
     """What the memory model needs from a config: counts and widths, no weights."""
@@ -85,12 +88,15 @@ def dtype_bytes(config: dict, metal: Optional[bool] = None) -> int:
     """Bytes per float weight as `models.load` leaves them: float32 on CPU (mlx[cpu] has no
     fast half-precision matmul), the checkpoint's own dtype on Metal. `metal` plans for the
     other kind of machine than this one."""
-    if metal is None:
-        metal = models.compute_dtype() is None
-    if not metal:
+    if not _on_metal(metal):
         return 4
     dt = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
     return 4 if "32" in dt else 2
+
+
+def _on_metal(metal: Optional[bool]) -> bool:
+    """Plan for a Mac GPU? `metal` when given, else whether this machine is one."""
+    return models.compute_dtype() is None if metal is None else metal
 
 
 def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = None,
@@ -101,25 +107,21 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
     q = config.get("quantization") or config.get("quantization_config") or {}
     bits, group = (quantize or (q.get("bits"), q.get("group_size") or 64))
     fbytes = dtype_bytes(config, metal)
-    params = wbytes = 0
+    params = wbytes = fused = 0
     lora: dict = {}
-    fused = 0
     seen = set()
     layer_ids = {id(m) for layer in model.layers for _, m in layer.named_modules()}
     for _, m in model.named_modules():
-        own = {k: v for k, v in m.items() if isinstance(v, mx.array)}
-        for k, v in own.items():
-            if id(v) in seen:
+        for k, v in m.items():
+            if not isinstance(v, mx.array) or id(v) in seen:
                 continue
             seen.add(id(v))
             params += v.size
             packable = (k == "weight" and hasattr(m, "to_quantized") and v.ndim == 2
                         and bits and v.shape[-1] % group == 0)
-            if packable:
-                # bits per weight, plus a scale and a bias per group in the float dtype
-                wbytes += v.size * bits // 8 + 2 * (v.size // group) * fbytes
-            else:
-                wbytes += v.size * fbytes
+            # packed: bits per weight, plus a scale and a bias per group in the float dtype
+            wbytes += (v.size * bits // 8 + 2 * (v.size // group) * fbytes if packable
+                       else v.size * fbytes)
         if isinstance(m, (nn.Linear, nn.QuantizedLinear)) and id(m) in layer_ids:
             out_d, in_d = m.weight.shape
             lora[id(m)] = in_d + out_d  # LoRA adds A [in, r] and B [r, out]
@@ -144,13 +146,12 @@ def model_shape(config: dict, what: str, quantize: Optional[tuple[int, int]] = N
         layers=len(model.layers), hidden=hidden,
         ffn=int(config.get("intermediate_size") or 4 * hidden), heads=heads,
         q_dim=heads * head_dim, kv_dim=kv * head_dim, vocab=models.logits_size(config),
-        bits=int(bits) if bits else None, float_bytes=fbytes,
-        fused=fused,
+        bits=int(bits) if bits else None, float_bytes=fbytes, fused=fused,
         extra_norms=max(0, norms - 2 * hidden),
         # Gemma-2's attention soft-cap (scores / cap, tanh, * cap) keeps 4 more score-sized
         # arrays per block than a plain softmax, measured on the family matrix's Gemma-2.
         attn_copies=1 + 4 * bool(config.get("attn_logit_softcapping")),
-        metal=models.compute_dtype() is None if metal is None else metal,
+        metal=_on_metal(metal),
         lora_per_rank_layer=sum(lora.values()) / max(1, len(model.layers)))
 
 
@@ -215,11 +216,11 @@ def target_floats(cfg: Config) -> float:
 
 def cache_bytes_per_token(cfg: Config, vocab: int, hidden: int) -> float:
     """Bytes per cached token on disk, as cache.py writes shards: input_ids int32, loss_mask
-    uint8, then n ids + uint8 counts (sample) or k ids + float16 log-probs (top-k), plus
-    float16 hidden states per cached layer."""
+    uint8, then n ids + uint8 counts (sample) or k ids + float16 log-probs + the float32
+    tail log-mass (top-k), plus float16 hidden states per cached layer."""
     c = cfg.cache
-    idb = 2 if vocab <= 65536 else 4
-    per = c.n * (idb + 1) if c.mode == "sample" else c.k * (idb + 2)
+    idb = np.dtype(id_dtype(vocab)).itemsize
+    per = c.n * (idb + 1) if c.mode == "sample" else c.k * (idb + 2) + 4
     return 4 + 1 + per + 2 * hidden * len(c.hidden_layers)
 
 
@@ -280,8 +281,6 @@ def dataset_rows(cfg: Config) -> tuple[Optional[int], str]:
     """Packed training rows: counted with the teacher's tokenizer when it is local (records
     are tokenized only until data.max_rows is reached), else estimated at 4 bytes of text
     per token."""
-    from . import data as data_mod
-
     path, L, cap = cfg.data.train, cfg.data.seq_len, cfg.data.max_rows
     if not os.path.isfile(path):
         return cap, "data.max_rows" if cap else "unknown (data.train not found)"
@@ -306,8 +305,6 @@ def dataset_rows(cfg: Config) -> tuple[Optional[int], str]:
 
 
 def _with(cfg: Config, section: str, **changes) -> Config:
-    import dataclasses
-
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section),
                                                                     **changes)})
 
@@ -319,10 +316,7 @@ def training_total(cfg: Config, s: ModelShape, bpt: float) -> dict:
     # The reader holds the shard being read and the one prefetched behind it.
     host = 2 * cfg.cache.shard_rows * L * bpt if cfg.teacher.mode == "cache" else 0
     est["parts"]["eval_targets"] = int(ev)
-    est["mlx_bytes"] = sum(est["parts"].values())  # what mx.get_peak_memory counts
-    est["parts"]["shard_buffers"] = int(host)  # numpy, outside MLX
-    est["peak_bytes"] = sum(est["parts"].values())
-    return est
+    return _add_host(est, host)
 
 
 def teacher_total(cfg: Config, s: ModelShape, bpt: float, rows: Optional[int],
@@ -333,45 +327,43 @@ def teacher_total(cfg: Config, s: ModelShape, bpt: float, rows: Optional[int],
     # and the draws; on the CPU backend the sampler's logits and exp are numpy copies too.
     cdf = ((0 if s.metal else 2) * B * L * (vocab or s.vocab) * 4 + B * L * cfg.cache.n * 8
            if cfg.cache.mode == "sample" else 0)
-    est["mlx_bytes"] = sum(est["parts"].values())
-    est["parts"]["shard_buffers"] = int(cfg.cache.shard_rows * L * bpt + cdf
-                                        + (rows or 0) * L * 5)
+    return _add_host(est, cfg.cache.shard_rows * L * bpt + cdf + (rows or 0) * L * 5)
+
+
+def _add_host(est: dict, host: float) -> dict:
+    est["mlx_bytes"] = sum(est["parts"].values())  # what mx.get_peak_memory counts
+    est["parts"]["shard_buffers"] = int(host)  # numpy, outside MLX
     est["peak_bytes"] = sum(est["parts"].values())
     return est
 
 
 def _fit_knobs(cfg: Config, est_fn, budget: int, what: str) -> list[str]:
-    """Settings that bring the estimate under `budget`, each on its own."""
+    """Settings that bring the estimate under `budget`, each on its own: per setting, the
+    first of its values (mildest first) that fits."""
     knobs = []
+
+    def first(section: str, key: str, values, label=None) -> None:
+        for v in values:
+            if est_fn(_with(cfg, section, **{key: v})) <= budget:
+                knobs.append(label(v) if label else f"{section}.{key}={v}")
+                return
+
+    def halves(start: int, least: int) -> list[int]:  # start, start // 2, ... down to least
+        return [start >> i for i in range(start.bit_length()) if start >> i >= least]
+
+    t = cfg.train
     if what == "train":
-        t = cfg.train
-        for k in (2, 4, 8, 16, 32):
-            if k > t.grad_accum and t.batch_size % k == 0 and \
-                    est_fn(_with(cfg, "train", grad_accum=k)) <= budget:
-                knobs.append(f"train.grad_accum={k} (micro-batch {t.batch_size // k}, same "
-                             "global batch)")
-                break
-        if t.mode == "full" and est_fn(_with(cfg, "train", mode="lora")) <= budget:
-            knobs.append("train.mode=lora")
-        if not t.grad_checkpoint and est_fn(_with(cfg, "train", grad_checkpoint=True)) <= budget:
-            knobs.append("train.grad_checkpoint=true")
-        chunk = cfg.data.seq_len // 2
-        while chunk >= 32 and not t.loss_chunk:
-            if est_fn(_with(cfg, "train", loss_chunk=chunk)) <= budget:
-                knobs.append(f"train.loss_chunk={chunk}")
-                break
-            chunk //= 2
+        first("train", "grad_accum", [k for k in (2, 4, 8, 16, 32)
+                                      if k > t.grad_accum and t.batch_size % k == 0],
+              lambda k: f"train.grad_accum={k} (micro-batch {t.batch_size // k}, same "
+                        "global batch)")
+        first("train", "mode", ["lora"] if t.mode == "full" else [])
+        first("train", "grad_checkpoint", [] if t.grad_checkpoint else [True],
+              lambda _: "train.grad_checkpoint=true")
+        first("train", "loss_chunk", [] if t.loss_chunk else halves(cfg.data.seq_len // 2, 32))
     else:
-        for b in (4, 2, 1):
-            if b < cfg.cache.batch_size and est_fn(_with(cfg, "cache", batch_size=b)) <= budget:
-                knobs.append(f"cache.batch_size={b}")
-                break
-    L = cfg.data.seq_len // 2
-    while L >= 64:
-        if est_fn(_with(cfg, "data", seq_len=L)) <= budget:
-            knobs.append(f"data.seq_len={L}")
-            break
-        L //= 2
+        first("cache", "batch_size", [b for b in (4, 2, 1) if b < cfg.cache.batch_size])
+    first("data", "seq_len", halves(cfg.data.seq_len // 2, 64))
     return knobs
 
 
@@ -387,13 +379,6 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
     bpt = cache_bytes_per_token(cfg, vocab, ts.hidden)
     rows, rows_how = dataset_rows(cfg)
     budget, budget_what = (memory_bytes, "given") if memory_bytes else machine_memory()
-
-    def train_fn(c):
-        return training_total(c, ss, bpt)["peak_bytes"]
-
-    def teacher_fn(c):
-        return teacher_total(c, ts, bpt, rows, vocab)["peak_bytes"]
-
     train_est = training_total(cfg, ss, bpt)
     teacher_est = teacher_total(cfg, ts, bpt, rows, vocab) if cfg.teacher.mode == "cache" \
         else None
@@ -403,12 +388,14 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
             ts, vocab)["peak_bytes"]
         train_est["peak_bytes"] = sum(train_est["parts"].values())
         train_est["mlx_bytes"] += train_est["parts"]["teacher"]
+    def model_entry(path: str, s: ModelShape) -> dict:
+        return {"model": path, "model_type": s.model_type, "params": s.params,
+                "weight_bytes": s.weight_bytes, "bits": s.bits}
+
     out = {
-        "teacher": {"model": cfg.teacher.model, "model_type": ts.model_type,
-                    "params": ts.params, "weight_bytes": ts.weight_bytes, "bits": ts.bits},
-        "student": {"model": cfg.student.model, "model_type": ss.model_type,
-                    "params": ss.params, "weight_bytes": ss.weight_bytes, "bits": ss.bits,
-                    "mode": cfg.train.mode, "trainable_params": train_est["trainable_params"]},
+        "teacher": model_entry(cfg.teacher.model, ts),
+        "student": {**model_entry(cfg.student.model, ss), "mode": cfg.train.mode,
+                    "trainable_params": train_est["trainable_params"]},
         "vocab_size": vocab,
         "training": train_est,
         "teacher_pass": teacher_est,
@@ -417,22 +404,21 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
                   "disk_bytes": int(rows * cfg.data.seq_len * bpt) if rows else None},
         "shipped_configs": {w: n for w, n in (("teacher", tnote), ("student", snote)) if n},
         "machine": {"memory_bytes": int(budget), "memory": budget_what,
-                    "planned_for": "Mac GPU" if (metal if metal is not None else
-                                                 models.compute_dtype() is None) else "CPU"},
+                    "planned_for": "Mac GPU" if _on_metal(metal) else "CPU"},
     }
-    out["training"]["fits"] = train_est["peak_bytes"] <= budget
-    out["training"]["knobs"] = [] if out["training"]["fits"] else \
-        _fit_knobs(cfg, train_fn, budget, "train")
-    if teacher_est is not None:
-        teacher_est["fits"] = teacher_est["peak_bytes"] <= budget
-        knobs = [] if teacher_est["fits"] else _fit_knobs(cfg, teacher_fn, budget, "teacher")
-        if not teacher_est["fits"] and not ts.bits:
-            q4 = model_shape(tconf, f"teacher model {cfg.teacher.model}", quantize=(4, 64),
-                             metal=metal)
-            if teacher_total(cfg, q4, bpt, rows, vocab)["peak_bytes"] <= budget:
-                knobs.append("a 4-bit teacher (mlx_lm.convert --quantize --q-bits 4, or an "
-                             f"mlx-community 4-bit repo): weights {q4.weight_bytes / GB:.1f} GB")
-        teacher_est["knobs"] = knobs
+    peak_of = {"train": lambda c: training_total(c, ss, bpt)["peak_bytes"],
+               "teacher": lambda c: teacher_total(c, ts, bpt, rows, vocab)["peak_bytes"]}
+    for what, est in (("train", train_est), ("teacher", teacher_est)):
+        if est is not None:
+            est["fits"] = est["peak_bytes"] <= budget
+            est["knobs"] = [] if est["fits"] else _fit_knobs(cfg, peak_of[what], budget, what)
+    if teacher_est is not None and not teacher_est["fits"] and not ts.bits:
+        q4 = model_shape(tconf, f"teacher model {cfg.teacher.model}", quantize=(4, 64),
+                         metal=metal)
+        if teacher_total(cfg, q4, bpt, rows, vocab)["peak_bytes"] <= budget:
+            teacher_est["knobs"].append(
+                "a 4-bit teacher (mlx_lm.convert --quantize --q-bits 4, or an mlx-community "
+                f"4-bit repo): weights {q4.weight_bytes / GB:.1f} GB")
     if probe:
         if cfg.teacher.mode == "cache":
             tp = probe_teacher(cfg)
@@ -440,7 +426,7 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
             teacher_est["tok_per_s"] = round(tp["tok_per_s"], 1)
             if rows:
                 teacher_est["seconds"] = round(rows * cfg.data.seq_len / tp["tok_per_s"], 1)
-        sp = probe_training(cfg)
+        sp = probe_training(cfg, teacher_config=tconf)
         train_est["measured_peak_bytes"] = sp["peak_bytes"]
         train_est["step_s"] = round(sp["step_s"], 4)
         train_est["seconds"] = round(cfg.train.iters * sp["step_s"], 1)

@@ -15,6 +15,7 @@ def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
         recs = [json.loads(line) for line in f if line.strip()]
     if not recs:
         return []
+    # matplotlib here, not at the top: slow to import, and only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")  # no display on CI / over ssh
@@ -48,7 +49,7 @@ def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
 
 def plot_deferral(fb: dict, path: str) -> str:
     """Combined student + teacher quality against the fraction of queries deferred."""
-    import matplotlib
+    import matplotlib  # here, not at the top: see plot_metrics
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

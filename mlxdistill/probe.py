@@ -3,21 +3,27 @@ as `cache` and `train` build them, and measure their peak memory and speed."""
 
 from __future__ import annotations
 
+import gc
 import time
+from typing import Optional
 
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 
-from . import models
+from . import models, surgery
 from .config import Config
-from .step import make_step
+from .objective import Objective, setup_hidden
+from .shards import id_dtype
+from .step import loop_memory, make_step
+from .targets import from_logits
 
 
 def _fake_targets(cfg: Config, batch: int, vocab: int) -> dict:
     """Cache-shaped teacher targets of the configured mode (values do not change the cost)."""
     c, L = cfg.cache, cfg.data.seq_len
     rng = np.random.default_rng(0)
-    idt = np.uint16 if vocab <= 65536 else np.int32
+    idt = id_dtype(vocab)
     if c.mode == "sample":
         return {"ids": mx.array(rng.integers(0, vocab, (batch, L, c.n)).astype(idt)),
                 "counts": mx.array(np.ones((batch, L, c.n), np.uint8))}
@@ -30,48 +36,55 @@ def _fake_targets(cfg: Config, batch: int, vocab: int) -> dict:
 def baseline() -> int:
     """MLX memory already held by the process (unreachable arrays collected first), which a
     probe's peak must not count."""
-    import gc
-
     gc.collect()
     return mx.get_active_memory()
 
 
-def probe_training(cfg: Config, steps: int = 2) -> dict:
+def probe_training(cfg: Config, steps: int = 2, teacher_config: Optional[dict] = None) -> dict:
     """Load the student as `train` does and run `steps` optimizer steps of the configured
-    micro-batch on random tokens, the step built as the trainer builds it: peak MLX memory
-    (weights included) and seconds per step after the first (compiled) one."""
-    import mlx.optimizers as optim
-
+    micro-batch on random tokens, the step and its objective built as the trainer builds
+    them (the hidden-state term included when the cache holds teacher states; their width
+    and depth come from `teacher_config`): peak MLX memory (weights included) and seconds
+    per step after the first (compiled) one, under the trainer's loop memory setup."""
     t = cfg.train
     base = baseline()
     model, _, scfg = models.load(cfg.student.model, "student")
     vocab = models.logits_size(scfg)
-    models.setup_training(model, t.mode, t.lora_rank, t.lora_layers, t.lora_scale,
-                          t.lora_dropout)
+    surgery.setup_training(model, t.mode, t.lora_rank, t.lora_layers, t.lora_scale,
+                           t.lora_dropout)
+    L = cfg.data.seq_len
+    targets = _fake_targets(cfg, t.batch_size, vocab)
+    hidden = None
+    if cfg.cache.hidden_layers and teacher_config is not None:
+        n_t = int(teacher_config["num_hidden_layers"])
+        d_t = int(teacher_config["hidden_size"])
+        layers = surgery.resolve_layers(cfg.cache.hidden_layers, n_t, "cache.hidden_layers")
+        hidden = setup_hidden(cfg, model, scfg, layers, n_t, d_t)
+        for layer in layers:  # the cache's float16 teacher states
+            targets[f"hidden.{layer}"] = mx.zeros((t.batch_size, L, d_t), dtype=mx.float16)
     opt = optim.AdamW(learning_rate=t.lr, weight_decay=t.weight_decay)
     opt.init(model.trainable_parameters())
     mx.eval(model.parameters(), opt.state)
-    from .trainer import kd_objective, step_loss
-
-    step_fn = make_step(model, opt, step_loss(kd_objective(cfg, model, vocab)), t.grad_clip,
-                        t.grad_accum)
-    L = cfg.data.seq_len
+    loss_fn = Objective.from_config(cfg).bind(model, vocab, hidden)
+    step_fn = make_step(model, opt, loss_fn, t.grad_clip, t.grad_accum)
     rng = np.random.default_rng(0)
     x = mx.array(rng.integers(0, vocab, (t.batch_size, L)).astype(np.int32))
     labels = mx.array(rng.integers(0, vocab, (t.batch_size, L)).astype(np.int32))
     mask = mx.ones((t.batch_size, L), dtype=mx.uint8)
-    targets = _fake_targets(cfg, t.batch_size, vocab)
     # The trainer keeps the validation rows' teacher distributions (float16) in memory.
     ev = mx.zeros((t.eval_rows, L, vocab), dtype=mx.float16) if cfg.data.valid and \
         t.eval_rows else None
     mx.eval(x, labels, mask, targets, ev)
-    mx.reset_peak_memory()
+    restore_memory = loop_memory()  # resets the peak, as the trainer's loop does
     times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        mx.eval(step_fn(x, mask, labels, targets), model.parameters(), opt.state)
-        times.append(time.perf_counter() - t0)
-    peak = mx.get_peak_memory() - base
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            mx.eval(step_fn(x, mask, labels, targets), model.parameters(), opt.state)
+            times.append(time.perf_counter() - t0)
+        peak = mx.get_peak_memory() - base
+    finally:
+        restore_memory()
     return {"peak_bytes": int(peak), "step_s": float(np.median(times[1:] or times)),
             "tokens_per_step": t.batch_size * L}
 
@@ -79,8 +92,6 @@ def probe_training(cfg: Config, steps: int = 2) -> dict:
 def probe_teacher(cfg: Config, batches: int = 2) -> dict:
     """Run the teacher over `batches` cache batches of random tokens as the cache pass does:
     peak MLX memory and tokens per second."""
-    from .cache import sample_targets, topk_targets
-
     c = cfg.cache
     base = baseline()
     teacher, _, tcfg = models.load(cfg.teacher.model, "teacher")
@@ -93,18 +104,8 @@ def probe_teacher(cfg: Config, batches: int = 2) -> dict:
     times = []
     for _ in range(batches):
         t0 = time.perf_counter()
-        logits = forward(x).astype(mx.float32)
-        if c.temperature != 1.0:  # as the cache pass does
-            logits = logits / c.temperature
-        if c.mode == "topk":
-            topk_targets(logits - mx.logsumexp(logits, axis=-1, keepdims=True), c.k)
-        else:
-            sample_targets(logits, c.n, rng)
+        from_logits(forward(x), c.mode, c.n, c.k, c.temperature, rng, c.keep_top1)
         times.append(time.perf_counter() - t0)
-        del logits
     peak = mx.get_peak_memory() - base
     dt = float(np.median(times[1:] or times))
     return {"peak_bytes": int(peak), "tok_per_s": x.size / dt}
-
-
-# ---------------------------------------------------------------- the plan

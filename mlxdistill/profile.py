@@ -21,12 +21,14 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import files, losses, models
+from . import data as data_mod
+from . import files, losses, models, saving
 from .config import ConfigError
+from .export import as_evaluated
+from .rundir import RunDir
 
 DEVICES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "devices.json")
 BITS = (32, 16, 8, 4)
-GROUP_SIZES = (32, 64, 128)
 
 
 def hardware() -> dict:
@@ -74,7 +76,7 @@ def at_precision(path: str, bits: int, group_size: int):
     model.set_dtype(mx.float32 if bits == 32 else mx.float16)
     config["torch_dtype"] = "float32" if bits == 32 else "float16"
     if bits < 16:
-        model, config = models.quantize(model, config, group_size, bits)
+        model, config = saving.quantize(model, config, group_size, bits)
     mx.eval(model.parameters())
     return model, config
 
@@ -171,7 +173,6 @@ def profile_model(path: str, bits_list, prompt_tokens: int, gen_tokens: int,
             size = disk_bytes(d)
         # Fidelity of the stored weights; on a CPU computed in float32 like every evaluation
         # there (its float16 and quantized kernels are slow, not different in kind).
-        from .export import as_evaluated
 
         model = as_evaluated(model)
         logits = models.logits_fn(model, vocab)(rows).astype(mx.float32)
@@ -242,11 +243,10 @@ def plot(results: list[dict], path: str, backend: str = "") -> None:
 
 def resolve_targets(target: str) -> tuple[list[tuple[str, str]], Optional[str]]:
     """[(label, model folder)], run dir or None. A run profiles its teacher and student."""
-    if os.path.isfile(os.path.join(target, "config.yaml")):
-        from .evaluate import _load_run_config
-
-        cfg = _load_run_config(target)
-        student = os.path.join(target, "model")
+    run = RunDir(target)
+    if run.is_run():
+        cfg = run.load_config()
+        student = run.model
         if not os.path.isdir(student):
             raise ConfigError(f"{target} is a LoRA run: profile a folder made by "
                               f"`mlxdistill export {target} -o OUT` (adapters fused)")
@@ -254,7 +254,7 @@ def resolve_targets(target: str) -> tuple[list[tuple[str, str]], Optional[str]]:
     if not os.path.isfile(os.path.join(target, "config.json")):
         raise ConfigError(f"{target} is neither a model folder (config.json) nor a run "
                           "directory (config.yaml)")
-    if not models._model_files_present(target):
+    if not models.is_model_folder(target):
         raise ConfigError(f"model folder {target} has config.json but no *.safetensors "
                           "weights; convert it with `mlx_lm.convert` first")
     return [("model", target)], None
@@ -264,13 +264,11 @@ def fidelity_text(run_dir: Optional[str]) -> tuple[Optional[mx.array], str]:
     """Rows the precisions are compared on: a run's held-out text (2 x 64 tokens, what the
     model will see), else fixed random token ids (a bare model folder has no data)."""
     if run_dir:
-        from . import data as data_mod
-        from .evaluate import _load_run_config
-
-        cfg = _load_run_config(run_dir)
+        run = RunDir(run_dir)
+        cfg = run.load_config()
         held = cfg.data.test or cfg.data.valid
         if held:
-            _, tok = models.load_meta(os.path.join(run_dir, "model"), "student")
+            _, tok = models.load_meta(run.model, "student")
             packed = data_mod.pack(held, tok, 64, cfg.data.mask_prompt, 2)
             return mx.array(packed.input_ids), f"{held} (2 x 64 tokens)"
     return None, "random token ids (2 x 64, fixed seed)"
@@ -279,16 +277,11 @@ def fidelity_text(run_dir: Optional[str]) -> tuple[Optional[mx.array], str]:
 def run_profile(target: str, bits_list, prompt_tokens: int = 128, gen_tokens: int = 64,
                 repeats: int = 3, group_size: int = 64, out_dir: Optional[str] = None,
                 log=print) -> dict:
-    for b in bits_list:
-        if b not in BITS:
-            raise ConfigError(f"--bits {b} is not supported; use some of 32, 16, 8, 4")
-    if group_size not in GROUP_SIZES:
-        raise ConfigError(f"--group-size {group_size} is not supported by MLX's quantization; "
-                          f"use one of {', '.join(map(str, GROUP_SIZES))}")
+    saving.check_quant(bits_list, group_size, BITS, pick="some")
     if prompt_tokens < 1 or gen_tokens < 2 or repeats < 1:
         raise ConfigError("--prompt-tokens must be >= 1, --gen-tokens >= 2, --repeats >= 1")
     targets, run_dir = resolve_targets(target)
-    out_dir = out_dir or (os.path.join(run_dir, "profile") if run_dir else None)
+    out_dir = out_dir or (RunDir(run_dir).profile if run_dir else None)
     blocker = files.file_in_the_way(out_dir) if out_dir else None
     if blocker:  # before minutes of measurements, not after them
         raise ConfigError(f"cannot write the profile to {out_dir}: {blocker} is a file, not "

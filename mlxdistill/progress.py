@@ -37,9 +37,6 @@ class Progress:
             self._last = now
             self._draw(now)
 
-    def rate(self) -> float:
-        return self.units / max(time.time() - self.start, 1e-9)
-
     def _draw(self, now: float) -> None:
         el = now - self.start
         frac = min(1.0, self.done / max(self.total, 1))

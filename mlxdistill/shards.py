@@ -10,9 +10,10 @@ import os
 import numpy as np
 
 from . import files
+from .errors import Error
 
 
-class CacheError(ValueError):
+class CacheError(Error):
     """A cache that is missing, corrupt or built from something else; one-line message."""
 
 

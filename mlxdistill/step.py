@@ -1,5 +1,6 @@
-"""One optimizer step, built once and used by the trainer and by `plan`'s probe: the
-distillation objective (`kd_objective`), the compiled step, and the loop's memory setup.
+"""One optimizer step, built once and used by the trainer, `plan`'s probe and the benchmarks:
+a batch as the step's arrays, the compiled step (its loss from objective.py), and the loop's
+memory setup.
 
 The common case (one process, no gradient accumulation) is a single compiled function:
 forward, loss, backward, gradient clipping, the non-finite guard and the AdamW update, with
@@ -24,10 +25,17 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map, tree_reduce
 
-from . import losses, models
+from . import data as data_mod
 
 # Columns of StepOut.stats: token-weighted sums over the step's micro-batches.
 NTOK, LOSS, KD, CE, HIDDEN = range(5)
+
+
+def to_arrays(batch: data_mod.Batch) -> tuple:
+    """(input ids, loss mask, hard labels, teacher targets) of a batch, as MLX arrays."""
+    labels = data_mod.hard_targets(batch.input_ids, batch.next_ids)
+    targets = {k: mx.array(v) for k, v in batch.targets.items()}
+    return mx.array(batch.input_ids), mx.array(batch.loss_mask), mx.array(labels), targets
 
 
 def _norm_and_clip(grads, max_norm: float):
@@ -140,38 +148,3 @@ def make_step(model: nn.Module, opt, loss_fn: Callable, grad_clip: float = 0.0,
         return apply(acc, stats)
 
     return step
-
-
-def kd_objective(cfg, model, vocab: int, log=lambda m: None):
-    """The student's distillation loss as training computes it: (x, targets, labels, mask)
-    -> (loss, ntokens, kd, ce), over the whole sequence or in `train.loss_chunk` chunks
-    from the final hidden states, with `train.grad_checkpoint` applied to the model."""
-    t, lc = cfg.train, cfg.loss
-    if t.grad_checkpoint:
-        models.grad_checkpoint(model)
-    forward = models.logits_fn(model, vocab)
-    split = models.split_head(model, vocab) if t.loss_chunk else None
-    if t.loss_chunk and split is None:
-        log(f"train.loss_chunk: {cfg.student.model} computes its logits in a way this does "
-            "not split; using the whole-sequence loss")
-
-    def objective(x, targets, labels, mask):
-        if split is None:
-            return losses.distill_loss(forward(x), targets, labels, mask, lc.alpha,
-                                       lc.temperature, lc.name, lc.beta, lc.skew)
-        body, head, head_module = split
-        return losses.chunked_distill_loss(
-            body(x), head, head_module.trainable_parameters(), targets, labels, mask,
-            t.loss_chunk, lc.alpha, lc.temperature, lc.name, lc.beta, lc.skew)
-
-    return objective
-
-
-def step_loss(objective):
-    """kd_objective as step.make_step's loss_fn, without a hidden-state term (the probe and
-    the benchmark's profile; training adds it)."""
-    def loss_fn(_model, x, mask, labels, targets):
-        loss, ntok, kd, ce = objective(x, targets, labels, mask)
-        return loss, (ntok, kd, ce, mx.array(0.0))
-
-    return loss_fn

@@ -112,6 +112,23 @@ def tail_logprob(logprobs: mx.array, ids: np.ndarray) -> np.ndarray:
     return np.asarray(mx.logsumexp(rest, axis=-1).astype(mx.float32))
 
 
+def from_logits(logits: mx.array, mode: str, n: int, k: int, temperature: float,
+                rng: np.random.Generator, keep_top1: bool = False) -> dict[str, np.ndarray]:
+    """The teacher targets a cache stores for a batch of logits [B, L, V], as the cache pass
+    and `plan --probe` compute them: tempered by `temperature`, then `mode` "topk" (ids,
+    logprobs, tail_logprob) or "sample" (ids, counts). Ids come as computed (uint32 top-k,
+    int64 draws); the cache casts them to its id dtype (shards.id_dtype)."""
+    logits = logits.astype(mx.float32)
+    if temperature != 1.0:  # no second [B, L, V] copy at the default T = 1
+        logits = logits / temperature
+    if mode == "topk":
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        ids, lp = topk_targets(logprobs, k)
+        return {"ids": ids, "logprobs": lp, "tail_logprob": tail_logprob(logprobs, ids)}
+    ids, counts = sample_targets(logits, n, rng, keep_top1)
+    return {"ids": ids, "counts": counts}
+
+
 def topk_targets(logprobs: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k most likely ids per position, most likely first, with their log-probabilities."""
     idx = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]

@@ -39,6 +39,7 @@ def task_prompts(path: str, limit: int) -> list[dict]:
 
 def greedy_answers(model, tok, prompts: list[dict], g) -> list[str]:
     """Greedy completions (the model's most likely answer, so the score is reproducible)."""
+    # mlx_lm here, not at the top: it takes about a second to import (transformers)
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 

@@ -19,9 +19,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mlxdistill  # noqa: E402,F401  (OpenBLAS before mlx)
-from mlxdistill.cache import build, summary  # noqa: E402
+from mlxdistill import api  # noqa: E402
 from mlxdistill.config import load_config  # noqa: E402
-from mlxdistill.trainer import train  # noqa: E402
 
 OUT = "runs/ablate"
 RESULTS = "results"
@@ -84,18 +83,19 @@ def main() -> None:
         print(f"== {name}: {label}", flush=True)
         t0 = time.time()
         for mix_dir in cfg.cache.mix:
-            build(load_config(None, args.overrides + [f"teacher.model={MIX_TEACHERS[mix_dir]}",
-                                                      f"cache.dir={mix_dir}"]),
-                  quiet=True, log=print)
-        res = train(cfg, quiet=True, log=print)
+            api.build_cache(load_config(None, args.overrides + [
+                f"teacher.model={MIX_TEACHERS[mix_dir]}", f"cache.dir={mix_dir}"]),
+                quiet=True, log=print)
+        res = api.train(cfg, quiet=True, log=print)
         online = cfg.teacher.mode == "online"
         with open(os.path.join(cfg.run.dir, "metrics.jsonl")) as f:
             tps = [r["tok_per_s"] for r in map(json.loads, f) if "tok_per_s" in r]
         m = json.load(open(os.path.join(cfg.cache.dir, "manifest.json"))) if not online else {}
+        bpt = None if online else api.inspect_cache(cfg.cache.dir)["bytes_per_token"]
         results[name] = {
             "label": label, "overrides": ov, "iters": cfg.train.iters,
             "hidden_bytes": 2 * (m.get("hidden_size") or 0) * len(m.get("hidden_resolved") or []),
-            "bytes_per_token": None if online else summary(cfg.cache.dir)["bytes_per_token"],
+            "bytes_per_token": bpt,
             "train_tok_per_s": round(sum(tps) / len(tps), 1), "wall_s": round(time.time() - t0),
             "teacher": res["teacher"], "before": res["student_before"],
             "after": res["student_after"],

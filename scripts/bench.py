@@ -39,10 +39,12 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
+from mlxdistill import api  # noqa: E402
 from mlxdistill import cache as cache_mod  # noqa: E402
-from mlxdistill import files, models, trainer  # noqa: E402
+from mlxdistill import files, models, surgery  # noqa: E402
 from mlxdistill.config import load_config  # noqa: E402
-from mlxdistill.step import loop_memory, make_step  # noqa: E402
+from mlxdistill.objective import Objective  # noqa: E402
+from mlxdistill.step import loop_memory, make_step, to_arrays  # noqa: E402
 
 REPORT = 5
 
@@ -72,7 +74,7 @@ def mlx_lm_lora_ce(cfg, steps: int, mode: str) -> dict:
     dataset = [(r.tolist(), 0) for shard in rows for r in shard]
     model, _, _ = models.load(cfg.student.model, "student")
     t = cfg.train
-    models.setup_training(model, mode, t.lora_rank, t.lora_layers, t.lora_scale, 0.0)
+    surgery.setup_training(model, mode, t.lora_rank, t.lora_layers, t.lora_scale, 0.0)
     speeds, peaks = [], []
 
     class Cb(TrainingCallback):
@@ -100,7 +102,7 @@ def ours(cfg, steps: int, **over) -> dict:
                                       **{k: v for k, v in over.items() if k != "teacher"}),
             teacher=dataclasses.replace(cfg.teacher, mode=over.get("teacher", "cache")))
         mx.reset_peak_memory()
-        trainer.fit(c, quiet=True, log=lambda m: None)
+        api.fit(c, quiet=True, log=lambda m: None)
         recs = [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
     speeds = [r["tok_per_s"] for r in recs if "tok_per_s" in r]
     return {"pos_per_s": statistics.median(speeds[1:] or speeds),
@@ -134,7 +136,7 @@ def cache_rate(cfg, rows: int = 64) -> float:
     with tempfile.TemporaryDirectory() as d:
         c = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, dir=d),
                                 data=dataclasses.replace(cfg.data, max_rows=rows))
-        return cache_mod.build(c, quiet=True, log=lambda m: None)["pass_tok_per_s"]
+        return api.build_cache(c, quiet=True, log=lambda m: None)["pass_tok_per_s"]
 
 
 def cache_bytes_per_token(cache_dir: str) -> float:
@@ -163,11 +165,9 @@ def step_profile(cfg, peak_gflops: float, reps: int = 9) -> dict:
     model, _, scfg = models.load(cfg.student.model, "student")
     vocab = models.logits_size(scfg)
     reader = cache_mod.ShardReader(cfg.cache.dir)
-    x, mask, labels, targets = trainer.to_arrays(next(reader.batches(cfg.train.batch_size, 0)))
-    objective = trainer.kd_objective(cfg, model, vocab)
+    x, mask, labels, targets = to_arrays(next(reader.batches(cfg.train.batch_size, 0)))
+    loss_fn = Objective.from_config(cfg).bind(model, vocab)  # no hidden-state term here
     forward = models.logits_fn(model, vocab)
-
-    loss_fn = trainer.step_loss(objective)
 
     grad = nn.value_and_grad(model, loss_fn)
     st = [model.state]
@@ -313,7 +313,7 @@ def main() -> None:
     topk = load_config(None, ["cache.dir=caches/bench-topk", "cache.mode=topk",
                               "data.max_rows=256"] + args.overrides)
     for c in (base, topk):
-        cache_mod.build(c, quiet=True, log=print)
+        api.build_cache(c, quiet=True, log=print)
     res: dict = {"steps": args.steps, "repeats": args.repeats,
                  "batch_size": base.train.batch_size, "seq_len": base.data.seq_len,
                  "variants": {}}

@@ -38,7 +38,7 @@ import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from mlxdistill import losses, models  # noqa: E402
+from mlxdistill import losses, models, surgery  # noqa: E402
 from mlxdistill.config import load_config  # noqa: E402
 from mlxdistill.distributed import World  # noqa: E402
 
@@ -65,8 +65,8 @@ def timed(fn, reps: int, before=None) -> tuple[float, float]:
 def measure(cfg, mode: str, world: World, reps: int) -> dict:
     t = cfg.train
     model, _, _ = models.load(cfg.student.model, "student")
-    models.setup_training(model, mode, t.lora_rank, t.lora_layers, t.lora_scale,
-                          t.lora_dropout)
+    surgery.setup_training(model, mode, t.lora_rank, t.lora_layers, t.lora_scale,
+                           t.lora_dropout)
     params = model.trainable_parameters()
     flat = tree_flatten(params)
     nbytes = sum(v.nbytes for _, v in flat)

@@ -135,18 +135,19 @@ def page_faults(cfg, steps: int = 3, rounds: int = 3) -> dict:
     import mlx.optimizers as optim
 
     from mlxdistill import cache as cache_mod
-    from mlxdistill import models, trainer
-    from mlxdistill.step import kd_objective, loop_memory, make_step, step_loss
+    from mlxdistill import models
+    from mlxdistill.objective import Objective
+    from mlxdistill.step import loop_memory, make_step, to_arrays
 
     it = cache_mod.ShardReader(cfg.cache.dir).batches(cfg.train.batch_size, 0)
-    batches = [trainer.to_arrays(next(it)) for _ in range(steps + 1)]
+    batches = [to_arrays(next(it)) for _ in range(steps + 1)]
     runs, blocks = {}, {}
     for name in ("default", "training loop"):
         model, _, scfg = models.load(cfg.student.model, "student")
         opt = optim.AdamW(learning_rate=cfg.train.lr)
         opt.init(model.trainable_parameters())
-        step = make_step(model, opt, step_loss(kd_objective(cfg, model, models.logits_size(scfg))),
-                         cfg.train.grad_clip)
+        loss_fn = Objective.from_config(cfg).bind(model, models.logits_size(scfg))
+        step = make_step(model, opt, loss_fn, cfg.train.grad_clip)
 
         def run(b, step=step, model=model, opt=opt):
             mx.eval(step(*b), model.parameters(), opt.state)
@@ -199,12 +200,12 @@ def ours_cmd(model: str, mode: str, iters: int, overrides: list[str], out: str) 
 def measure(iters: tuple[int, int] = (20, 80), repeats: int = 3,
             modes: tuple[str, ...] = ("full", "lora"), overrides: list[str] | None = None,
             work: str = "build/bench_wall", log=print) -> dict:
-    from mlxdistill import cache as cache_mod
+    from mlxdistill import api
     from mlxdistill.config import load_config
 
     overrides = list(overrides or [])
     cfg = load_config(None, BASE + overrides)
-    cache_mod.build(cfg, quiet=True, log=log)  # before any timing: no teacher pass is timed
+    api.build_cache(cfg, quiet=True, log=log)  # before any timing: no teacher pass is timed
     work = os.path.join(ROOT, work)
     model = float32_copy(os.path.join(ROOT, cfg.student.model), os.path.join(work, "student"))
     data = data_folder(os.path.join(ROOT, cfg.data.train), os.path.join(ROOT, cfg.data.valid),

@@ -20,8 +20,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mlxdistill  # noqa: E402,F401  (OpenBLAS before mlx)
+from mlxdistill import api  # noqa: E402
 from mlxdistill.config import load_config  # noqa: E402
-from mlxdistill.trainer import train  # noqa: E402
 
 METRICS = [("ce", "held-out CE (nats)"), ("kl", "KL(teacher‖student)"),
            ("agree_top1", "top-1 agreement"), ("accuracy", "next-token accuracy")]
@@ -41,7 +41,7 @@ def main() -> None:
     for name, cfg in (("distilled", kd_cfg), ("plain_ce", ce_cfg)):
         print(f"== {name}: {cfg.run.dir}", flush=True)
         t0 = time.time()
-        results[name] = train(cfg, quiet=True, log=print)
+        results[name] = api.train(cfg, quiet=True, log=print)
         times[name] = round(time.time() - t0, 1)
     kd, ce = results["distilled"], results["plain_ce"]
     rows = ["| student | " + " | ".join(label for _, label in METRICS) + " |",

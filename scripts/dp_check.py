@@ -56,9 +56,9 @@ def overrides_for(args, run: str) -> list[str]:
 
 
 def worker(overrides: list[str]) -> None:
-    from mlxdistill import trainer
+    from mlxdistill import api
 
-    trainer.fit(load_config(None, overrides), quiet=True, log=lambda m: None)
+    api.fit(load_config(None, overrides), quiet=True, log=lambda m: None)
 
 
 def train(args, run: str) -> float:

@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mlxdistill  # noqa: E402,F401  (OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
+from mlxdistill import api  # noqa: E402
 from mlxdistill import data as data_mod  # noqa: E402
 from mlxdistill import models  # noqa: E402
-from mlxdistill.evaluate import _load_run_config, compare, load_trained_student  # noqa: E402
-from mlxdistill.export import export_run  # noqa: E402
+from mlxdistill.evaluate import compare  # noqa: E402
 
 METRICS = [("kl", "KL(teacher‖student)"), ("agree_top1", "top-1 agreement"),
            ("ce", "held-out CE (nats)"), ("accuracy", "next-token accuracy")]
@@ -53,21 +53,21 @@ def main() -> None:
     ap.add_argument("--valid-rows", type=int, default=32)
     ap.add_argument("--out", default="results/dwq.json")
     args = ap.parse_args()
-    cfg = _load_run_config(args.run)
+    cfg = api.load_run_config(args.run)
     teacher, tok, tcfg = models.load_role(cfg, "teacher")
     vocab = models.logits_size(tcfg)
     work = tempfile.mkdtemp(prefix="mlxdistill-dwq-")
     quiet = lambda m: None  # noqa: E731
     t0 = time.time()
     folders = {"plain": os.path.join(work, "plain")}
-    reports = {"plain": export_run(args.run, folders["plain"], args.bits, args.group_size,
+    reports = {"plain": api.export(args.run, folders["plain"], args.bits, args.group_size,
                                    log=quiet)}
     print(f"plain {args.bits}-bit exported ({time.time() - t0:.0f} s)", flush=True)
     lrs = [float(x) for x in args.lrs.split(",")]
     for lr in lrs:
         name = f"tuned lr={lr:g}"
         folders[name] = os.path.join(work, f"tuned-{lr:g}")
-        reports[name] = export_run(args.run, folders[name], args.bits, args.group_size,
+        reports[name] = api.export(args.run, folders[name], args.bits, args.group_size,
                                    log=print, tune_iters=args.iters, tune_lr=lr)
         print(f"{name} exported ({time.time() - t0:.0f} s)", flush=True)
 
@@ -79,7 +79,7 @@ def main() -> None:
     print(f"chosen on {cfg.data.valid}: {best} ({time.time() - t0:.0f} s)", flush=True)
     test = data_mod.pack(cfg.data.test, tok, cfg.data.seq_len, cfg.data.mask_prompt,
                          packing=cfg.data.packing)
-    students = {"float32 student": load_trained_student(args.run, cfg),
+    students = {"float32 student": api.load_student(args.run)[0],
                 f"{args.bits}-bit plain": load_export(folders["plain"]),
                 f"{args.bits}-bit tuned": load_export(folders[best])}
     res = compare(teacher, students, test, vocab)

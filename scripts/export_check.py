@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mlxdistill  # noqa: F401  (OpenBLAS before mlx)
-from mlxdistill.export import export_run
+from mlxdistill import api
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
             "fallback rule (90 % of teacher) |", "|---|---|---|---|---|---|---|---|"]
     for bits in (int(b) for b in args.bits.split(",")):
         folder = os.path.join(args.run, f"export-{bits}")
-        rep = export_run(args.run, folder, bits, force=True)
+        rep = api.export(args.run, folder, bits, force=True)
         with open(os.path.join(folder, "config.json")) as f:
             cfg = json.load(f)
         rt, fb = rep["round_trip"], rep["fallback"]

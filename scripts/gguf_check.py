@@ -31,7 +31,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlxdistill import data as data_mod  # noqa: E402
-from mlxdistill import files, gguf, models  # noqa: E402
+from mlxdistill import files, gguf, models, saving  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDENT = os.path.join("weights", "student")  # paths from the repository root
@@ -58,7 +58,7 @@ FAMILIES = {  # random models over the embedded tokenizer's 4,096 tokens
 def quick_run(work: str) -> str:
     """A short LoRA distillation of the embedded student from teacher2 (online teacher, no
     cache pass), trained but not evaluated: minutes on 2 cores. A finished run is reused."""
-    from mlxdistill import trainer
+    from mlxdistill import api
     from mlxdistill.config import load_config
 
     run = os.path.join(work, "run")
@@ -66,7 +66,7 @@ def quick_run(work: str) -> str:
         "teacher.model=weights/teacher2", "teacher.mode=online", f"student.model={STUDENT}",
         "train.iters=40", "train.eval_every=40", "train.save_every=40", f"run.dir={run}",
         f"cache.dir={os.path.join(work, 'cache')}"])
-    trainer.fit(cfg, quiet=True, log=lambda m: None)
+    api.fit(cfg, quiet=True, log=lambda m: None)
     return run
 
 
@@ -202,7 +202,7 @@ def check_family(name: str, extra: dict, work: str) -> dict:
     if byte_level:
         byte_level_tokenizer(folder, cfg["vocab_size"], llama3=name.startswith("llama3"))
     else:
-        models.copy_tokenizer(models.load_meta(STUDENT, "student")[1], STUDENT, folder)
+        saving.copy_tokenizer(models.load_meta(STUDENT, "student")[1], STUDENT, folder)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f)
     _, tok = models.load_meta(folder, "student")
@@ -241,14 +241,14 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     folder, run = args.folder, args.run
     if folder is None:
-        from mlxdistill.export import export_run
+        from mlxdistill import api
 
         if run is None:
             run = os.path.join("runs", "lora")
             if not os.path.isdir(run):
                 run = quick_run(work)
         folder = os.path.join(work, "export")
-        export_run(run, folder, gguf=True, force=True, log=lambda m: None)
+        api.export(run, folder, gguf=True, force=True, log=lambda m: None)
     res = {"llama_cpp_python": llama_cpp.__version__, "run": run,
            "student": check_student(folder, args.rows, args.continuations, args.gen),
            "families": {n: check_family(n, e, work) for n, e in FAMILIES.items()}}

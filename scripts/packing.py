@@ -23,9 +23,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mlxdistill  # noqa: E402,F401  (OpenBLAS before mlx)
+from mlxdistill import api  # noqa: E402
 from mlxdistill.config import load_config  # noqa: E402
 from mlxdistill.files import atomic_json  # noqa: E402
-from mlxdistill.trainer import train  # noqa: E402
 
 
 def end_train_ce(run_dir: str, last: int = 10) -> float:
@@ -61,7 +61,7 @@ def main() -> None:
         cfg = load_config(args.config, [f"{k}={v}" for k, v in ov.items()] + args.overrides)
         print(f"== data.packing={packing}, seq_len {args.seq_len}", flush=True)
         t0 = time.time()
-        out = train(cfg, quiet=True, log=print)
+        out = api.train(cfg, quiet=True, log=print)
         task = out["task"]
         res[packing] = {"task_accuracy": task["student_after"]["accuracy"],
                         "teacher_accuracy": task["teacher"]["accuracy"],

@@ -28,7 +28,7 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlxdistill import losses, models  # noqa: E402
+from mlxdistill import losses, surgery  # noqa: E402
 
 WIDTH, LAYERS, N = 64, 2, 16
 CHUNK = 128
@@ -53,8 +53,8 @@ def measure(vocab: int, seq: int, chunked: bool, steps: int) -> dict:
     targets = {"ids": ids, "counts": counts}
     labels, mask = x, mx.ones((1, seq), dtype=mx.uint8)
     if chunked:
-        models.grad_checkpoint(model)
-        body, head, hm = models.split_head(model, vocab)
+        surgery.grad_checkpoint(model)
+        body, head, hm = surgery.split_head(model, vocab)
 
         def loss_fn(m):
             return losses.chunked_distill_loss(body(x), head, hm.trainable_parameters(), targets,

@@ -18,8 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mlxdistill  # noqa: E402,F401  (OpenBLAS before mlx)
+from mlxdistill import api  # noqa: E402
 from mlxdistill.config import load_config  # noqa: E402
-from mlxdistill.trainer import train  # noqa: E402
 
 VARIANTS = {"sample16": [], "online_dense": ["teacher.mode=online"]}
 # Seed 0 of each variant is the run the ablation already made.
@@ -41,8 +41,8 @@ def main() -> None:
             path = os.path.join(d, "eval.json")
             if not os.path.exists(path):
                 print(f"== {name}, seed {seed}", flush=True)
-                train(load_config(None, extra + [f"run.seed={seed}", f"run.dir={d}"]),
-                      quiet=True, log=print)
+                api.train(load_config(None, extra + [f"run.seed={seed}", f"run.dir={d}"]),
+                          quiet=True, log=print)
             with open(path) as f:
                 out.setdefault(name, {})[seed] = json.load(f)["student_after"]["ce"]
     gaps = [100 * (out["sample16"][s] - out["online_dense"][s]) / out["online_dense"][s]

@@ -30,12 +30,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import mlxdistill  # noqa: E402,F401  (OpenBLAS before mlx)
+from mlxdistill import api  # noqa: E402
 from mlxdistill.config import load_config  # noqa: E402
-from mlxdistill.files import atomic_json  # noqa: E402
-from mlxdistill.data import file_sha256, read_jsonl  # noqa: E402
-from mlxdistill.generate import generate, small_weights_sha256  # noqa: E402
-from mlxdistill.models import config_fingerprint  # noqa: E402
-from mlxdistill.trainer import train  # noqa: E402
+from mlxdistill.files import atomic_json, sha256_file  # noqa: E402
+from mlxdistill.data import read_jsonl  # noqa: E402
+from mlxdistill.generate import small_weights_sha256  # noqa: E402
+from mlxdistill.models import model_fingerprint  # noqa: E402
 
 CONFIG = "configs/specialist.yaml"
 CE_ONLY = {"loss.alpha": 1.0}
@@ -101,7 +101,7 @@ def main() -> None:
     # A rebuilt teacher keeps its config and file sizes, which is all a teacher fingerprint
     # looks at; the specialist is a few MB, so its weights are hashed, and its chains, runs
     # and results are kept apart by that hash.
-    tsha = (small_weights_sha256(teacher) or config_fingerprint(teacher))[:12]
+    tsha = (small_weights_sha256(teacher) or model_fingerprint(teacher))[:12]
     identity = {"overrides": args.overrides, "gold": args.gold, "teacher_weights": tsha}
     saved = json.load(open(rpath)) if os.path.exists(rpath) else {}
     same = all(saved.get(k) == v for k, v in identity.items())
@@ -112,7 +112,7 @@ def main() -> None:
                    "answers": answers_only(args.gold, os.path.join(args.runs, "answers.jsonl"))}
     if any(VARIANTS[n][1] == "chains" for n in names):
         # The teacher writes the chains once (resumable, verified); both chain variants use them.
-        manifest = generate(base, log=print)
+        manifest = api.generate(base, log=print)
         results["generate"] = {k: manifest[k] for k in ("prompts_total", "kept", "rejected",
                                                         "verifier_errors", "pass_rate")}
         if not manifest["kept"]:
@@ -126,13 +126,13 @@ def main() -> None:
         label, data, extra = VARIANTS[name]
         # Run and cache directories are named by the teacher and the training file's content:
         # new chains get a fresh cache and run instead of a refused (or silently mixed) resume.
-        tag = f"{name}-{tsha}-{file_sha256(train_files[data])[:12]}"
+        tag = f"{name}-{tsha}-{sha256_file(train_files[data])[:12]}"
         ov = {"data.train": train_files[data], "run.dir": os.path.join(args.runs, tag),
               "cache.dir": os.path.join(args.runs, f"cache-{tag}"), **extra}
         cfg = load_config(args.config, args.overrides + [f"{k}={v}" for k, v in ov.items()])
         print(f"== {name}: {label}", flush=True)
         t0 = time.time()
-        res = train(cfg, quiet=True, log=print)
+        res = api.train(cfg, quiet=True, log=print)
         results["variants"][name] = {
             "label": label, "overrides": ov, "iters": cfg.train.iters, "task": res["task"],
             "teacher_ce": res["teacher"]["ce"], "before_ce": res["student_before"]["ce"],

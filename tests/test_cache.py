@@ -11,7 +11,9 @@ from safetensors.numpy import load_file
 
 from mlxdistill import cache as cache_mod
 from mlxdistill import data as data_mod
+from mlxdistill import files
 from mlxdistill.config import load_config
+from mlxdistill.shards import CacheError
 
 
 def build(tiny, tmp, **extra):
@@ -26,7 +28,7 @@ def test_round_trip(tiny, tmp_path, mode):
     for key in ("teacher_fingerprint", "tokenizer_fingerprint", "dataset_sha256", "vocab_size",
                 "temperature", "seq_len", "rows", "tokens"):
         assert key in m
-    assert m["dataset_sha256"] == data_mod.file_sha256(tiny["train"])
+    assert m["dataset_sha256"] == files.sha256_file(tiny["train"])
     shard = load_file(os.path.join(cfg.cache.dir, m["shards"][0]["file"]))
     L = cfg.data.seq_len
     assert shard["input_ids"].dtype == np.int32 and shard["input_ids"].shape[1] == L
@@ -91,7 +93,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny, tmp_path, monkeypatch):
     with open(os.path.join(bdir, "manifest.json")) as f:
         partial = json.load(f)
     assert not partial["complete"] and len(partial["shards"]) == 2
-    with pytest.raises(cache_mod.CacheError, match="incomplete"):
+    with pytest.raises(CacheError, match="incomplete"):
         cache_mod.ShardReader(bdir)
     before = {s["file"]: os.stat(os.path.join(bdir, s["file"])).st_mtime_ns
               for s in partial["shards"]}
@@ -110,7 +112,7 @@ def test_corrupt_shard_is_refused(tiny, tmp_path):
     with open(path, "r+b") as f:
         f.seek(200)
         f.write(b"\x00\x01\x02\x03")
-    with pytest.raises(cache_mod.CacheError, match="sha256"):
+    with pytest.raises(CacheError, match="sha256"):
         cache_mod.ShardReader(cfg.cache.dir)
 
 
@@ -120,15 +122,15 @@ def test_manifest_cannot_point_outside(tiny, tmp_path):
     m["shards"][0]["file"] = "../../etc/passwd"
     with open(mpath, "w") as f:
         json.dump(m, f)
-    with pytest.raises(cache_mod.CacheError, match="outside"):
+    with pytest.raises(CacheError, match="outside"):
         cache_mod.ShardReader(cfg.cache.dir)
 
 
 def test_cache_from_other_data_is_refused(tiny, tmp_path):
     build(tiny, tmp_path)
-    with pytest.raises(cache_mod.CacheError, match="dataset_sha256"):
+    with pytest.raises(CacheError, match="dataset_sha256"):
         build(tiny, tmp_path, **{"data.train": tiny["valid"]})
-    with pytest.raises(cache_mod.CacheError, match="mode"):
+    with pytest.raises(CacheError, match="mode"):
         build(tiny, tmp_path, **{"cache.mode": "topk"})
 
 
@@ -136,25 +138,21 @@ def test_cache_of_an_earlier_format_is_refused(tiny, tmp_path):
     """Format 1 stored no top-k tail and fingerprinted the teacher by file names and sizes:
     such a cache cannot say which weights built it, so training and `cache` refuse it in
     one line that says to rebuild."""
-    from mlxdistill.trainer import ensure_cache
-
     cfg, m = build(tiny, tmp_path)
     m["format_version"] = 1
     with open(os.path.join(cfg.cache.dir, cache_mod.MANIFEST), "w") as f:
         json.dump(m, f)
-    with pytest.raises(cache_mod.CacheError, match="format_version 1.*rebuild the cache"):
-        ensure_cache(cfg, True, lambda m: None)
-    with pytest.raises(cache_mod.CacheError, match="format_version 1"):
+    with pytest.raises(CacheError, match="format_version 1.*rebuild the cache"):
+        cache_mod.ensure(cfg, True, lambda m: None)
+    with pytest.raises(CacheError, match="format_version 1"):
         build(tiny, tmp_path)
 
 
 def test_training_refuses_a_complete_cache_with_other_settings(tiny, tmp_path):
-    from mlxdistill.trainer import ensure_cache
-
     build(tiny, tmp_path, **{"cache.n": 8})
     cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{"cache.n": 16}))
-    with pytest.raises(cache_mod.CacheError, match="n=8"):
-        ensure_cache(cfg, True, lambda m: None)
+    with pytest.raises(CacheError, match="n=8"):
+        cache_mod.ensure(cfg, True, lambda m: None)
 
 
 @pytest.mark.parametrize("mode", ["sample", "topk"])
@@ -169,10 +167,10 @@ def test_inspect_finds_bad_contents_behind_a_valid_sha(tiny, tmp_path, mode):
     t = load_file(path)
     t["ids"][0, 0, 0] = 60000  # beyond the 64-token vocabulary
     save_file(t, path)
-    m["shards"][1]["sha256"] = cache_mod.shard_sha256(path)
+    m["shards"][1]["sha256"] = files.sha256_file(path)
     with open(os.path.join(cfg.cache.dir, "manifest.json"), "w") as f:
         json.dump(m, f)
-    with pytest.raises(cache_mod.CacheError, match=f"{name} holds token ids outside"):
+    with pytest.raises(CacheError, match=f"{name} holds token ids outside"):
         cache_mod.summary(cfg.cache.dir)
 
 
@@ -187,7 +185,7 @@ def test_keep_top1_cache(tiny, tmp_path):
     w = batch.targets["counts"]
     assert w.dtype == np.float32 and np.allclose(w.sum(-1), 1.0, atol=1e-5)
     assert (w[..., 0] > 0.2).mean() > 0.5  # the sharpened teacher's top-1 carries real mass
-    with pytest.raises(cache_mod.CacheError, match="keep_top1"):
+    with pytest.raises(CacheError, match="keep_top1"):
         build(tiny, tmp_path)  # the same dir without keep_top1 is another cache
 
 

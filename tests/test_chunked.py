@@ -11,8 +11,8 @@ import pytest
 from conftest import tiny_overrides
 from mlx.utils import tree_flatten
 
-from mlxdistill import losses, models
-from mlxdistill.cache import sample_targets, topk_targets
+from mlxdistill import losses, surgery
+from mlxdistill.targets import sample_targets, topk_targets
 from mlxdistill.config import load_config
 
 
@@ -45,14 +45,14 @@ def test_chunked_equals_whole_sequence(kind, tied, name):
     t = targets_of(kind, mx.random.normal((B, L, V), key=mx.random.key(2)) * 3)
     labels = mx.concatenate([x[:, 1:], mx.full((B, 1), -1)], axis=1)
     mask = (mx.random.uniform(shape=(B, L), key=mx.random.key(3)) > 0.3).astype(mx.uint8)
-    body, head, head_module = models.split_head(model, V)
+    body, head, head_module = surgery.split_head(model, V)
 
     def whole(m):
-        return losses.distill_loss(m(x), t, labels, mask, 0.5, 1.0, name)[0]
+        return losses.distill_loss(m(x), t, labels, mask, losses.KD(name, alpha=0.5))[0]
 
     def chunked(m):
         return losses.chunked_distill_loss(body(x), head, head_module.trainable_parameters(),
-                                           t, labels, mask, 5, 0.5, 1.0, name)[0]
+                                           t, labels, mask, 5, losses.KD(name, alpha=0.5))[0]
 
     la, ga = nn.value_and_grad(model, whole)(model)
     lb, gb = nn.value_and_grad(model, chunked)(model)
@@ -74,7 +74,7 @@ def test_chunking_bounds_peak_memory_for_a_big_vocabulary():
     ids, counts = sample_targets(mx.random.normal((1, L, 64)), 16, np.random.default_rng(0))
     t = {"ids": mx.array(ids), "counts": mx.array(counts)}
     labels, mask = x, mx.ones((1, L), dtype=mx.uint8)
-    body, head, hm = models.split_head(model, V)
+    body, head, hm = surgery.split_head(model, V)
     peaks = {}
     for label, fn in {
         "whole": lambda m: losses.distill_loss(m(x), t, labels, mask)[0],

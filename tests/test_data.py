@@ -5,6 +5,7 @@ import pytest
 from conftest import make_tokenizer
 
 from mlxdistill import data as data_mod
+from mlxdistill import files
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_bad_files(tmp_path, content, needle):
 def test_file_sha256_changes_with_content(tmp_path):
     p = tmp_path / "x"
     p.write_text("a")
-    a = data_mod.file_sha256(str(p))
+    a = files.sha256_file(str(p))
     p.write_text("b")
-    assert a != data_mod.file_sha256(str(p))
+    assert a != files.sha256_file(str(p))
     assert np.all(len(a) == 64)

@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, prompt_completion, tiny_overrides
 from test_generate import cfg_for, prompts_file
 
+from mlxdistill import api
 from mlxdistill import cache as cache_mod
 from mlxdistill import generate as gen_mod
 from mlxdistill import trainer
@@ -100,7 +101,7 @@ def test_two_ranks_match_one_process(tiny, tmp_path, monkeypatch):
               "train.grad_accum": 1}
     logs = []
     one = load_config(None, tiny_overrides(tiny, tmp_path / "one", **common))
-    trainer.train(one, quiet=True, log=logs.append)
+    api.train(one, quiet=True, log=logs.append)
     assert "ranks: 1 (single process)" in logs
     recs = [json.loads(x) for x in open(os.path.join(one.run.dir, "metrics.jsonl"))]
     assert max(r["grad_norm"] for r in recs) > one.train.grad_clip  # clipping takes part

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from mlx.utils import tree_flatten
 
-from mlxdistill import trainer
+from mlxdistill import api
 from mlxdistill.config import load_config
 
 W = os.path.join(ROOT, "weights")
@@ -71,5 +71,5 @@ def test_default_objective_lowers_full_vocab_kl(tmp_path):
         "train.warmup=5", "data.seq_len=128",
         f"data.test={test_small}"])
     assert cfg.cache.mode == "sample" and cfg.loss.name == "forward_kl"
-    res = trainer.train(cfg, quiet=True, log=lambda m: None)
+    res = api.train(cfg, quiet=True, log=lambda m: None)
     assert res["student_after"]["kl"] < res["student_before"]["kl"] - 0.05, res

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import ROOT, WORDS, make_model, tiny_overrides
 
-from mlxdistill import trainer
+from mlxdistill import api
 from mlxdistill.cli import main
 from mlxdistill.config import load_config
 
@@ -20,7 +20,7 @@ def lora_run(tiny, tmp_path_factory):
     cfg = load_config(None, tiny_overrides(tiny, d, **{
         "student.model": student, "train.mode": "lora", "train.iters": 6, "train.lr": 1e-2,
         "train.lora_rank": 4}))
-    trainer.train(cfg, quiet=True, log=lambda m: None)
+    api.train(cfg, quiet=True, log=lambda m: None)
     return cfg.run.dir, d
 
 
@@ -102,7 +102,7 @@ def spm_run(tiny, tmp_path_factory):
     cfg = load_config(None, tiny_overrides(tiny, d, **{
         "teacher.model": EMBEDDED_STUDENT, "student.model": EMBEDDED_STUDENT,
         "train.mode": "lora", "train.iters": 2, "train.lora_rank": 4}))
-    trainer.train(cfg, quiet=True, log=lambda m: None)
+    api.train(cfg, quiet=True, log=lambda m: None)
     return cfg.run.dir, d
 
 
@@ -126,12 +126,12 @@ def test_export_copies_the_source_tokenizer_files(spm_run, tiny):
     cfg = load_config(None, tiny_overrides(tiny, d, **{
         "teacher.model": EMBEDDED_STUDENT, "student.model": EMBEDDED_STUDENT,
         "train.mode": "full", "train.iters": 1, "run.dir": str(d / "full")}))
-    trainer.train(cfg, quiet=True, log=lambda m: None)
+    api.train(cfg, quiet=True, log=lambda m: None)
     _same_bytes(EMBEDDED_STUDENT, d / "full" / "model", TOKENIZER_FILES)
 
 
 def test_copy_tokenizer_writes_only_what_the_source_lacks(tmp_path):
-    from mlxdistill import models
+    from mlxdistill import models, saving
 
     src = tmp_path / "src"
     src.mkdir()
@@ -140,7 +140,7 @@ def test_copy_tokenizer_writes_only_what_the_source_lacks(tmp_path):
     _, tok = models.load_meta(EMBEDDED_STUDENT, "student")
     dst = tmp_path / "dst"
     dst.mkdir()
-    models.copy_tokenizer(tok, str(src), str(dst))
+    saving.copy_tokenizer(tok, str(src), str(dst))
     _same_bytes(src, dst, ("tokenizer.model", "tokenizer_config.json"))
     assert (dst / "tokenizer.json").is_file()  # written by transformers: the source had none
     assert sorted(os.listdir(dst)) == sorted(set(os.listdir(dst)))  # no scratch folder left

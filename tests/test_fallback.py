@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import tiny_overrides
 
-from mlxdistill import fallback, trainer
+from mlxdistill import api
+from mlxdistill import fallback
 from mlxdistill.cli import main
 from mlxdistill.config import load_config
 
@@ -85,7 +86,7 @@ def test_bad_curve_input():
 def full_run(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("fallback")
     cfg = load_config(None, tiny_overrides(tiny, d, **{"train.iters": 4}))
-    trainer.train(cfg, quiet=True, log=lambda m: None)
+    api.train(cfg, quiet=True, log=lambda m: None)
     return cfg
 
 

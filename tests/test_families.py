@@ -51,7 +51,7 @@ def make_family_model(path: str, family: str, dim: int = 32, layers: int = 2, vo
     """A random `family` model saved as an mlx_lm folder (optionally 4/8-bit quantized)."""
     from mlx_lm.utils import _get_classes, save_config, save_model
 
-    from mlxdistill import models
+    from mlxdistill import saving
 
     os.makedirs(path, exist_ok=True)
     cfg = family_config(family, dim, layers, vocab, tied)
@@ -63,7 +63,7 @@ def make_family_model(path: str, family: str, dim: int = 32, layers: int = 2, vo
     emb.weight = emb.weight * sharpen
     mx.eval(model.parameters())
     if bits:
-        model, cfg = models.quantize(model, cfg, GROUP, bits)
+        model, cfg = saving.quantize(model, cfg, GROUP, bits)
     save_model(path, model)
     save_config(cfg, os.path.join(path, "config.json"))
     # transformers builds a Qwen2Tokenizer (byte-level BPE) for model_type qwen2 whatever the
@@ -137,12 +137,12 @@ def overrides(teacher: str, student: str, texts: dict, d, mode: str) -> list[str
 def test_family_cache_train_export_reload(case, family, tkw, skw, mode, texts, tmp_path):
     from mlx_lm.utils import load as mlx_load
 
-    from mlxdistill import cache, export, models, trainer
+    from mlxdistill import api, cache, export, models
     from mlxdistill.config import load_config
 
     teacher, student = family_pair(tmp_path, family, tkw, skw)
     cfg = load_config(None, overrides(teacher, student, texts, tmp_path, mode))
-    res = trainer.train(cfg, **QUIET)
+    res = api.train(cfg, **QUIET)
 
     # The cache covers the logits both models share: padded teacher rows are sliced off.
     m = cache.read_manifest(cfg.cache.dir)

@@ -25,6 +25,7 @@ from conftest import ROOT, make_model, tiny_overrides
 from safetensors.numpy import load_file, save_file
 
 from mlxdistill import cache as cache_mod
+from mlxdistill import files, shards
 from mlxdistill.cli import main
 
 SEED = int(os.environ.get("MLXDISTILL_FAULT_SEED", random.SystemRandom().randrange(10**6)))
@@ -195,7 +196,7 @@ def _rewrite(cache_dir, i, mutate):
     m = json.loads(open(os.path.join(cache_dir, "manifest.json")).read())
     path = os.path.join(cache_dir, m["shards"][i]["file"])
     mutate(path)
-    m["shards"][i]["sha256"] = cache_mod.shard_sha256(path)
+    m["shards"][i]["sha256"] = files.sha256_file(path)
     with open(os.path.join(cache_dir, "manifest.json"), "w") as f:
         json.dump(m, f)
     for name in (".verified.json",):
@@ -327,7 +328,7 @@ def test_cache_refuses_to_start_on_a_too_small_disk(tiny, tmp_path):
 
 def test_cache_size_estimate_matches_the_files(reference):
     m = json.loads(open(os.path.join(reference["cache"], "manifest.json")).read())
-    est = cache_mod.estimate_bytes(m, m["rows"])
+    est = shards.estimate_bytes(m, m["rows"])
     real = sum(os.path.getsize(os.path.join(reference["cache"], s["file"]))
                for s in m["shards"])
     assert 0.9 * real <= est <= real, (est, real)  # headers are the only difference

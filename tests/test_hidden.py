@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from conftest import tiny_overrides
 from safetensors.numpy import load_file
 
+from mlxdistill import api
 from mlxdistill import cache as cache_mod
-from mlxdistill import models, trainer
+from mlxdistill import surgery
 from mlxdistill.cli import main
 from mlxdistill.config import ConfigError, load_config
 
@@ -27,9 +28,8 @@ def test_cached_states_are_the_teachers_block_outputs(tiny, tmp_path):
     assert shard["hidden.1"].dtype == np.float16 and shard["hidden.1"].shape[-1] == 48
     teacher, _ = load(tiny["teacher"])
     teacher.set_dtype(mx.float32)
-    store, undo = models.capture_layers(teacher, [1])
+    store = surgery.capture_layers(teacher, [1])
     teacher(mx.array(shard["input_ids"][:2]))
-    undo()
     want = np.array(store[1].astype(mx.float16))
     assert np.allclose(want, shard["hidden.1"][:2], atol=1e-2)
     assert cache_mod.summary(cfg.cache.dir)["hidden_layers"] == [0, 1]
@@ -39,7 +39,7 @@ def test_hidden_training_lowers_hidden_loss_and_saves_clean(tiny, tmp_path):
     cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{
         "cache.hidden_layers": "[1]", "train.iters": 20, "train.lr": 1e-2,
         "train.report_every": 2, "train.mode": "lora", "train.lora_rank": 4}))
-    res = trainer.train(cfg, quiet=True, log=lambda s: None)
+    res = api.train(cfg, quiet=True, log=lambda s: None)
     recs = [json.loads(x) for x in open(os.path.join(cfg.run.dir, "metrics.jsonl"))]
     hid = [r["hidden"] for r in recs if "hidden" in r]
     assert len(hid) >= 5 and hid[-1] < hid[0]
@@ -61,5 +61,5 @@ def test_hidden_layer_out_of_range_fails_before_compute(tiny, tmp_path):
 
 
 def test_default_layer_map_spreads_evenly():
-    assert models.default_layer_map([0, 5, 11], 12, 4) == [0, 1, 3]
-    assert models.default_layer_map([5], 6, 4) == [3]
+    assert surgery.default_layer_map([0, 5, 11], 12, 4) == [0, 1, 3]
+    assert surgery.default_layer_map([5], 6, 4) == [3]

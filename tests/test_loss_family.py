@@ -70,7 +70,7 @@ def test_jsd_symmetric_at_half_and_ends_are_kl():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_topk_with_k_equal_vocab_is_dense(name):
-    from mlxdistill.cache import topk_targets
+    from mlxdistill.targets import topk_targets
 
     t, s = logits(6), logits(7)
     ids, lp = topk_targets(losses.log_softmax(t), V)

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 from conftest import make_model, tiny_overrides
 
+from mlxdistill import api
 from mlxdistill import cache as cache_mod
-from mlxdistill import trainer
 from mlxdistill.config import ConfigError, load_config
 from mlxdistill.multi import combine
+from mlxdistill.shards import CacheError
 
 
 def test_weighted_mixture_of_topk_by_hand():
@@ -42,7 +43,7 @@ def test_two_teachers_end_to_end_and_mismatch_refused(tiny, tmp_path):
     cfg = load_config(None, base + [f"cache.mix=[{tmp_path / 'cache2'}]",
                                     "cache.mix_weights=[0.7, 0.3]"])
     logs = []
-    res = trainer.train(cfg, quiet=True, log=logs.append)
+    res = api.train(cfg, quiet=True, log=logs.append)
     assert any("multi-teacher: 2 caches" in m for m in logs)
     assert np.isfinite(res["student_after"]["kl"])
 
@@ -51,7 +52,7 @@ def test_two_teachers_end_to_end_and_mismatch_refused(tiny, tmp_path):
     cache_mod.build(wrong, quiet=True, log=lambda m: None)
     bad = load_config(None, base + [f"cache.mix=[{tmp_path / 'cache3'}]",
                                     f"run.dir={tmp_path / 'run_bad'}"])
-    with pytest.raises(cache_mod.CacheError, match="seq_len"):
-        trainer.train(bad, quiet=True, log=lambda m: None)
+    with pytest.raises(CacheError, match="seq_len"):
+        api.train(bad, quiet=True, log=lambda m: None)
     with pytest.raises(ConfigError, match="one per"):
         load_config(None, ["cache.mix=[a]", "cache.mix_weights=[1, 2, 3]"])

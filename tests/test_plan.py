@@ -140,8 +140,9 @@ def test_parameter_count_and_quantized_size_from_config_alone(tmp_path):
     assert q.weight_bytes == linear // 2 + 2 * (linear // 64) * fb + (s.params - linear) * fb
 
 
-def test_cache_size_matches_written_shards(tiny, tmp_path):
-    cfg = load_config(None, tiny_overrides(tiny, tmp_path))
+@pytest.mark.parametrize("mode", ["sample", "topk"])
+def test_cache_size_matches_written_shards(tiny, tmp_path, mode):
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{"cache.mode": mode}))
     m = cache.build(cfg, quiet=True, log=lambda m: None)
     p = plan.plan(cfg)
     assert p["cache"]["rows"] == m["rows"] and p["cache"]["rows_from"] == "tokenized"
@@ -333,9 +334,10 @@ def test_grad_checkpoint_changes_only_its_model():
     """Checkpointing one student must not checkpoint every later model of its architecture
     (a process-wide class patch would also skew every memory measurement after it)."""
     import mlx.core as mx
+    from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
-    from mlxdistill import models
+    from mlxdistill import surgery
 
     args = llama.ModelArgs.from_dict(dict(
         model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
@@ -345,10 +347,10 @@ def test_grad_checkpoint_changes_only_its_model():
     b.update(a.parameters())
     x = mx.array([[1, 2, 3, 4]])
     ref = a(x)
-    models.grad_checkpoint(a)
+    surgery.grad_checkpoint(a)
     assert all(getattr(type(layer), "_checkpointed", False) for layer in a.model.layers)
     assert not any(getattr(type(layer), "_checkpointed", False) for layer in b.model.layers)
     assert type(b.model.layers[0]).__call__ is llama.TransformerBlock.__call__
     assert mx.allclose(a(x), ref).item() and mx.allclose(b(x), ref).item()
-    assert set(dict(models.tree_flatten(a.parameters()))) == \
-        set(dict(models.tree_flatten(b.parameters())))
+    assert set(dict(tree_flatten(a.parameters()))) == \
+        set(dict(tree_flatten(b.parameters())))

@@ -113,11 +113,11 @@ def test_profile_bad_folders(tmp_path):
 def test_profile_run_puts_teacher_and_student_side_by_side(tiny, tmp_path):
     from conftest import tiny_overrides
 
-    from mlxdistill import trainer
+    from mlxdistill import api
     from mlxdistill.config import load_config
 
     cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{"train.iters": 2}))
-    trainer.train(cfg, quiet=True, log=lambda m: None)
+    api.train(cfg, quiet=True, log=lambda m: None)
     res = CliRunner().invoke(main, ["profile", cfg.run.dir, "--bits", "32,4", "--group-size",
                                     "32", "--prompt-tokens", "8", "--gen-tokens", "2",
                                     "--repeats", "1", "--json"])

@@ -148,7 +148,7 @@ def test_eval_reports_task_accuracy(tiny, tmp_path):
     from mlxdistill import models, task
     from mlxdistill.config import load_config
     from mlxdistill.evaluate import format_table
-    from mlxdistill.trainer import train
+    from mlxdistill.api import train
 
     prompts = [{"prompt": p} for p in ("the king", "my lady", "the sea", "our ghost",
                                        "thy crown", "the storm")]
@@ -280,7 +280,7 @@ def test_specialist_benchmark_plumbing(tmp_path, monkeypatch):
     table = open(tmp_path / "res" / "specialist.md").read()
     assert table.count("\n| ") == 2 + len(specialist.VARIANTS)  # teacher, before, variants
     trained = []
-    monkeypatch.setattr(specialist, "train", lambda cfg, **kw: trained.append(cfg))
+    monkeypatch.setattr(specialist.api, "train", lambda cfg, **kw: trained.append(cfg))
     specialist.main()
     assert trained == []  # finished variants are not run again
 

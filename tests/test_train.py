@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import tiny_overrides
 
+from mlxdistill import api
 from mlxdistill import trainer
 from mlxdistill.config import ConfigError, load_config
 
@@ -17,7 +18,7 @@ QUIET = dict(quiet=True, log=lambda m: None)
 
 def run(tiny, tmp, **extra):
     cfg = load_config(None, tiny_overrides(tiny, tmp, **extra))
-    return cfg, trainer.train(cfg, **QUIET)
+    return cfg, api.train(cfg, **QUIET)
 
 
 def test_short_run_lowers_heldout_kl(tiny, tmp_path):
@@ -48,7 +49,7 @@ def interrupted_at(cfg, step: int, monkeypatch) -> None:
 
     monkeypatch.setattr(trainer.Progress, "update", dying_update)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(cfg, **QUIET)
+        api.train(cfg, **QUIET)
     monkeypatch.setattr(trainer.Progress, "update", real_update)
 
 
@@ -60,7 +61,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny, tmp_path, monkeypatch):
     interrupted_at(cfg_b, 6, monkeypatch)
     assert not os.path.exists(os.path.join(cfg_b.run.dir, "model"))
     logs = []
-    trainer.train(cfg_b, quiet=True, log=logs.append)
+    api.train(cfg_b, quiet=True, log=logs.append)
     assert any("resuming" in m and "step 4" in m for m in logs)
 
     wa, wb = _weights(cfg_a.run.dir), _weights(cfg_b.run.dir)
@@ -109,8 +110,7 @@ def test_full_mode_saves_mlx_lm_model(tiny, tmp_path):
     w = _weights(cfg.run.dir)
     base, _ = load(tiny["student"])
     assert mx.abs(w["model.embed_tokens.weight"] - base.model.embed_tokens.weight).max().item() > 0
-    out = generate(model, tok, prompt="the king", max_tokens=5)
-    assert isinstance(out, str)
+    generate(model, tok, prompt="the king", max_tokens=5)  # mlx_lm runs it (raises if not)
 
 
 def test_padded_teacher_vocab_is_sliced(tiny, tmp_path):
@@ -211,7 +211,7 @@ def test_on_policy_gkd_runs_and_resumes_exactly(tiny, tmp_path, monkeypatch):
 
     cfg_b = load_config(None, tiny_overrides(tiny, tmp_path / "b", **common))
     interrupted_at(cfg_b, 6, monkeypatch)
-    trainer.train(cfg_b, **QUIET)
+    api.train(cfg_b, **QUIET)
     wa, wb = _weights(cfg_a.run.dir), _weights(cfg_b.run.dir)
     for k in wa:
         assert np.array_equal(np.array(wa[k]), np.array(wb[k])), k
