@@ -19,7 +19,9 @@ def _preload_blas() -> str:
 
     mlx[cpu]'s bundled BLAS is ~30x slower for float32 matmul. The library must be loaded
     with RTLD_GLOBAL before the first `import mlx`; afterwards it is too late. Macs use Metal
-    and never need this. MLXDISTILL_NO_OPENBLAS=1 turns it off (to compare, or to debug).
+    and never need this. mlx[cuda]'s libmlx.so links the same bundled BLAS for the ops it
+    runs on the CPU, so there the preload only speeds those up; the GPU's matmuls are
+    cuBLAS's either way. MLXDISTILL_NO_OPENBLAS=1 turns it off (to compare, or to debug).
     """
     if not sys.platform.startswith("linux"):
         return "metal/accelerate"

@@ -10,17 +10,21 @@ arguments and calls these; scripts and notebooks call them directly.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from . import cache as cache_mod
+from . import data as data_mod
 from . import evaluate as evaluate_mod
 from . import export as export_mod
 from . import generate as generate_mod
 from . import models
 from . import plan as plan_mod
 from . import profile as profile_mod
+from . import recipes as recipes_mod
 from . import trainer
-from .config import Config, load_config  # noqa: F401  (part of the API)
+from .config import DATA_SPLITS, Config, ConfigError
+from .config import load_config  # noqa: F401  (part of the API)
 from .distributed import World
 from .rundir import RunDir
 
@@ -32,12 +36,50 @@ def train(cfg: Config, quiet: bool = False, log=print) -> Optional[dict]:
     The teacher is loaded at most once before training (cache pass and validation targets
     share it) and released before the loop in cache mode, so the student trains without it;
     evaluation loads it again once the student is saved. In online mode, where the teacher
-    stays in memory for training, evaluation reuses it."""
+    stays in memory for training, evaluation reuses it.
+
+    With train.final_eval false nothing is evaluated and None is returned. A run already
+    trained and evaluated is neither trained nor evaluated again (evaluation takes minutes
+    on real data): its eval.json is returned; `evaluate` (`mlxdistill eval`) redoes it."""
+    run = RunDir(cfg.run.dir)
+    # Decided before fit, after which the run is finished either way: an existing eval.json
+    # is this run's result only if this call trains nothing.
+    done = run.finished(cfg.train.iters) and os.path.isfile(run.eval_json)
     teacher = models.Lazy(cfg, "teacher")
     if not trainer.fit(cfg, quiet, log, teacher):
         return None
-    return evaluate_mod.evaluate_run(cfg.run.dir, quiet=quiet, log=log, cfg=cfg,
-                                     teacher=teacher)
+    res = None
+    if done:
+        res = evaluate_mod.read_result(run.eval_json)
+        log(f"{run.path} is complete (trained and evaluated): {run.eval_json} as it was; "
+            f"`mlxdistill eval {run.path}` evaluates it again")
+        if not quiet:
+            log(evaluate_mod.format_table(res))
+    elif cfg.train.final_eval:
+        res = evaluate_mod.evaluate_run(cfg.run.dir, quiet=quiet, log=log, cfg=cfg,
+                                        teacher=teacher)
+    else:
+        log(f"not evaluated (train.final_eval=false); `mlxdistill eval {run.path}` evaluates "
+            "the student against the teacher")
+    log(outputs(run))
+    return res
+
+
+def outputs(run: RunDir) -> str:
+    """Where a finished run's results are, as a short block: the last thing `train` says,
+    so the user need not know the run directory's layout."""
+    student = run.student_path()
+    rows = [("model" if student == run.model else "adapters",
+             run.adapters if student == run.path else student),
+            ("evaluation", run.eval_json), ("metrics", run.metrics)]
+    rows = [(what, path) for what, path in rows if path and os.path.exists(path)]
+    pngs = sorted(n for n in os.listdir(run.plots) if n.endswith(".png")) \
+        if os.path.isdir(run.plots) else []
+    if pngs:
+        rows.append(("plots", os.path.join(run.plots, "") + f" ({', '.join(pngs)})"))
+    width = max((len(what) for what, _ in rows), default=0)
+    return "\n".join([f"outputs in {run.path}:"] +
+                     [f"  {what.ljust(width)}  {path}" for what, path in rows])
 
 
 def fit(cfg: Config, quiet: bool = False, log=print) -> bool:
@@ -60,15 +102,42 @@ def inspect_cache(cache_dir: str) -> dict:
     return cache_mod.summary(cache_dir)
 
 
+def preview_data(cfg: Config, rows: int = 2, split: str = "train", log=print) -> list[dict]:
+    """The first `rows` packed rows of data.<split> as training sees them: per row its
+    "ids", its "mask" (the cache's loss_mask: 1 where the next token is trained) and "text"
+    (decoded, the untrained tokens inside [[ ]]). Tokenized with the teacher's tokenizer, as
+    the cache pass does (the student shares it: check_pair); only the tokenizer is loaded."""
+    if split not in DATA_SPLITS:
+        raise ConfigError(f"split {split!r} is not one of {', '.join(DATA_SPLITS)}")
+    path = getattr(cfg.data, split)
+    if path is None:
+        raise ConfigError(f"data.{split} is null; set it (or data.dir) to preview that split")
+    _, tok = models.load_meta_role(cfg, "teacher")
+    d = cfg.data
+    # valid and test are packed without long_lines (validation.py, evaluate.py): split
+    packed = data_mod.pack(path, tok, d.seq_len, d.mask_prompt, rows,
+                           d.long_lines if split == "train" else "split", d.packing,
+                           early_stop=True)
+    log(f"{path}: the first {packed.rows} rows of {d.seq_len} tokens, tokenized with the "
+        f"teacher's tokenizer ({cfg.teacher.model}, which the student shares) as the cache "
+        f"pass does; text in {data_mod.UNTRAINED[0]} {data_mod.UNTRAINED[1]} is not trained on")
+    return [{"row": i, "ids": packed.input_ids[i].tolist(), "mask": packed.loss_mask[i].tolist(),
+             "text": data_mod.marked_text(tok, packed.input_ids[i], packed.loss_mask[i])}
+            for i in range(packed.rows)]
+
+
 def generate(cfg: Config, quiet: bool = False, log=print) -> dict:
     """Teacher-written answers for generate.prompts -> generate.out (resumes)."""
     return generate_mod.generate(cfg, quiet=quiet, log=log)
 
 
 def evaluate(run_dir: str, data_path: Optional[str] = None, quiet: bool = False,
-             log=print) -> dict:
-    """Evaluate a finished run against its teacher (writes RUN_DIR/eval.json)."""
-    return evaluate_mod.evaluate_run(run_dir, data_path, quiet=quiet, log=log)
+             log=print, records: Optional[int] = None) -> dict:
+    """Evaluate a finished run against its teacher on its first `records` records of
+    `data_path` (defaults: the run's data.test_records of data.test); writes
+    RUN_DIR/eval.json and returns its content."""
+    return evaluate_mod.evaluate_run(run_dir, data_path, quiet=quiet, log=log,
+                                     records=records)
 
 
 def load_run_config(run_dir: str) -> Config:
@@ -81,7 +150,7 @@ def load_student(run_dir: str):
     run = RunDir(run_dir)
     cfg = run.load_config()
     model = run.load_student(cfg)
-    _, tok = models.load_meta(cfg.student.model, "student")
+    _, tok = models.load_meta_role(cfg, "student")
     return model, tok
 
 
@@ -104,3 +173,14 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
          metal: Optional[bool] = None) -> dict:
     """Will `cfg` fit? Peak memory of the teacher pass and training, cache size, time."""
     return plan_mod.plan(cfg, probe=probe, memory_bytes=memory_bytes, metal=metal)
+
+
+def recipes() -> list[dict]:
+    """The shipped recipes: name, one-line summary and path of each (`mlxdistill recipes`)."""
+    return recipes_mod.list_all()
+
+
+def init_recipe(name: str, dest: Optional[str] = None, force: bool = False) -> str:
+    """An editable copy of a shipped recipe in the folder `dest` (default: the working
+    directory), its embedded inputs pointing into the installed package; returns its path."""
+    return recipes_mod.init(name, dest, force)

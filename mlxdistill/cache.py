@@ -33,6 +33,7 @@ from .targets import from_logits, top1_weights
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 VERIFIED = ".verified.json"
+LOCK = ".lock"  # held by the process writing the cache
 TARGET_KEYS = {"topk": ("ids", "logprobs", "tail_logprob"), "sample": ("ids", "counts")}
 
 
@@ -48,7 +49,7 @@ IDENTITY_KEYS = ("format_version", "teacher_fingerprint_kind", "teacher_fingerpr
                  "tokenizer_fingerprint", "vocab_size",
                  "mode", "n", "k", "temperature", "seq_len", "dataset_sha256", "max_rows",
                  "mask_prompt", "seed", "shard_rows", "hidden_layers", "long_lines",
-                 "keep_top1", "packing")
+                 "keep_top1", "packing", "chat_template_sha256")
 
 def read_manifest(cache_dir: str) -> dict:
     path = os.path.join(cache_dir, MANIFEST)
@@ -83,18 +84,40 @@ def config_identity(cfg: Config) -> dict:
         "shard_rows": c.shard_rows, "hidden_layers": list(c.hidden_layers),
         "long_lines": cfg.data.long_lines, "keep_top1": c.keep_top1 and c.mode == "sample",
         "packing": cfg.data.packing,
+        # None when unset, which is also how a manifest from before the key reads
+        "chat_template_sha256": data_mod.chat_template_sha256(cfg.data.chat_template),
     }
 
 
-def check_compatible(manifest: dict, want: dict, cache_dir: str) -> None:
+def covers(manifest: dict, max_rows: Optional[int]) -> bool:
+    """Whether a complete cache begins with the cache a pass at data.max_rows=`max_rows`
+    (None: all) writes. Rows are packed in order, each packing decision depending only on
+    the records before it (data.pack), so fewer rows are a prefix of more; shard i's draws
+    come from (cache.seed, i) in row order. Bit for bit the same when the prefix ends on a
+    whole cache.batch_size batch of its last shard; otherwise that partial batch's targets
+    were computed in a full batch, as under another cache.batch_size (not part of a cache's
+    identity either): the same distribution, float rounding and draws aside."""
+    built = manifest.get("max_rows")
+    everything = built is None or manifest.get("rows", 0) < built  # the data ran out first
+    return everything or (max_rows is not None and max_rows <= built)
+
+
+def check_compatible(manifest: dict, want: dict, cache_dir: str, prefix: bool = False) -> None:
     """Refuse a cache whose manifest disagrees with `want` on an identity key (the first in
-    IDENTITY_KEYS order is named; a key the manifest lacks reads as None)."""
-    keys = [key for key in IDENTITY_KEYS if key in want]
-    refuse_changed(
-        {key: manifest.get(key) for key in keys}, want, keys=keys, error=CacheError,
-        message=lambda key, was, now: (
-            f"cache {cache_dir} was built with {key}={was!r} but this config needs {now!r}; "
-            "point cache.dir elsewhere or delete the cache"))
+    IDENTITY_KEYS order is named; a key the manifest lacks reads as None). With `prefix`
+    (a complete cache, read through ShardReader(rows=max_rows)), a cache built for more
+    rows than `want`'s max_rows is accepted: it `covers` them."""
+    keys = [key for key in IDENTITY_KEYS if key in want and not (prefix and key == "max_rows")]
+    message = lambda key, was, now: (  # noqa: E731
+        f"cache {cache_dir} was built with {key}={was!r} but this config needs {now!r}; "
+        "point cache.dir elsewhere or delete the cache")
+    refuse_changed({key: manifest.get(key) for key in keys}, want, keys=keys,
+                   error=CacheError, message=message)
+    if prefix and "max_rows" in want and not covers(manifest, want["max_rows"]):
+        raise CacheError(f"cache {cache_dir} was built with max_rows="
+                         f"{manifest.get('max_rows')!r} but this config needs "
+                         f"{want['max_rows']!r} (a cache serves a smaller max_rows, not a "
+                         "larger one); point cache.dir elsewhere or delete the cache")
 
 
 # ---------------------------------------------------------------- writer
@@ -106,14 +129,33 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
     Under `mlx.launch` the ranks take the missing shards round-robin and write them into the
     one cache directory (which they must share); rank 0 alone reads and writes the manifest,
     merging every rank's shard records after each round. Shard contents depend only on the
-    shard index and the seed, so any number of ranks builds the same cache."""
+    shard index and the seed, so any number of ranks builds the same cache.
+
+    Rank 0 holds the cache folder's lock throughout: a second pass into the same folder
+    (another `cache`, or a `train` that finds the cache missing) is refused at once, naming
+    the process that runs the first."""
     world = world or World(cfg.run.dist_timeout)
-    if not world.main:
-        quiet, log = True, (lambda m: None)  # rank 0 reports for all
+    files.check_dir(cfg.cache.dir, "cache.dir")  # before the teacher is loaded
+    if not world.main:  # rank 0 locks, and reports, for all
+        return _build(cfg, True, lambda m: None, world, teacher)
+    files.ensure_dir(cfg.cache.dir, "cache.dir")
+    with lock(cfg.cache.dir):
+        return _build(cfg, quiet, log, world, teacher)
+
+
+def lock(cache_dir: str) -> files.PidLock:
+    # Refuse rather than wait: a teacher pass takes hours, and a process waiting silently
+    # for it looks hung; rerun once the other is done and the cache is simply read.
+    return files.PidLock(os.path.join(cache_dir, LOCK), f"cache.dir {cache_dir}",
+                         "wait for it to finish (then rerun: the cache is read, not rebuilt) "
+                         "or choose another cache.dir", CacheError)
+
+
+def _build(cfg: Config, quiet: bool, log, world: World,
+           teacher: Optional[models.Lazy]) -> dict:
     c = cfg.cache
-    files.check_dir(c.dir, "cache.dir")  # before the teacher is loaded
     teacher, ttok, tcfg = (teacher or models.Lazy(cfg, "teacher")).get()
-    scfg, stok = models.load_meta(cfg.student.model, "student")
+    scfg, stok = models.load_meta_role(cfg, "student")
     match = models.check_pair(ttok, tcfg, stok, scfg, cfg.data.seq_len)
     if c.mode == "topk" and c.k > match.vocab_size:
         raise ConfigError(f"cache.k={c.k} exceeds the vocabulary size {match.vocab_size}")
@@ -128,7 +170,9 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
     mpath = os.path.join(c.dir, MANIFEST)
     if world.main and os.path.exists(mpath):
         manifest = read_manifest(c.dir)
-        check_compatible(manifest, want, c.dir)
+        # A complete cache of more rows serves fewer; an unfinished one is finished only
+        # for the max_rows it was begun with.
+        check_compatible(manifest, want, c.dir, prefix=bool(manifest.get("complete")))
     else:
         manifest = {**want, "teacher": cfg.teacher.model, "dataset": cfg.data.train,
                     "teacher_layers": surgery.num_layers(teacher), "hidden_resolved": hidden,
@@ -137,7 +181,9 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
     # Every rank follows rank 0's view of the cache.
     manifest = world.bcast(manifest, "reading the cache manifest")
     if manifest.get("complete"):
-        log(f"cache {c.dir} is complete ({manifest['rows']} rows); nothing to do")
+        used = ("" if manifest.get("max_rows") == cfg.data.max_rows else
+                f"; data.max_rows={cfg.data.max_rows} trains on its first rows")
+        log(f"cache {c.dir} is complete ({manifest['rows']} rows){used}; nothing to do")
         return manifest
 
     packed = data_mod.pack(cfg.data.train, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
@@ -238,9 +284,13 @@ class ShardReader:
 
     Shards are verified against the manifest's sha256 once; the result is remembered by
     (size, mtime) in `.verified.json`, so later runs skip re-hashing unchanged files but
-    any rewrite is caught."""
+    any rewrite is caught.
 
-    def __init__(self, cache_dir: str, verify: bool = True):
+    `rows` serves the cache's first rows only (a data.max_rows below what it holds:
+    `covers`) as a cache built for that many holds them: the same shards, the last one cut,
+    so the batch order (`order`, from the shards' row counts) is that cache's too."""
+
+    def __init__(self, cache_dir: str, verify: bool = True, rows: Optional[int] = None):
         self.dir = cache_dir
         self.manifest = read_manifest(cache_dir)
         if not self.manifest.get("complete"):
@@ -253,6 +303,8 @@ class ShardReader:
                 files.inside(cache_dir, s["file"], f"the manifest of {cache_dir}")
             except files.PathError as e:
                 raise CacheError(str(e)) from None
+        if rows is not None:
+            self.shards = _prefix(self.shards, rows)
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
         self.rows = int(self.offsets[-1])
         if self.rows == 0:
@@ -288,11 +340,15 @@ class ShardReader:
     def load_shard(self, i: int) -> dict:
         sh = self.shards[i]
         path = os.path.join(self.dir, sh["file"])
-        check_header(path, sh["file"], expected_tensors(self.manifest, sh["rows"]))
+        stored = sh.get("stored_rows", sh["rows"])
+        check_header(path, sh["file"], expected_tensors(self.manifest, stored))
         try:
-            return load_file(path)
+            tensors = load_file(path)
         except Exception as e:
             raise CacheError(f"cannot read shard {path}: {e}") from None
+        if stored != sh["rows"]:  # the last shard of a prefix (rows=)
+            tensors = {k: v[:sh["rows"]] for k, v in tensors.items()}
+        return tensors
 
     def bytes_per_token(self) -> tuple[float, float]:
         """(teacher-target bytes, whole-file bytes) per cached token."""
@@ -374,6 +430,18 @@ class ShardReader:
         return data_mod.Batch(take("input_ids"), take("loss_mask"), take("next_ids"), targets)
 
 
+def _prefix(shards: list[dict], rows: int) -> list[dict]:
+    """The shard records holding the first `rows` rows; the last one cut to what is used,
+    its stored row count kept for the header check."""
+    out, left = [], rows
+    for s in shards:
+        if left <= 0:
+            break
+        out.append(s if s["rows"] <= left else {**s, "rows": left, "stored_rows": s["rows"]})
+        left -= s["rows"]
+    return out
+
+
 def summary(cache_dir: str) -> dict:
     """`mlxdistill inspect`: manifest summary after full verification."""
     reader = ShardReader(cache_dir, verify=False)
@@ -412,8 +480,9 @@ def ensure(cfg: Config, quiet: bool = False, log=print, world: Optional[World] =
         build(cfg, quiet=quiet, log=log, world=world, teacher=teacher)
     if not world.main:
         world.barrier("rank 0's cache verification")
-    reader = ShardReader(cfg.cache.dir)
+    # A cache built for more rows serves the first data.max_rows (covers).
+    reader = ShardReader(cfg.cache.dir, rows=cfg.data.max_rows)
     if world.main:
         world.barrier("rank 0's cache verification")
-    check_compatible(reader.manifest, config_identity(cfg), cfg.cache.dir)
+    check_compatible(reader.manifest, config_identity(cfg), cfg.cache.dir, prefix=True)
     return reader

@@ -94,6 +94,35 @@ def config(prefix, markdown):
 
 
 @main.command()
+@guarded
+def recipes():
+    """The shipped recipes (the embedded default, its variants, real-model pairs)."""
+    from . import api
+
+    rows = api.recipes()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        click.echo(f"{r['name'].ljust(width)}  {r['summary']}")
+    click.echo("\n`mlxdistill init NAME` writes an editable copy here; "
+               "`mlxdistill train -c NAME.yaml` runs it.")
+
+
+@main.command()
+@click.argument("recipe")
+@click.argument("dest", required=False)
+@click.option("--force", is_flag=True, help="Replace an existing copy.")
+@guarded
+def init(recipe, dest, force):
+    """Write an editable copy of RECIPE (see `mlxdistill recipes`) as DEST/RECIPE.yaml
+    (DEST: a folder, default the working directory; or a .yaml file name). Its weights/ and
+    data/ inputs point into the installed package; outputs go where you run it."""
+    from . import api
+
+    out = api.init_recipe(recipe, dest, force)
+    click.echo(f"wrote {out}; run it with: mlxdistill train -c {out}")
+
+
+@main.command()
 @config_opt
 @quiet_opt
 @overrides_arg
@@ -136,13 +165,18 @@ def generate(config_path, quiet, overrides):
 @click.argument("run_dir")
 @click.option("--data", "data_path", default=None, help="JSONL/.txt to evaluate on "
               "(default: the run's data.test).")
+@click.option("--records", type=int, default=None, help="Evaluate on the first N records "
+              "(default: the run's data.test_records; all when unset).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @guarded
-def eval_cmd(run_dir, data_path, as_json):
-    """Evaluate RUN_DIR's student against its teacher (writes RUN_DIR/eval.json)."""
+def eval_cmd(run_dir, data_path, records, as_json):
+    """Evaluate RUN_DIR's student against its teacher (writes RUN_DIR/eval.json).
+
+    This is how a finished run is evaluated again: rerunning `train` on it returns the
+    eval.json it has."""
     from . import api
 
-    res = api.evaluate(run_dir, data_path, quiet=as_json, log=click.echo)
+    res = api.evaluate(run_dir, data_path, quiet=as_json, log=click.echo, records=records)
     if as_json:
         click.echo(json.dumps(res, indent=2))
 
@@ -161,6 +195,30 @@ def inspect(cache_dir, as_json):
         return
     for k, v in s.items():
         click.echo(f"{k:>18}: {v}")
+
+
+@main.command()
+@config_opt
+@click.option("--rows", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Packed rows to show, from the first.")
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="train",
+              show_default=True, help="Which of data.train / data.valid / data.test.")
+@click.option("--json", "as_json", is_flag=True, help='One JSON object per row: {"row", '
+              '"ids", "mask"} (mask 1: the next token is trained, as the cache\'s loss_mask).')
+@overrides_arg
+@guarded
+def data(config_path, rows, split, as_json, overrides):
+    """The first packed rows exactly as the student trains on them: decoded, with the
+    untrained part (prompts, padding) inside [[ ]]."""
+    from . import api
+
+    log = (lambda m: None) if as_json else click.echo
+    for r in api.preview_data(_load(config_path, overrides), rows, split, log=log):
+        if as_json:
+            click.echo(json.dumps({"row": r["row"], "ids": r["ids"], "mask": r["mask"]}))
+        else:
+            click.echo(f"\n-- row {r['row']} ({len(r['ids'])} tokens, {sum(r['mask'])} "
+                       f"trained) --\n{r['text']}")
 
 
 @main.command()

@@ -1,5 +1,5 @@
 """The configuration reference, generated from the one description each key carries in
-config.py: `docs/configuration.md` and `mlxdistill config` print the same text, and a test
+sections.py: `docs/configuration.md` and `mlxdistill config` print the same text, and a test
 fails when the page is stale (regenerate it with `mlxdistill config --markdown >
 docs/configuration.md`)."""
 
@@ -10,7 +10,8 @@ import textwrap
 
 import yaml
 
-from .config import _CLASSES, DEFAULT_CONFIG
+from .config import DEFAULT_CONFIG
+from .sections import SECTIONS
 
 INTRO = """# Configuration
 
@@ -21,7 +22,7 @@ every value is checked when the file is loaded, before any model is. `configs/de
 is the embedded default; where it sets a key, its value is shown beside the built-in one.
 Every recipe in `configs/` opens with the command that runs it.
 
-This page is generated from the descriptions in `mlxdistill/config.py`; `mlxdistill config`
+This page is generated from the descriptions in `mlxdistill/sections.py`; `mlxdistill config`
 prints the same text.
 """
 
@@ -37,7 +38,7 @@ def rows() -> list[tuple[str, str, str, str]]:
     with open(DEFAULT_CONFIG, encoding="utf-8") as f:
         embedded = yaml.safe_load(f) or {}
     out = []
-    for section, cls in _CLASSES.items():
+    for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             default = f.default
             emb = (embedded.get(section) or {}).get(f.name, default)

@@ -1,354 +1,38 @@
-"""Typed, frozen run configuration: YAML sections -> dataclasses, validated on load.
+"""Loading the run configuration: YAML and `KEY=VALUE` overrides -> the frozen sections of
+sections.py, validated on load; `data.dir` and the embedded recipes' paths resolved.
 
-Unknown keys are an error (a misspelt key silently ignored is a run wasted), and every
-error names the key, the bad value and what would be accepted.
+Unknown keys are an error (a misspelt key silently ignored is a run wasted; a close spelling
+is suggested), and every error names the key, the bad value, where it came from (the file or
+the command line) and what would be accepted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import Any, Optional
 
 import yaml
 
-from .errors import Error
 from .files import atomic_path
-from .losses import DIVERGENCES
+from .sections import SECTIONS, Config, ConfigError, check
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(PROJECT_ROOT, "configs", "default.yaml")
-
-
-class ConfigError(Error):
-    """A user error in a config file or override; the message is one line."""
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
-def _one_of(key: str, value: Any, allowed) -> None:
-    _check(value in allowed, f"{key}={value!r} is not valid; use one of: {', '.join(allowed)}")
-
-
-def _key(default: Any, doc: str) -> Any:
-    """A config key with its one description: the configuration reference
-    (docs/configuration.md, `mlxdistill config`) is generated from these."""
-    return field(default=default, metadata={"doc": doc})
-
-
-def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    _check(ok, f"{key}={value!r} must be a {'non-negative' if allow_zero else 'positive'} number")
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    model: str = _key("weights/teacher", "mlx_lm model folder or hub id")
-    mode: str = _key("cache", "`cache` (train from `cache.dir`) or `online` (the teacher stays "
-                     "in memory and gives dense targets each step)")
-    trust_remote_code: bool = _key(False, "run the model folder's own Python (`model_file` in "
-                                   "its config.json); never by default")
-
-    def __post_init__(self):
-        _one_of("teacher.mode", self.mode, ("cache", "online"))
-        _check(isinstance(self.trust_remote_code, bool),
-               f"teacher.trust_remote_code={self.trust_remote_code!r} must be true or false")
-
-
-@dataclass(frozen=True)
-class StudentConfig:
-    model: str = _key("weights/student", "mlx_lm model folder or hub id; must share the "
-                      "teacher's tokenizer")
-    trust_remote_code: bool = _key(False, "as `teacher.trust_remote_code`, for the student")
-
-    def __post_init__(self):
-        _check(isinstance(self.trust_remote_code, bool),
-               f"student.trust_remote_code={self.trust_remote_code!r} must be true or false")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    train: str = _key("data/train.jsonl", "training data: mlx_lm JSONL (`text`, "
-                      "`prompt`/`completion` or `messages` records) or `.txt`")
-    valid: Optional[str] = _key("data/valid.jsonl", "validation data for the periodic "
-                                "evaluation (null: none)")
-    test: Optional[str] = _key("data/test.jsonl", "held-out data for the final evaluation "
-                               "(null: none)")
-    seq_len: int = _key(256, "tokens per packed row; must fit both models' context")
-    max_rows: Optional[int] = _key(None, "cap on packed training rows (null: all): sizes the "
-                                   "teacher pass to what a run uses")
-    mask_prompt: bool = _key(True, "train only on completions / assistant turns of "
-                             "prompt-completion and chat records")
-    long_lines: str = _key("split", "a record longer than `seq_len`: `split` (runs on into the "
-                           "next row) or `truncate` (keeps its first `seq_len` tokens); "
-                           "counted either way")
-    packing: str = _key("auto", "`auto`: a prompt/completion or chat record that does not fit "
-                        "what is left of a row starts the next one (the rest is padding, not "
-                        "trained on), so no completion is trained without its prompt; text "
-                        "runs on. `stream`: every record runs on; `whole`: text kept whole too")
-
-    def __post_init__(self):
-        _check(isinstance(self.seq_len, int) and self.seq_len >= 2,
-               f"data.seq_len={self.seq_len!r} must be an integer >= 2")
-        _one_of("data.long_lines", self.long_lines, ("split", "truncate"))
-        _one_of("data.packing", self.packing, ("auto", "stream", "whole"))
-        if self.max_rows is not None:
-            _check(isinstance(self.max_rows, int) and self.max_rows > 0,
-                   f"data.max_rows={self.max_rows!r} must be a positive integer or null")
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    dir: str = _key("caches/default", "the teacher cache's folder")
-    mode: str = _key("sample", "`sample` (n draws per position, unbiased) or `topk` (the k "
-                     "most likely ids with their log-probabilities, and the tail's)")
-    n: int = _key(16, "draws per position in sample mode (1-255)")
-    k: int = _key(64, "ids per position in topk mode")
-    temperature: float = _key(1.0, "teacher temperature at capture; must equal "
-                              "`loss.temperature`")
-    hidden_layers: tuple = _key((), "teacher blocks whose outputs are cached for hidden-state "
-                                "distillation, counted from 0 (negative: from the end)")
-    keep_top1: bool = _key(False, "sample mode: keep the teacher's top-1 id with its exact "
-                           "probability in one of the n slots, the other n-1 drawn from the "
-                           "rest (same bytes, less sampling noise)")
-    shard_rows: int = _key(256, "rows per shard: the unit of resume after a kill")
-    batch_size: int = _key(8, "rows per teacher forward pass")
-    seed: int = _key(0, "sampling seed (per-shard keys: a resumed pass redraws identically)")
-    mix: tuple = _key((), "multi-teacher: more caches (other teachers, the same data settings) "
-                      "mixed with this one")
-    mix_weights: tuple = _key((), "multi-teacher: one weight per cache, `cache.dir` first "
-                              "([]: equal)")
-    mix_mode: str = _key("weights", "multi-teacher: `weights` (a mixture) or `confidence` "
-                         "(per position, the teacher most sure of its top token)")
-
-    def __post_init__(self):
-        _one_of("cache.mode", self.mode, ("sample", "topk"))
-        _one_of("cache.mix_mode", self.mix_mode, ("weights", "confidence"))
-        _check(all(isinstance(d, str) for d in self.mix),
-               f"cache.mix={list(self.mix)!r} must be a list of cache directories")
-        if self.mix_weights:
-            _check(len(self.mix_weights) == len(self.mix) + 1,
-                   f"cache.mix_weights has {len(self.mix_weights)} entries; it needs one per "
-                   f"cache ({len(self.mix) + 1}: cache.dir, then cache.mix)")
-            _check(all(isinstance(w, (int, float)) and w >= 0 for w in self.mix_weights)
-                   and sum(self.mix_weights) > 0,
-                   f"cache.mix_weights={list(self.mix_weights)!r} must be non-negative, not "
-                   "all zero")
-        # uint8 counts hold at most 255 draws of one id.
-        _check(isinstance(self.n, int) and 1 <= self.n <= 255,
-               f"cache.n={self.n!r} must be an integer in 1..255 (draws per position)")
-        _check(isinstance(self.keep_top1, bool),
-               f"cache.keep_top1={self.keep_top1!r} must be true or false")
-        _check(not self.keep_top1 or (self.mode == "sample" and self.n >= 2),
-               f"cache.keep_top1 needs cache.mode=sample and cache.n >= 2 (got mode="
-               f"{self.mode!r}, n={self.n}); top-k already keeps the top ids exactly")
-        _check(isinstance(self.k, int) and self.k >= 1, f"cache.k={self.k!r} must be >= 1")
-        _positive("cache.temperature", self.temperature)
-        _check(all(isinstance(i, int) and not isinstance(i, bool) for i in self.hidden_layers),
-               f"cache.hidden_layers={list(self.hidden_layers)!r} must be a list of layer "
-               "indices")
-        _check(isinstance(self.shard_rows, int) and self.shard_rows >= 1,
-               f"cache.shard_rows={self.shard_rows!r} must be a positive integer")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1,
-               f"cache.batch_size={self.batch_size!r} must be a positive integer")
-
-
-LOSSES = tuple(DIVERGENCES)  # the loss names, in losses.py's order
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    name: str = _key("forward_kl", "the divergence: " + ", ".join(f"`{n}`" for n in LOSSES)
-                     + " (sampled caches: `forward_kl` only)")
-    alpha: float = _key(0.0, "weight of hard-label cross-entropy: (1 - alpha) KD + alpha CE")
-    temperature: float = _key(1.0, "T; the divergence is scaled by T^2")
-    beta: float = _key(0.5, "`jsd` (TRL's generalized JSD) and `symmetric_kl` ((1 - beta) "
-                       "forward + beta reverse KL): 0 is forward KL, 1 reverse KL")
-    skew: float = _key(0.1, "`skew_kl` / `skew_reverse_kl` mixture weight (DistiLLM)")
-    lmbda: float = _key(0.0, "on-policy (GKD): fraction of steps trained on student-written "
-                        "continuations scored by the live teacher; needs "
-                        "`teacher.mode: online`")
-    hidden_weight: float = _key(1.0, "weight of the hidden-state term (when the cache holds "
-                                "`cache.hidden_layers`)")
-    hidden_loss: str = _key("cosine", "hidden-state term: `cosine` (scale-free) or `mse`")
-    hidden_student_layers: tuple = _key((), "student block per cached teacher layer, counted "
-                                        "from 0 ([]: the same relative depth)")
-
-    def __post_init__(self):
-        _one_of("loss.name", self.name, LOSSES)
-        _check(isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0,
-               f"loss.alpha={self.alpha!r} must be in [0, 1]")
-        _positive("loss.temperature", self.temperature)
-        _check(isinstance(self.beta, (int, float)) and 0.0 <= self.beta <= 1.0,
-               f"loss.beta={self.beta!r} must be in [0, 1]")
-        _check(isinstance(self.skew, (int, float)) and 0.0 < self.skew < 1.0,
-               f"loss.skew={self.skew!r} must be in (0, 1)")
-        _check(isinstance(self.lmbda, (int, float)) and 0.0 <= self.lmbda <= 1.0,
-               f"loss.lmbda={self.lmbda!r} must be in [0, 1]")
-        _positive("loss.hidden_weight", self.hidden_weight, allow_zero=True)
-        _one_of("loss.hidden_loss", self.hidden_loss, ("cosine", "mse"))
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    mode: str = _key("full", "`full`, `lora` or `dora` (mlx_lm's layers)")
-    iters: int = _key(1000, "optimizer steps")
-    batch_size: int = _key(8, "rows per step, over all ranks")
-    lr: float = _key(3.0e-4, "AdamW peak learning rate")
-    grad_accum: int = _key(1, "micro-batches per step (`batch_size` must be divisible by it)")
-    lora_rank: int = _key(8, "LoRA/DoRA rank")
-    lora_layers: int = _key(-1, "LoRA/DoRA: how many of the last blocks get adapters (-1: all)")
-    lora_scale: float = _key(20.0, "LoRA/DoRA scale")
-    lora_dropout: float = _key(0.0, "LoRA/DoRA dropout")
-    save_every: int = _key(100, "steps between checkpoints")
-    eval_every: int = _key(100, "steps between validations (CE, KL to the teacher, top-1 "
-                           "agreement on `eval_rows` validation rows)")
-    warmup: int = _key(20, "linear warm-up steps")
-    min_lr_ratio: float = _key(0.1, "cosine decay floor, as a fraction of `lr`")
-    weight_decay: float = _key(0.0, "AdamW weight decay")
-    grad_clip: float = _key(1.0, "global gradient-norm clip (0: off)")
-    eval_rows: int = _key(8, "validation rows whose teacher distributions are kept for the "
-                          "periodic validation")
-    report_every: int = _key(10, "steps between metrics.jsonl records")
-    keep_checkpoints: int = _key(2, "newest checkpoints kept in `run.dir`/checkpoints")
-    loss_chunk: int = _key(0, "positions per loss chunk (0: the whole sequence); each chunk's "
-                           "logits are recomputed in the backward pass, so [B, L, V] float32 "
-                           "logits never exist at once: for 150k-token vocabularies")
-    grad_checkpoint: bool = _key(False, "recompute each block's activations in the backward "
-                                 "pass instead of storing them (long sequences)")
-    nonfinite_skips: int = _key(0, "steps with a non-finite loss or gradient that may be "
-                                "skipped (update dropped, data moves on) before the run stops; "
-                                "0 stops at the first, keeping the last good checkpoint")
-
-    def __post_init__(self):
-        _one_of("train.mode", self.mode, ("full", "lora", "dora"))
-        for key in ("iters", "batch_size", "grad_accum", "lora_rank", "save_every",
-                    "eval_every", "report_every", "keep_checkpoints"):
-            v = getattr(self, key)
-            _check(isinstance(v, int) and v >= 1, f"train.{key}={v!r} must be a positive integer")
-        _check(self.batch_size % self.grad_accum == 0,
-               f"train.batch_size={self.batch_size} must be divisible by "
-               f"train.grad_accum={self.grad_accum}")
-        _check(isinstance(self.lora_layers, int) and (self.lora_layers == -1 or self.lora_layers > 0),
-               f"train.lora_layers={self.lora_layers!r} must be -1 (all) or a positive integer")
-        _positive("train.lr", self.lr)
-        _positive("train.warmup", self.warmup, allow_zero=True)
-        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
-        _positive("train.grad_clip", self.grad_clip, allow_zero=True)
-        _positive("train.eval_rows", self.eval_rows, allow_zero=True)
-        _check(isinstance(self.loss_chunk, int) and self.loss_chunk >= 0,
-               f"train.loss_chunk={self.loss_chunk!r} must be an integer >= 0 (0: off)")
-        _check(isinstance(self.grad_checkpoint, bool),
-               f"train.grad_checkpoint={self.grad_checkpoint!r} must be true or false")
-        _check(isinstance(self.nonfinite_skips, int) and self.nonfinite_skips >= 0,
-               f"train.nonfinite_skips={self.nonfinite_skips!r} must be an integer >= 0")
-        _check(0.0 <= self.min_lr_ratio <= 1.0,
-               f"train.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    dir: str = _key("runs/default", "the run's output folder (model or adapters, metrics, "
-                    "checkpoints, evaluation, plots)")
-    seed: int = _key(0, "seed of the data order and of every random draw in training")
-    dist_timeout: float = _key(600.0, "several ranks: seconds a rank waits for the others (in "
-                               "one collective, or to connect) before it stops with an error")
-
-    def __post_init__(self):
-        _positive("run.dist_timeout", self.dist_timeout)
-
-
-@dataclass(frozen=True)
-class GenerateConfig:
-    prompts: str = _key("data/prompts.jsonl", "`generate`: prompts (JSONL: `prompt` or "
-                        "`messages`, optional `answer`)")
-    out: str = _key("data/generated.jsonl", "`generate`: output JSONL of prompt/completion "
-                    "records")
-    n: int = _key(1, "answers per prompt")
-    max_tokens: int = _key(256, "tokens per answer at most")
-    temperature: float = _key(0.7, "sampling temperature (0: greedy)")
-    top_p: float = _key(1.0, "nucleus sampling mass")
-    verifier: Optional[str] = _key(None, "keep only answers that pass: null (all), `exact`, "
-                                   "`regex:PATTERN` or `module:function`")
-    system: Optional[str] = _key(None, "system prompt for chat prompts")
-    batch_size: int = _key(8, "prompts per batched generation call")
-    seed: int = _key(0, "sampling seed")
-    reasoning: Optional[str] = _key(None, "where the final answer starts: null (the whole "
-                                    "answer), `think`, or `\"TEXT{reasoning}TEXT{answer}TEXT\"`; "
-                                    "the verifier and task accuracy see the final answer only")
-    eval_prompts: int = _key(200, "test records with an `answer` that `eval` scores for task "
-                             "accuracy (0: off)")
-
-    def __post_init__(self):
-        _check(self.reasoning is None or self.reasoning == "think"
-               or (isinstance(self.reasoning, str)
-                   and 0 <= self.reasoning.find("{reasoning}")
-                   < self.reasoning.find("{answer}") - len("{reasoning}")),
-               f"generate.reasoning={self.reasoning!r}: use null, think, or a template with "
-               "{reasoning}, then the text that ends it, then {answer}")
-        _check(isinstance(self.eval_prompts, int) and not isinstance(self.eval_prompts, bool)
-               and self.eval_prompts >= 0,
-               f"generate.eval_prompts={self.eval_prompts!r} must be a non-negative integer")
-        for key in ("n", "max_tokens", "batch_size"):
-            v = getattr(self, key)
-            _check(isinstance(v, int) and v >= 1,
-                   f"generate.{key}={v!r} must be a positive integer")
-        _positive("generate.temperature", self.temperature, allow_zero=True)
-        _check(isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0,
-               f"generate.top_p={self.top_p!r} must be in (0, 1]")
-
-
-@dataclass(frozen=True)
-class Config:
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-
-    def __post_init__(self):
-        # Cross-section rules, checked on load so they fail before any compute.
-        _check(self.teacher.mode == "online" or self.cache.mode != "sample"
-               or self.loss.name == "forward_kl",
-               f"loss.name={self.loss.name} needs the teacher's probabilities, which a sampled "
-               "cache does not hold (only draws); use cache.mode=topk or loss.name=forward_kl")
-        _check(self.loss.lmbda == 0 or self.teacher.mode == "online",
-               f"loss.lmbda={self.loss.lmbda} scores student-written sequences with the live "
-               "teacher; set teacher.mode=online (or loss.lmbda=0)")
-        _check(self.teacher.mode == "cache" or not self.cache.hidden_layers,
-               "cache.hidden_layers needs teacher.mode=cache (hidden states come from the cache)")
-        _check(self.teacher.mode == "online" or self.loss.temperature == self.cache.temperature,
-               f"loss.temperature={self.loss.temperature} differs from cache.temperature="
-               f"{self.cache.temperature}: cached teacher distributions cannot be re-tempered "
-               "exactly; set both to the same value")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        for key in ("hidden_layers", "mix", "mix_weights"):
-            d["cache"][key] = list(d["cache"][key])
-        d["loss"]["hidden_student_layers"] = list(d["loss"]["hidden_student_layers"])
-        return d
-
-
-_CLASSES = {
-    "teacher": TeacherConfig, "student": StudentConfig, "data": DataConfig,
-    "cache": CacheConfig, "loss": LossConfig, "train": TrainConfig, "run": RunConfig,
-    "generate": GenerateConfig,
-}
+# The embedded recipes, weights and data live inside the package so that a wheel carries
+# them (`pip install` then `mlxdistill train` anywhere); a clone reaches them through its
+# top-level links configs/, weights/ and data/.
+EMBEDDED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
+CONFIGS_DIR = os.path.join(EMBEDDED_DIR, "configs")
+DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "default.yaml")
+_log = logging.getLogger(__name__)
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """YAML reads `3e-4` as a string and users write ints for floats: accept the obvious."""
     if isinstance(default, bool):
-        _check(isinstance(value, bool), f"{key}={value!r} must be true or false")
+        check(isinstance(value, bool), f"{key}={value!r} must be true or false")
         return value
     if isinstance(default, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
@@ -361,28 +45,85 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         except ValueError:
             raise ConfigError(f"{key}={value!r} must be an integer") from None
     if isinstance(default, tuple):
-        _check(isinstance(value, (list, tuple)), f"{key}={value!r} must be a list")
+        check(isinstance(value, (list, tuple)), f"{key}={value!r} must be a list")
         return tuple(value)
     return value
 
 
+def _keys(section: str) -> list[str]:
+    return [f.name for f in fields(SECTIONS[section])]
+
+
+def unknown(section: str, key: Optional[str] = None) -> Optional[str]:
+    """None if `section` (and `key` in it) exist, else what is wrong and what was probably
+    meant: a close spelling (difflib), the same key in another section, or the valid names."""
+    if section not in SECTIONS:
+        what = f"unknown section {section!r}"
+        close = difflib.get_close_matches(section, SECTIONS, n=1)
+        if not close:
+            return f"{what}; valid sections: {', '.join(SECTIONS)}"
+        if key is not None and key in _keys(close[0]):
+            return f"{what}; did you mean {close[0]}.{key}?"
+        return f"{what}; did you mean {close[0]!r}?"
+    if key is None or key in _keys(section):
+        return None
+    what = f"unknown key {section}.{key}"
+    close = [f"{section}.{k}" for k in difflib.get_close_matches(key, _keys(section), n=2)]
+    # a key of another section (train.seed for run.seed) when no spelling is close
+    close = close or [f"{s}.{key}" for s in SECTIONS if key in _keys(s)]
+    if close:
+        guess = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+        return f"{what}; did you mean {guess}?"
+    return f"{what}; valid keys: {', '.join(sorted(_keys(section)))}"
+
+
+DATA_SPLITS = ("train", "valid", "test")
+
+
+def _from_data_dir(body: dict) -> dict:
+    """The data section with data.dir's train/valid/test.jsonl in place of the splits not
+    given beside it. A run's config.yaml names every split, so it reads back unchanged."""
+    d = body.get("dir")
+    missing = [s for s in DATA_SPLITS if s not in body]
+    if d is None or not missing:
+        return body
+    check(isinstance(d, str) and os.path.isdir(d),
+          f"data.dir={d!r} is not a folder; give a folder holding train.jsonl (and "
+          "optionally valid.jsonl, test.jsonl), as for `mlx_lm.lora --data`")
+    body = dict(body)
+    for split in missing:
+        path = os.path.join(d, f"{split}.jsonl")
+        body[split] = path if os.path.isfile(path) else None
+    check(body["train"] is not None,
+          f"data.dir={d} has no train.jsonl; mlx_lm's layout is DIR/train.jsonl with "
+          "optional valid.jsonl and test.jsonl (or set data.train to the training file)")
+    why = {"valid": "no periodic validation",
+           "test": "the final evaluation uses data.valid" if body.get("valid") else
+           "no held-out data: `train` cannot evaluate at the end; add test.jsonl or run "
+           "`eval --data PATH`"}
+    for split in missing:
+        if body[split] is None:
+            _log.warning(f"data.dir={d} has no {split}.jsonl: data.{split} is null "
+                         f"({why[split]})")
+    return body
+
+
 def from_dict(raw: dict, source: str = "config") -> Config:
-    _check(isinstance(raw, dict), f"{source}: top level must be a mapping of sections")
+    check(isinstance(raw, dict), f"{source}: top level must be a mapping of sections")
     sections = {}
     for name, body in raw.items():
-        if name not in _CLASSES:
-            raise ConfigError(f"{source}: unknown section {name!r}; valid sections: "
-                              f"{', '.join(_CLASSES)}")
-        cls = _CLASSES[name]
+        if (bad := unknown(name)) is not None:
+            raise ConfigError(f"{source}: {bad}")
+        cls = SECTIONS[name]
         body = body or {}
-        _check(isinstance(body, dict), f"{source}: section {name!r} must be a mapping")
+        check(isinstance(body, dict), f"{source}: section {name!r} must be a mapping")
+        if name == "data":
+            body = _from_data_dir(body)
         defaults = cls()
-        known = {f.name for f in fields(cls)}
         kwargs = {}
         for key, value in body.items():
-            if key not in known:
-                raise ConfigError(f"{source}: unknown key {name}.{key}; valid keys: "
-                                  f"{', '.join(sorted(known))}")
+            if (bad := unknown(name, key)) is not None:
+                raise ConfigError(f"{source}: {bad}")
             kwargs[key] = _coerce(f"{name}.{key}", value, getattr(defaults, key))
         sections[name] = cls(**kwargs)
     return Config(**sections)
@@ -394,8 +135,8 @@ def parse_overrides(overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, value = item.partition("=")
         parts = key.split(".")
-        _check(bool(sep) and len(parts) == 2 and all(parts),
-               f"override {item!r} must look like section.key=value (e.g. train.iters=200)")
+        check(bool(sep) and len(parts) == 2 and all(parts),
+              f"override {item!r} must look like section.key=value (e.g. train.iters=200)")
         try:
             parsed = yaml.safe_load(value) if value != "" else None
         except yaml.YAMLError:
@@ -409,6 +150,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     path = path or DEFAULT_CONFIG
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} not found; pass an existing YAML with -c")
+    overrides = list(overrides or [])
+    changes = parse_overrides(overrides)
+    # Checked before the merge into the file's sections, after which an error could only
+    # blame the file.
+    for item in overrides:
+        if (bad := unknown(*item.partition("=")[0].split("."))) is not None:
+            raise ConfigError(f"{item} on the command line: {bad}")
     try:
         with open(path, encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
@@ -417,27 +165,43 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         where = f" line {mark.line + 1}" if mark else ""
         why = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
         raise ConfigError(f"{path}{where}: not valid YAML ({why}); fix the file") from None
-    _check(isinstance(raw, dict), f"{path}: top level must be a mapping of sections")
-    for section, body in parse_overrides(overrides or []).items():
+    check(isinstance(raw, dict), f"{path}: top level must be a mapping of sections")
+    for section, body in changes.items():
         if isinstance(raw.get(section), dict):
             raw[section] = {**raw[section], **body}
         else:
             raw[section] = body
-    cfg = from_dict(raw, source=path)
-    if path == DEFAULT_CONFIG:
+    given = changes.get("data") or {}
+    if given.get("dir") is not None:
+        # data.dir on the command line points the config at another dataset, as
+        # `mlx_lm.lora --data DIR` does: the file's splits give way to it.
+        raw["data"] = {k: v for k, v in raw["data"].items()
+                       if k not in DATA_SPLITS or k in given}
+    try:
+        cfg = from_dict(raw, source=path)
+    except ConfigError as e:
+        # A bad value's message starts "section.key=value": name the override that set it.
+        item = next((i for i in reversed(overrides)
+                     if str(e).startswith(i.partition("=")[0] + "=")), None)
+        if item is None:
+            raise
+        raise ConfigError(f"{e} ({item} on the command line)") from None
+    if os.path.dirname(os.path.realpath(path)) == os.path.realpath(CONFIGS_DIR):
         cfg = _anchor_embedded_paths(cfg)
     return cfg
 
 
 def _anchor_embedded_paths(cfg: Config) -> Config:
-    """The embedded default names weights/ and data/ relative to the project; let it run from
-    any directory by resolving those inputs against the project root when they are not found
-    from the current one. Outputs (cache, run dir) stay relative to where the user is."""
+    """The embedded recipes name weights/ and data/ relatively; let them run from any
+    directory, installed or cloned, by resolving those inputs against the embedded folder
+    when they are not found from the current one. A path found from the current directory
+    (a clone's root) is kept as written, so the strings recorded in caches and run dirs do
+    not change. Outputs (cache, run dir) stay relative to where the user is."""
 
     def anchor(p):
         if p is None or os.path.isabs(p) or os.path.exists(p):
             return p
-        candidate = os.path.join(PROJECT_ROOT, p)
+        candidate = os.path.join(EMBEDDED_DIR, p)
         return candidate if os.path.exists(candidate) else p
 
     return dataclasses.replace(
@@ -446,6 +210,7 @@ def _anchor_embedded_paths(cfg: Config) -> Config:
         student=dataclasses.replace(cfg.student, model=anchor(cfg.student.model)),
         data=dataclasses.replace(cfg.data, train=anchor(cfg.data.train),
                                  valid=anchor(cfg.data.valid), test=anchor(cfg.data.test)),
+        generate=dataclasses.replace(cfg.generate, prompts=anchor(cfg.generate.prompts)),
     )
 
 

@@ -6,6 +6,7 @@ student was trained on, so a biased objective cannot hide behind agreement.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Optional
@@ -80,12 +81,14 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
     return out
 
 
-def example_rows(path: str, tokenizer, seq_len: int, mask_prompt: bool):
-    """One row per record (its first seq_len + 1 tokens), right-padded: the unit an app
-    decides on is a query, not a packed row. Returns (ids [N, L+1], trained [N, L+1]) with
-    trained[t] saying whether token t is scored; records without a scored token are dropped."""
+def example_rows(path: str, tokenizer, seq_len: int, mask_prompt: bool,
+                 max_records: Optional[int] = None):
+    """One row per record (its first seq_len + 1 tokens; of the first `max_records`
+    records), right-padded: the unit an app decides on is a query, not a packed row.
+    Returns (ids [N, L+1], trained [N, L+1]) with trained[t] saying whether token t is
+    scored; records without a scored token are dropped."""
     ids, trained = [], []
-    for rec in data_mod.read_records(path):
+    for rec in data_mod.read_records(path)[:max_records]:
         r_ids, r_tr = [], []
         for seg, t in data_mod.record_segments(tokenizer, rec, mask_prompt):
             r_ids.extend(seg)
@@ -126,8 +129,10 @@ def per_example(teacher, student, ids: np.ndarray, trained: np.ndarray, vocab: i
     return out
 
 
-def fallback_summary(teacher, student, path: str, tokenizer, cfg, vocab: int) -> dict:
-    ids, trained = example_rows(path, tokenizer, cfg.data.seq_len, cfg.data.mask_prompt)
+def fallback_summary(teacher, student, path: str, tokenizer, cfg, vocab: int,
+                     max_records: Optional[int] = None) -> dict:
+    ids, trained = example_rows(path, tokenizer, cfg.data.seq_len, cfg.data.mask_prompt,
+                                max_records)
     res = fallback.summarize(per_example(teacher, student, ids, trained, vocab))
     res["data"] = path
     return res
@@ -148,13 +153,19 @@ def retention(res: dict) -> dict:
 
 def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = False,
                  log=print, write: bool = True, cfg: Optional[Config] = None,
-                 teacher: Optional[models.Lazy] = None) -> dict:
+                 teacher: Optional[models.Lazy] = None,
+                 records: Optional[int] = None) -> dict:
     """Teacher, student before and student after on `data_path` (default: the run's
-    data.test): the table, task accuracy when the records carry answers, and the
-    cloud-fallback curve; written to eval.json unless `write` is False. `cfg` and `teacher`
-    let `train` pass what it already holds (its config, a teacher it kept in memory)."""
+    data.test), its first `records` records (default: data.test_records; None: all): the
+    table, task accuracy when the records carry answers, and the cloud-fallback curve;
+    written to eval.json unless `write` is False. `cfg` and `teacher` let `train` pass what
+    it already holds (its config, a teacher it kept in memory)."""
     run = RunDir(run_dir)
     cfg = cfg or run.load_config()
+    if records is not None and (isinstance(records, bool) or not isinstance(records, int)
+                                or records < 1):
+        raise ConfigError(f"--records {records!r} must be a positive number of records")
+    cap = records if records is not None else cfg.data.test_records
     teacher = teacher or models.Lazy(cfg, "teacher")
     path = data_path or cfg.data.test or cfg.data.valid
     if not path:
@@ -168,24 +179,37 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
     match = models.check_pair(ttok, tcfg, stok, scfg, cfg.data.seq_len)
     after = run.load_student(cfg)
     packed = data_mod.pack(path, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
-                           packing=cfg.data.packing)
+                           packing=cfg.data.packing, max_records=cap)
     res = compare(teacher, {"student_before": before, "student_after": after}, packed,
                   match.vocab_size, quiet)
     res["retention"] = retention(res)
     res["data"] = path
+    if cap is not None:
+        res["records"] = packed.records  # the first ones only (absent: every record)
     # Task accuracy: when the records carry reference answers, each model answers greedily.
     task = task_accuracy({"teacher": teacher, "student_before": before,
-                          "student_after": after}, ttok, path, cfg.generate)
+                          "student_after": after}, ttok, path, cfg.generate, cap)
     if task is not None:
         res["task"] = task
     # Cloud fallback: per-query confidence of the trained student and the deferral curve.
-    res["fallback"] = fallback_summary(teacher, after, path, ttok, cfg, match.vocab_size)
+    res["fallback"] = fallback_summary(teacher, after, path, ttok, cfg, match.vocab_size,
+                                       cap)
     if write:
         files.atomic_json(run.eval_json, res)
         plot_deferral(res["fallback"], os.path.join(run.plots, "deferral.png"))
     if not quiet:
         log(format_table(res))
     return res
+
+
+def read_result(path: str) -> dict:
+    """A run's eval.json, as `evaluate_run` wrote it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is not valid JSON; delete it and run `mlxdistill eval` on "
+                          "the run to evaluate it again") from None
 
 
 def format_table(res: dict) -> str:
@@ -218,7 +242,8 @@ def format_table(res: dict) -> str:
                      *("-" if task["retention"].get(n) is None else str(task["retention"][n])
                        for n in students)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"evaluation on {res.get('data')} ({res.get('tokens')} tokens)"]
+    first = f"first {res['records']} records, " if "records" in res else ""
+    lines = [f"evaluation on {res.get('data')} ({first}{res.get('tokens')} tokens)"]
     for i, r in enumerate(rows):
         lines.append("  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j])
                                for j, c in enumerate(r)))

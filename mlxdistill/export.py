@@ -18,6 +18,8 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
+import yaml
 from mlx.utils import tree_unflatten
 
 from . import data as data_mod
@@ -106,9 +108,6 @@ def tune_quantized(model, reader, vocab: int, iters: int, lr: float, batch_size:
     The steps run on float32 weights rebuilt as q * scale + bias from the fixed integers q,
     which is exactly what the quantized matmul computes, differentiable in scale and bias, and
     on a CPU far faster than the quantized kernels (no fast path there)."""
-    import mlx.optimizers as optim
-
-
     qmods = {name: m for name, m in model.named_modules() if _tunable(m)}
     if not qmods:
         raise ConfigError("--tune-iters: the model has no affine-quantized layer to tune")
@@ -179,12 +178,39 @@ def teacher_kl(model, teacher_lp: mx.array, rows: mx.array, vocab: int) -> float
     return round(losses.dense_kl_pos(lp, teacher_lp).mean().item(), 6)
 
 
-def model_card(run_dir: str, base: str, bits: int, rt: dict, ev: Optional[dict],
-               fb: Optional[dict] = None, tuning: Optional[dict] = None,
+CARD_TAGS = ["mlx", "distillation", "knowledge-distillation", "mlxdistill"]
+
+
+def hub_name(model: str) -> str:
+    """A model as a card names it: a hub id as it is; a local folder by its folder name,
+    never its path (a card is published, and a path on this machine means nothing there)."""
+    return os.path.basename(os.path.normpath(model)) if os.path.isdir(model) else model
+
+
+def card_metadata(teacher: str, student: str, bits: int) -> dict:
+    """The card's YAML front matter, as the Hugging Face Hub reads it: the student's base is
+    `base_model` (a distilled fine-tune of it: `base_model_relation: finetune`, quantized or
+    not); the Hub has no key for a teacher, so it gets a custom one (`teacher_model`)."""
+    return {"base_model": hub_name(student), "base_model_relation": "finetune",
+            "library_name": "mlx", "pipeline_tag": "text-generation",
+            "tags": CARD_TAGS + ([f"{bits}-bit"] if bits < 16 else []),
+            "teacher_model": hub_name(teacher)}
+
+
+def model_card(run_dir: str, teacher: str, student: str, bits: int, rt: dict,
+               ev: Optional[dict], fb: Optional[dict] = None, tuning: Optional[dict] = None,
                prof: Optional[list] = None) -> str:
-    lines = [f"# {os.path.basename(os.path.abspath(run_dir))} (mlxdistill export)", "",
-             f"Student distilled from `{base}` with mlxdistill; {bits}-bit weights.", "",
-             "```bash", "mlx_lm.generate --model . --prompt \"...\"", "```", ""]
+    meta = card_metadata(teacher, student, bits)
+    local = [f"`{meta[k]}` ({k}) is the name of a local folder: set it to the model's Hub "
+             "id before uploading" for k, m in (("base_model", student),
+                                                 ("teacher_model", teacher))
+             if os.path.isdir(m)]
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip("\n"), "---", "",
+             f"# {os.path.basename(os.path.abspath(run_dir))} (mlxdistill export)", "",
+             f"Distilled with mlxdistill from the teacher `{meta['teacher_model']}` into the "
+             f"student `{meta['base_model']}`; {bits}-bit weights.", ""]
+    lines += ["; ".join(local) + ".", ""] if local else []
+    lines += ["```bash", "mlx_lm.generate --model . --prompt \"...\"", "```", ""]
     if ev:
         lines += ["## Evaluation against the teacher", "",
                   f"On `{ev.get('data')}` ({ev.get('tokens')} tokens), before export:", "",
@@ -236,7 +262,8 @@ def _fallback(cfg, folder: str, tok, vocab: int, target: float) -> Optional[dict
         return None
     shipped = as_evaluated(mlx_load(folder)[0])
     teacher = models.load_role(cfg, "teacher")[0]
-    ids, trained = example_rows(held, tok, cfg.data.seq_len, cfg.data.mask_prompt)
+    ids, trained = example_rows(held, tok, cfg.data.seq_len, cfg.data.mask_prompt,
+                                cfg.data.test_records)
     summary = fallback.summarize(per_example(teacher, shipped, ids, trained, vocab))
     res = fallback.threshold_for(summary, target)
     res["data"], res["examples"] = held, summary["examples"]
@@ -258,6 +285,7 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
     cfg = run.load_config()
     src = run.model if os.path.isdir(run.model) else cfg.student.model
     config, tok = models.load_meta(src, "student")
+    tok = models.use_chat_template(tok, cfg)  # held-out rows as trained
     config = dict(config)
     # The tokenizer files come from the student itself (training never changes them).
     tok_src = saving.local_folder(cfg.student.model) or src
@@ -323,7 +351,8 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
                   "size_bytes": sum(os.path.getsize(p)
                                     for p in glob.glob(os.path.join(tmp, "*")))}
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(run_dir, cfg.teacher.model, bits, rt, ev, fb, tuning, prof))
+            f.write(model_card(run_dir, cfg.teacher.model, cfg.student.model, bits, rt, ev,
+                               fb, tuning, prof))
         with open(os.path.join(tmp, "export.json"), "w") as f:
             json.dump(report, f, indent=2)
     log(f"exported {run_dir} -> {out} ({bits}-bit, {report['size_bytes'] / 1e6:.1f} MB); "
@@ -354,7 +383,7 @@ def _tune(cfg, model, tok, vocab: int, iters: int, lr: float, log) -> dict:
         raise ConfigError("quantization tuning reads the run's teacher cache; this run used "
                           "teacher.mode=online")
     try:
-        reader = ShardReader(cfg.cache.dir)
+        reader = ShardReader(cfg.cache.dir, rows=cfg.data.max_rows)  # the rows it trained on
     except CacheError as e:
         raise ConfigError(f"quantization tuning needs the run's cache: {e}") from None
     teacher = models.load_role(cfg, "teacher")[0]

@@ -59,6 +59,74 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+_held: dict[str, int] = {}  # lock files this process holds -> how deeply nested
+
+
+class PidLock:
+    """One process at a time in a folder (a run directory, a cache). The lock file holds
+    the owner's pid; a lock whose process is gone (killed, crashed, rebooted) is stale and
+    taken over, so no one has to find and delete it by hand. Taken again by the process
+    that holds it, it nests (`train` building its cache inside its own run.dir) instead of
+    refusing its own holder.
+
+        with PidLock(path, "cache folder X", "wait for it or ...", CacheError): ...
+    """
+
+    WRITE_GRACE = 2.0  # seconds an empty lock file is taken as one whose owner is writing
+
+    def __init__(self, path: str, what: str, fix: str, error: type = Error):
+        self.path, self.what, self.fix, self.error = path, what, fix, error
+        self._key = os.path.realpath(path)
+
+    def holder(self) -> int | None:
+        """The pid in the lock file; None when it is empty or gone, 0 when unreadable."""
+        try:
+            with open(self.path) as f:
+                text = f.read().strip()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return 0
+        if not text:
+            return None
+        return int(text) if text.isdigit() else 0
+
+    def __enter__(self):
+        if self._key in _held:
+            _held[self._key] += 1
+            return self
+        deadline = time.monotonic() + self.WRITE_GRACE
+        for _ in range(200):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                pid = self.holder()
+                if pid is None and time.monotonic() < deadline:
+                    time.sleep(0.02)  # created an instant ago: its pid is on the way
+                    continue
+                if pid and pid != os.getpid() and pid_alive(pid):
+                    raise self.error(f"{self.what} is in use by process {pid}; {self.fix}")
+                # Stale (its process is gone, or the pid is ours from an earlier life of
+                # this pid): removed only if still the one just read, not a newcomer's.
+                if self.holder() == pid:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(self.path)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            _held[self._key] = 1
+            return self
+        raise self.error(f"cannot take the lock {self.path}; remove it if nothing is using "
+                         f"{self.what}")
+
+    def __exit__(self, *exc):
+        _held[self._key] -= 1
+        if _held[self._key] == 0:
+            del _held[self._key]
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+
+
 def remove_stale_tmp(directory: str) -> int:
     """Delete temporary files and directories left in `directory` by killed processes
     (their pid is in the name; a live writer's files are left alone). Returns the count."""

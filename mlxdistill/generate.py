@@ -34,7 +34,8 @@ import mlx.core as mx
 
 from . import files, models
 from .config import Config, ConfigError
-from .data import read_jsonl
+from .data import (NO_TEMPLATE, DataError, chat_template_sha256, has_chat_template,
+                   prompt_ids, read_jsonl)
 from .distributed import World
 from .progress import Progress
 from .resume import first_difference, refuse_changed
@@ -107,13 +108,16 @@ def split_answer(parts: Optional[tuple[str, str, str]], text: str
 
 
 def prompt_tokens(tok, rec: dict, system: Optional[str], opener: str = "") -> list[int]:
+    """What the teacher continues: with a chat template, the prompt part of the record it
+    writes, rendered as training will render it (data.prompt_ids); without one, a prompt's
+    text (a chat prompt needs a template)."""
     cue = list(tok.encode(opener, add_special_tokens=False)) if opener else []
+    sys_turn = [{"role": "system", "content": system}] if system else []
     if "messages" in rec:
-        msgs = ([{"role": "system", "content": system}] if system else []) + rec["messages"]
-        if getattr(tok, "chat_template", None) is not None:
-            return list(tok.apply_chat_template(msgs, add_generation_prompt=True)) + cue
-        text = "".join(f"{m.get('role', 'user')}: {m.get('content', '')}\n" for m in msgs)
-        return list(tok.encode(text + "assistant: ", add_special_tokens=False)) + cue
+        return prompt_ids(tok, sys_turn + rec["messages"], rec.get("tools")) + cue
+    if has_chat_template(tok):
+        return prompt_ids(tok, sys_turn + [{"role": "user", "content": rec["prompt"]}],
+                          rec.get("tools")) + cue
     text = (system + "\n\n" if system else "") + rec["prompt"]
     # The opener is encoded on its own, as the data pipeline encodes a completion apart
     # from its prompt.
@@ -133,6 +137,8 @@ def output_record(rec: dict, completion: str, system: Optional[str],
         out["reasoning"], out["final_answer"] = split_answer(parts, completion)
     if "answer" in rec:  # the reference travels with the data: eval scores task accuracy
         out["answer"] = rec["answer"]
+    if "tools" in rec:  # the template rendered the prompt with them: training must too
+        out["tools"] = rec["tools"]
     return out
 
 
@@ -182,6 +188,8 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
     tmpl = reasoning_parts(g.reasoning)
     if tmpl is not None:  # only then, so files written before the key existed still resume
         identity["reasoning"] = g.reasoning
+    if cfg.data.chat_template is not None:  # likewise: it changes what the teacher reads
+        identity["chat_template_sha256"] = chat_template_sha256(cfg.data.chat_template)
     partial, ppath = g.out + ".partial", g.out + ".progress.json"
     mpath = g.out + ".manifest.json"
     prog = {"settings": identity, "done": 0, "bytes": 0, "kept": 0, "rejected": 0,
@@ -211,6 +219,10 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
         return finished
 
     teacher, tok, _ = models.load_role(cfg, "teacher")
+    if not has_chat_template(tok):  # refused now, not when the batch holding it comes up
+        chat = next((i for i, r in enumerate(prompts, 1) if "messages" in r), None)
+        if chat is not None:
+            raise DataError(f"{g.prompts}: record {chat}: {NO_TEMPLATE}")
     sampler = make_sampler(temp=g.temperature, top_p=g.top_p if g.top_p < 1.0 else 0.0)
     bar = Progress(len(prompts), "generate", "tok", quiet)
     bar.done = first

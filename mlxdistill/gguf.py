@@ -24,6 +24,7 @@ import re
 from typing import Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .config import ConfigError
 
@@ -73,6 +74,7 @@ def _sp_model(folder: str):
     path = os.path.join(folder, "tokenizer.model")
     if not os.path.isfile(path):
         return None
+    # sentencepiece's protobuf module: only for tokenizers that ship a tokenizer.model
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     m = pb.ModelProto()
@@ -349,8 +351,6 @@ def tensors(weights: dict, config: dict) -> dict:
 def write(model, config: dict, tokenizer, folder: str) -> dict:
     """Write `folder`/NAME from `model` and the tokenizer files in `folder`; check that
     every weight is in it under its GGUF name."""
-    from mlx.utils import tree_flatten
-
     weights = dict(tree_flatten(model.parameters()))
     emb = weights["model.embed_tokens.weight"]
     meta = {**hparams(config), **vocab_metadata(folder, tokenizer, emb.shape[0])}

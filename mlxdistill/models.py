@@ -9,11 +9,13 @@ import hashlib
 import json
 import logging
 import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
 
+from . import data as data_mod
 from . import files
 from .config import ConfigError
 from .errors import Error
@@ -43,9 +45,19 @@ def model_classes(config: dict, what: str):
                          "upgrade mlx-lm") from None
 
 
+def gpu_backend() -> Optional[str]:
+    """"metal" or "cuda" when MLX computes on a GPU here, None on the CPU."""
+    if mx.metal.is_available():
+        return "metal"
+    # mx.cuda exists from mlx 0.27 on; it reports True only with mlx[cuda] and an NVIDIA GPU.
+    cuda = getattr(mx, "cuda", None)
+    return "cuda" if cuda is not None and cuda.is_available() else None
+
+
 def compute_dtype() -> Optional[mx.Dtype]:
-    """float32 on CPU: mlx[cpu] has no fast bf16/fp16 matmul. On Metal keep the model's own."""
-    return mx.float32 if not mx.metal.is_available() else None
+    """float32 on the CPU only: mlx[cpu] has no fast bf16/fp16 matmul. On a GPU (Metal or
+    CUDA), where bf16/fp16 are the fast path, keep the model's own (None)."""
+    return mx.float32 if gpu_backend() is None else None
 
 
 def is_model_folder(path: str) -> bool:
@@ -90,16 +102,40 @@ def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = 
 
 
 def load_role(cfg, role: str, **kw):
-    """load() of the config's teacher or student with its trust_remote_code setting."""
+    """load() of the config's teacher or student with its trust_remote_code setting, its
+    tokenizer carrying data.chat_template when that is set."""
     section = getattr(cfg, role)
-    return load(section.model, role, trust_remote_code=section.trust_remote_code, **kw)
+    model, tok, config = load(section.model, role, trust_remote_code=section.trust_remote_code,
+                              **kw)
+    return model, use_chat_template(tok, cfg), config
+
+
+def load_meta_role(cfg, role: str):
+    """load_meta() of the config's teacher or student, with data.chat_template applied."""
+    config, tok = load_meta(getattr(cfg, role).model, role)
+    return config, use_chat_template(tok, cfg)
+
+
+def use_chat_template(tok, cfg):
+    """`tok` rendering chats with data.chat_template (when set) instead of its own: every
+    load for a command goes through here, so the teacher pass, generate, training and eval
+    render a record alike."""
+    template = data_mod.chat_template_text(cfg.data.chat_template)
+    if template is None:
+        return tok
+    tok.chat_template = template  # mlx_lm's wrapper passes this on to the HF tokenizer
+    if hasattr(tok, "has_chat_template"):
+        tok.has_chat_template = True
+    if getattr(tok, "_chat_template", None) is not None:
+        # mlx_lm's wrapper renders with a template module (chat_template_type) before the
+        # tokenizer's own template; the user's template must win over both.
+        tok._chat_template = None
+    return tok
 
 
 def load_meta(path: str, what: str):
     """(config, tokenizer) without the weights: enough for the vocabulary and context checks
     that must pass before any compute."""
-    from pathlib import Path
-
     from mlx_lm.utils import load_config, load_tokenizer
 
     if not os.path.isdir(path):
@@ -167,19 +203,23 @@ def _template(tok) -> Optional[str]:
 
 
 def chat_template_note(teacher_tok, student_tok) -> Optional[str]:
-    """Why the pair's chat templates disagree, or None. Chat data is rendered once, with the
-    teacher's template, and the student learns from those tokens: a student whose own
-    template renders turns differently meets another format at inference."""
+    """Why the pair's chat templates disagree, or None. Chat and prompt/completion data are
+    rendered once, with the teacher's template, and the student learns from those tokens: a
+    student whose own template renders turns differently meets another format at inference.
+    (data.chat_template, set on both tokenizers, makes them agree.)"""
     t, s = _template(teacher_tok), _template(student_tok)
     if t == s:
         return None
     head = "teacher and student chat templates differ: "
-    tail = ("; chat data is rendered with the teacher's template for both, so the student "
-            "learns the teacher's turn format")
-    if t is None or s is None:
-        has, lacks = ("student", "teacher") if t is None else ("teacher", "student")
-        return (head + f"the {has}'s tokenizer has one, the {lacks}'s none" + tail
-                + ("" if t else " (plain 'role: content' lines, no template)"))
+    tail = ("; chat and prompt/completion data are rendered with the teacher's template for "
+            "both, so the student learns the teacher's turn format (data.chat_template sets "
+            "one template for both)")
+    if t is None:
+        return (head + "the student's tokenizer has one, the teacher's none; data is rendered "
+                "without a template (chat records need data.chat_template), so the student "
+                "learns none of its own turn format")
+    if s is None:
+        return head + "the teacher's tokenizer has one, the student's none" + tail
     try:
         rt = teacher_tok.apply_chat_template(_SAMPLE_CHAT, tokenize=False)
         rs = student_tok.apply_chat_template(_SAMPLE_CHAT, tokenize=False)

@@ -18,9 +18,11 @@ from .cache import ShardReader
 from .shards import CacheError
 from .targets import merge_ids
 
-# Settings that must agree for the caches to describe the same positions.
-SAME_STREAM = ("tokenizer_fingerprint", "vocab_size", "seq_len", "dataset_sha256", "max_rows",
-               "mask_prompt", "shard_rows", "rows", "mode")
+# Settings that must agree for the caches to describe the same positions. The rows are the
+# ones each reader serves, not its manifest's (or max_rows): a cache built for more rows
+# serves the same first ones (cache.covers).
+SAME_STREAM = ("tokenizer_fingerprint", "vocab_size", "seq_len", "dataset_sha256",
+               "mask_prompt", "shard_rows", "mode")
 
 
 def check_same_stream(readers: list[ShardReader]) -> None:
@@ -32,6 +34,10 @@ def check_same_stream(readers: list[ShardReader]) -> None:
                     f"cache {r.dir} has {key}={r.manifest.get(key)!r} but {readers[0].dir} has "
                     f"{first.get(key)!r}; multi-teacher caches must cover the same token "
                     "stream with the same cache.mode")
+        if r.rows != readers[0].rows:
+            raise CacheError(f"cache {r.dir} serves {r.rows} rows but {readers[0].dir} serves "
+                             f"{readers[0].rows}; multi-teacher caches must cover the same "
+                             "token stream (build them with the same data.max_rows)")
 
 
 def _probs(targets: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

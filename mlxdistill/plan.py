@@ -286,7 +286,7 @@ def dataset_rows(cfg: Config) -> tuple[Optional[int], str]:
         return cap, "data.max_rows" if cap else "unknown (data.train not found)"
     if os.path.isdir(cfg.teacher.model):
         try:
-            _, tok = models.load_meta(cfg.teacher.model, "teacher")
+            _, tok = models.load_meta_role(cfg, "teacher")
             eos = tok.eos_token_id is not None
             tokens = 0
             for rec in data_mod.read_records(path):

@@ -15,41 +15,68 @@ def plot_metrics(metrics_path: str, out_dir: str) -> list[str]:
         recs = [json.loads(line) for line in f if line.strip()]
     if not recs:
         return []
+    figures = metric_figures(recs)
+    import matplotlib.pyplot as plt  # after metric_figures chose the headless backend
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for name, fig in figures:
+        path = os.path.join(out_dir, name)
+        with files.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# One axis per unit: nats (losses, divergences) and fractions never share a y-axis.
+NATS = "nats per token"
+PANELS = [
+    ("loss.png", [[("loss", "train loss (objective)"), ("kd", "train KD"),
+                   ("ce", "train CE")]], [NATS]),
+    ("eval.png", [[("val_kl", "val KL(teacher‖student)"), ("val_ce", "val CE")],
+                  [("val_agree", "val top-1 agreement")]],
+     [NATS, "fraction of positions"]),
+]
+
+
+def metric_figures(recs: list[dict]) -> list[tuple]:
+    """(file name, matplotlib figure) per chart that has data: one panel per unit, each with
+    its y-label, the step on the x-axis and a legend. The caller closes the figures."""
     # matplotlib here, not at the top: slow to import, and only plotting needs it
     import matplotlib
 
     matplotlib.use("Agg")  # no display on CI / over ssh
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    panels = [("loss.png", [("loss", "train loss"), ("kd", "train KD"), ("ce", "train CE")]),
-              ("eval.png", [("val_kl", "val KL(teacher‖student)"), ("val_ce", "val CE"),
-                            ("val_agree", "val top-1 agreement")])]
-    for name, series in panels:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        drew = False
-        for key, label in series:
-            pts = [(r["step"], r[key]) for r in recs if key in r]
-            if pts:
-                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label)
-                drew = True
-        if drew:
-            ax.set_xlabel("step")
+    out = []
+    for name, groups, units in PANELS:
+        groups = [[(key, label, [(r["step"], r[key]) for r in recs if key in r])
+                   for key, label in series] for series in groups]
+        kept = [(series, unit) for series, unit in zip(groups, units)
+                if any(pts for _, _, pts in series)]
+        if not kept:
+            continue
+        fig, axes = plt.subplots(len(kept), 1, sharex=True, squeeze=False,
+                                 figsize=(6, 2.2 + 1.8 * len(kept)))
+        for ax, (series, unit) in zip(axes[:, 0], kept):
+            for _, label, pts in series:
+                if pts:
+                    ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label)
+            ax.set_ylabel(unit)
             ax.legend()
             ax.grid(alpha=0.3)
-            fig.tight_layout()
-            path = os.path.join(out_dir, name)
-            with files.atomic_path(path) as tmp:
-                fig.savefig(tmp, dpi=100)
-            written.append(path)
-        plt.close(fig)
-    return written
+        axes[-1, 0].set_xlabel("step")
+        axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 7.5
+        fig.tight_layout()
+        out.append((name, fig))
+    return out
 
 
 def plot_deferral(fb: dict, path: str) -> str:
     """Combined student + teacher quality against the fraction of queries deferred."""
-    import matplotlib  # here, not at the top: see plot_metrics
+    import matplotlib  # here, not at the top: see metric_figures
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -15,7 +15,11 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
@@ -105,8 +109,6 @@ def measure_folder(folder: str, prompt_tokens: int, gen_tokens: int, repeats: in
     """Load time, generation timings and peak memory of the model stored in `folder`, in
     this process. Meant to run in a fresh process (see `measure`), so that the peak is what
     an app holding only this model would need: weights as stored, KV cache, activations."""
-    from pathlib import Path
-
     from mlx_lm.utils import load_model
 
     mx.reset_peak_memory()
@@ -128,9 +130,6 @@ def measure_folder(folder: str, prompt_tokens: int, gen_tokens: int, repeats: in
 def measure(folder: str, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
     """measure_folder in a fresh Python process: nothing else this process allocated (the
     other precisions, the reference logits) counts towards the peak."""
-    import subprocess
-    import sys
-
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [pkg_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
@@ -154,8 +153,6 @@ def profile_model(path: str, bits_list, prompt_tokens: int, gen_tokens: int,
     """Per precision: the model is converted here, written to a temporary folder exactly as
     `export` would store it, and measured from that folder in a fresh process; fidelity (KL,
     top-1 agreement against the first precision) is computed here on fixed rows."""
-    import tempfile
-
     from mlx_lm.utils import save_config, save_model
 
     out = []
@@ -269,6 +266,7 @@ def fidelity_text(run_dir: Optional[str]) -> tuple[Optional[mx.array], str]:
         held = cfg.data.test or cfg.data.valid
         if held:
             _, tok = models.load_meta(run.model, "student")
+            tok = models.use_chat_template(tok, cfg)
             packed = data_mod.pack(held, tok, 64, cfg.data.mask_prompt, 2)
             return mx.array(packed.input_ids), f"{held} (2 x 64 tokens)"
     return None, "random token ids (2 x 64, fixed seed)"
@@ -397,7 +395,5 @@ def format_markdown(rep: dict) -> str:
 
 
 if __name__ == "__main__":  # the fresh process `measure` starts
-    import sys
-
     folder, p_tok, g_tok, reps = sys.argv[1], *map(int, sys.argv[2:5])
     print(json.dumps(measure_folder(folder, p_tok, g_tok, reps)))

@@ -27,7 +27,8 @@ from .resume import refuse_changed
 # Keys that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = {("train", "iters"), ("train", "save_every"), ("train", "eval_every"),
                      ("train", "report_every"), ("train", "keep_checkpoints"),
-                     ("train", "nonfinite_skips"), ("run", "dist_timeout")}
+                     ("train", "nonfinite_skips"), ("run", "dist_timeout"),
+                     ("train", "final_eval"), ("train", "report_to"), ("data", "test_records")}
 
 
 class RunDir:
@@ -134,6 +135,21 @@ class RunDir:
             log(f"saved {cfg.train.mode} adapters to {self.path} (mlx_lm.generate --model "
                 f"{cfg.student.model} --adapter-path {self.path})")
 
+    def finished(self, iters: int) -> bool:
+        """Whether training is done: the student saved after a checkpoint at `iters` steps or
+        more. A larger train.iters resumes the run; a student older than the newest
+        checkpoint (a kill between the two saves, after train.iters was raised) is stale,
+        and a run whose student is missing or stale is finished by saving it again."""
+        ckpts = self.checkpoints()
+        student = self.model if os.path.isdir(self.model) else self.adapters
+        if not ckpts or not os.path.exists(student):
+            return False
+        state = os.path.join(ckpts[-1], "state.json")
+        if os.path.getmtime(student) < os.path.getmtime(state):
+            return False
+        with open(state) as f:
+            return json.load(f)["step"] >= iters
+
     def student_path(self) -> Optional[str]:
         """model/ of a full run, the run dir itself for adapters, None if the run is unfinished."""
         if os.path.isdir(self.model):
@@ -162,38 +178,12 @@ def restore_checkpoint(ckpt: str, model, opt) -> dict:
     return state
 
 
-class RunLock:
-    """One `train` per run directory: a second one would interleave checkpoints and metrics.
-    The lock file holds the owner's pid; a lock whose process is gone is stale and taken."""
+class RunLock(files.PidLock):
+    """One `train` per run directory: a second one would interleave checkpoints and metrics."""
 
     def __init__(self, run_dir: str):
-        self.path = RunDir(run_dir).lock
-
-    def __enter__(self):
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    with open(self.path) as f:
-                        pid = int(f.read().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and files.pid_alive(pid):
-                    raise ConfigError(f"run dir {os.path.dirname(self.path)} is in use by "
-                                      f"process {pid}; wait for it or choose another run.dir")
-                os.remove(self.path)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise ConfigError(f"cannot take the lock {self.path}; remove it if no run is active")
-
-    def __exit__(self, *exc):
-        try:
-            os.remove(self.path)
-        except OSError:
-            pass
+        super().__init__(RunDir(run_dir).lock, f"run dir {run_dir}",
+                         "wait for it or choose another run.dir", ConfigError)
 
 
 def _anchor_inputs(cfg: Config, run_dir: str) -> Config:
@@ -223,6 +213,6 @@ def _anchor_inputs(cfg: Config, run_dir: str) -> Config:
         teacher=dataclasses.replace(cfg.teacher, model=anchor(cfg.teacher.model)),
         student=dataclasses.replace(cfg.student, model=anchor(cfg.student.model)),
         data=dataclasses.replace(d, train=anchor(d.train), valid=anchor(d.valid),
-                                 test=anchor(d.test)),
+                                 test=anchor(d.test), chat_template=anchor(d.chat_template)),
         cache=dataclasses.replace(cfg.cache, dir=anchor(cfg.cache.dir),
                                   mix=tuple(anchor(m) for m in cfg.cache.mix)))

@@ -16,12 +16,13 @@ from .data import read_records
 GEN_BATCH = 32
 
 
-def task_prompts(path: str, limit: int) -> list[dict]:
-    """The first `limit` records of `path` that carry a reference answer, as prompts: a
-    prompt/completion record keeps its prompt, a chat record its turns before the last
-    assistant turn. [] when the data has no answers (then no task accuracy is reported)."""
+def task_prompts(path: str, limit: int, max_records: Optional[int] = None) -> list[dict]:
+    """The first `limit` records of `path` (of its first `max_records`) that carry a
+    reference answer, as prompts: a prompt/completion record keeps its prompt, a chat
+    record its turns before the last assistant turn. [] when the data has no answers (then
+    no task accuracy is reported)."""
     out = []
-    for rec in read_records(path):
+    for rec in read_records(path)[:max_records]:
         if len(out) >= limit:
             break
         if "answer" not in rec:
@@ -79,10 +80,12 @@ def retention(res: dict) -> dict:
             for name in res if name != "teacher"}
 
 
-def task_accuracy(named_models: dict, tok, path: str, g) -> Optional[dict]:
+def task_accuracy(named_models: dict, tok, path: str, g,
+                  max_records: Optional[int] = None) -> Optional[dict]:
     """{"prompts", per model {"accuracy", "correct", "verifier_errors"}, "retention"} on the
-    first g.eval_prompts answered records of `path`; None when there are none."""
-    prompts = task_prompts(path, g.eval_prompts) if g.eval_prompts else []
+    first g.eval_prompts answered records of `path` (of its first `max_records`); None when
+    there are none."""
+    prompts = task_prompts(path, g.eval_prompts, max_records) if g.eval_prompts else []
     if not prompts:
         return None
     res = {name: score(prompts, greedy_answers(m, tok, prompts, g), g)

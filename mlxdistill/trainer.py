@@ -24,7 +24,7 @@ import numpy as np
 
 from . import cache as cache_mod
 from . import data as data_mod
-from . import files, losses, models, onpolicy, plots, surgery, validation
+from . import files, losses, models, onpolicy, plots, surgery, tracking, validation
 from .config import Config, ConfigError
 from .distributed import World
 from .multi import MixedReader
@@ -64,14 +64,15 @@ def batch_source(cfg: Config, teacher: models.Lazy, quiet: bool, log, world: Wor
             c = cfg.cache
             weights = list(c.mix_weights) or [1.0] * (len(c.mix) + 1)
             weights = [w / sum(weights) for w in weights]
-            reader = MixedReader([reader] + [cache_mod.ShardReader(d) for d in c.mix],
+            reader = MixedReader([reader] + [cache_mod.ShardReader(d, rows=cfg.data.max_rows)
+                                             for d in c.mix],
                                  weights, c.mix_mode)
             log(f"multi-teacher: {len(weights)} caches, {c.mix_mode} "
                 + ("" if c.mix_mode == "confidence" else
                    "(" + ", ".join(f"{w:.2f}" for w in weights) + ")"))
         return Source(reader, m["vocab_size"], m["tokenizer_fingerprint"], manifest=m)
     model, ttok, tcfg = teacher.get()
-    scfg, stok = models.load_meta(cfg.student.model, "student")
+    scfg, stok = models.load_meta_role(cfg, "student")
     match = models.check_pair(ttok, tcfg, stok, scfg, cfg.data.seq_len)
     packed = data_mod.pack(cfg.data.train, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
                            cfg.data.max_rows, cfg.data.long_lines, cfg.data.packing)
@@ -155,6 +156,17 @@ def report(cfg: Config, step: int, pending: Pending, opt, tokens: int, seconds: 
     return rec
 
 
+def validation_line(rec: dict, iters: int) -> str:
+    """The validation metrics first, then the training loss and speed: the whole record is
+    in metrics.jsonl, and this line should fit a terminal."""
+    parts = [f"{k} {rec[k]:.4g}" for k in rec if k.startswith("val_")]
+    if "loss" in rec:
+        parts.append(f"loss {rec['loss']:.4g}")
+    if "tok_per_s" in rec:
+        parts.append(f"{rec['tok_per_s']:,.0f} tok/s")
+    return f"step {rec['step']}/{iters}: " + ", ".join(parts)
+
+
 def load_student(cfg: Config, source: Source):
     """The student to train, checked against the teacher's vocabulary and the context."""
     model, tok, scfg = models.load_role(cfg, "student")
@@ -168,8 +180,11 @@ def fit(cfg: Config, quiet: bool = False, log=print,
     """Train the student. Under `mlx.launch` every rank takes its share of each global batch
     and gradients are averaged; rank 0 alone writes. `teacher` is loaded only when needed
     (building a missing cache, the validation targets, online targets) and, in cache mode,
-    released before the loop. Returns True on rank 0."""
+    released before the loop. Returns True on rank 0; a run already trained to
+    train.iters is not loaded again."""
     world = World(cfg.run.dist_timeout)
+    if world.main:
+        tracking.check(cfg)  # a missing tracker package fails before any work
     teacher = teacher or models.Lazy(cfg, "teacher")
     if not world.main:
         return _fit(cfg, world, teacher, True, lambda m: None)
@@ -189,6 +204,13 @@ def _fit(cfg: Config, world: World, teacher: models.Lazy, quiet: bool, log) -> b
     if world.main:
         files.ensure_dir(run.path, "run.dir")
         run.check_same_run(cfg)
+    # A finished run is not loaded again (cache, teacher, student) only to save the same
+    # student: rerunning the command costs nothing.
+    if world.bcast(world.main and run.finished(t.iters), "checking whether the run is done"):
+        if world.main:
+            run.save_config(cfg)  # keys that may change on a resume (RESUMABLE_CHANGES)
+        log(f"{run.path} has finished its {t.iters} training steps; nothing to train")
+        return world.main
     # A missing cache is built by all ranks together.
     source = batch_source(cfg, teacher, quiet, log, world)
     vocab = source.vocab
@@ -236,6 +258,7 @@ def _fit(cfg: Config, world: World, teacher: models.Lazy, quiet: bool, log) -> b
     bar = Progress(t.iters, "train", "tok", quiet)
     bar.done = step
     t_report, tok_report = time.time(), 0
+    tracker = tracking.open_tracker(cfg, world.main)  # first: it may refuse (no login)
     metrics_f = open(run.metrics, "a") if world.main else None
     restore_memory = loop_memory()
     try:
@@ -271,12 +294,12 @@ def _fit(cfg: Config, world: World, teacher: models.Lazy, quiet: bool, log) -> b
                 pending.history, t_report, tok_report = [], time.time(), 0
             if ev is not None and (step % t.eval_every == 0 or step == t.iters):
                 rec = {**(rec or {"step": step}), **validation.validate(model, ev, vocab)}
-                if not bar.enabled and not quiet:
-                    log(f"step {step}/{t.iters}: " + ", ".join(
-                        f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
+                if not quiet:
+                    bar.message(validation_line(rec, t.iters), log)
             if rec is not None:
                 metrics_f.write(json.dumps(rec) + "\n")
                 metrics_f.flush()
+                tracker.log(rec)
             if step % t.save_every == 0 or step == t.iters:
                 # The data position is the step itself (the order is a function of seed and
                 # step); metrics_bytes lets a resume cut metrics.jsonl back to this point, and
@@ -289,6 +312,7 @@ def _fit(cfg: Config, world: World, teacher: models.Lazy, quiet: bool, log) -> b
         restore_memory()
         if metrics_f is not None:
             metrics_f.close()
+        tracker.close()
         bar.close()
 
     # ---------------------------------------------------------------- finish

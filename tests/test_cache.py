@@ -264,3 +264,47 @@ def test_weight_hashes_are_hashed_once_and_remembered(tiny, tmp_path, own_memo, 
     blocked.write_text("")
     monkeypatch.setenv("MLXDISTILL_HASH_MEMO", str(blocked / "memo.json"))  # unwritable
     assert models.model_fingerprint(str(teacher)) == changed and len(reads) == 4
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}lord {% else %}lady "
+                 "{% endif %}{{ m['content'] }} . {% endfor %}"
+                 "{% if add_generation_prompt %}lady {% endif %}")
+
+
+def test_chat_template_is_part_of_the_cache_identity(tiny, tmp_path):
+    """The teacher pass renders chat data with data.chat_template (the tiny models have no
+    template of their own); a cache built with another template, or none, is refused."""
+    import hashlib
+
+    from mlxdistill import models
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": "speak the king"},
+        {"role": "assistant", "content": "the queen weep" + " and" * (i % 3)}]}) + "\n"
+        for i in range(40)))
+    over = {"data.train": str(chat), "data.chat_template": json.dumps(CHAT_TEMPLATE)}
+    cfg, m = build(tiny, tmp_path, **over)
+    assert m["chat_template_sha256"] == hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
+    _, tok = models.load_meta_role(cfg, "teacher")
+    (head, _), (tail, _) = data_mod.record_segments(tok, json.loads(chat.read_text().split(
+        "\n")[0]), True)
+    row = cache_mod.ShardReader(cfg.cache.dir).load_shard(0)["input_ids"][0]
+    assert row[:len(head) + len(tail)].tolist() == head + tail
+    assert tok.decode(head) == "lord speak the king . lady"
+    for template in (CHAT_TEMPLATE.replace("lady", "lord"), None):
+        other = load_config(None, tiny_overrides(tiny, tmp_path, **{
+            **over, "data.chat_template": json.dumps(template)}))
+        with pytest.raises(CacheError, match="chat_template_sha256"):
+            cache_mod.ensure(other, True, lambda m: None)
+
+
+def test_a_cache_from_before_the_chat_template_key_is_accepted(tiny, tmp_path):
+    """Text data, no data.chat_template: the identity is that of a cache written before the
+    key existed (its manifest lacks it), so an existing default cache is still used."""
+    cfg, m = build(tiny, tmp_path)
+    assert m["chat_template_sha256"] is None
+    del m["chat_template_sha256"]
+    with open(os.path.join(cfg.cache.dir, cache_mod.MANIFEST), "w") as f:
+        json.dump(m, f)
+    assert cache_mod.ensure(cfg, True, lambda m: None).rows == m["rows"]

@@ -154,3 +154,55 @@ def test_output_path_of_the_wrong_kind(tiny, tmp_path, name):
     res = invoke(*args)
     assert res.exit_code == 2, res.output
     assert_one_line_error(res, str(path), says)
+
+
+# ---------------------------------------------------------------- mlxdistill data
+
+def test_data_shows_the_packed_rows_as_the_cache_holds_them(tiny, tmp_path):
+    """--json rows are the cache's input_ids and loss_mask; the text marks the untrained
+    prompt in [[ ]]."""
+    from conftest import prompt_completion
+
+    pc = prompt_completion(tiny["train"], str(tmp_path / "pc.jsonl"), 3, 4)
+    ov = tiny_overrides(tiny, tmp_path, **{"data.train": pc})
+    res = invoke("data", *ov, "--rows", "3", "--json")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["row"] for r in rows] == [0, 1, 2] and set(rows[0]) == {"row", "ids", "mask"}
+    assert invoke("cache", "-q", *ov).exit_code == 0
+    from mlxdistill.cache import ShardReader
+
+    shard = ShardReader(str(tmp_path / "cache")).load_shard(0)
+    assert [r["ids"] for r in rows] == shard["input_ids"][:3].tolist()
+    assert [r["mask"] for r in rows] == shard["loss_mask"][:3].tolist()
+    res = invoke("data", *ov)
+    assert res.exit_code == 0, res.output
+    first = json.loads(open(pc).readline())
+    assert f"-- row 0 ({32} tokens" in res.stdout and "-- row 2" not in res.stdout
+    assert f"[[{first['prompt']}]]{first['completion']}" in res.stdout
+    assert "teacher's tokenizer" in res.stdout
+    res = invoke("data", *ov, "--split", "test", "--json", "--rows", "1")
+    from pathlib import Path
+
+    from mlx_lm.utils import load_tokenizer
+
+    from mlxdistill.data import pack
+
+    want = pack(tiny["test"], load_tokenizer(Path(tiny["teacher"])), 32).input_ids[0]
+    assert json.loads(res.stdout)["ids"] == want.tolist()
+
+
+def test_data_bad_input_is_one_line(tiny, tmp_path):
+    ov = tiny_overrides(tiny, tmp_path, **{"data.valid": None})
+    assert_one_line_error(invoke("data", *ov, "--split", "valid"), "data.valid is null")
+    ov = tiny_overrides(tiny, tmp_path, **{"data.train": str(tmp_path)})
+    assert_one_line_error(invoke("data", *ov), f"set data.dir={tmp_path}")
+    arr = tmp_path / "arr.jsonl"
+    arr.write_text(json.dumps([{"text": "the king"}, {"text": "the queen"}]) + "\n")
+    ov = tiny_overrides(tiny, tmp_path, **{"data.train": str(arr)})
+    assert_one_line_error(invoke("data", *ov), "arr.jsonl:1", "one JSON object per line")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "the king"},
+                                             {"role": "assistant", "content": "sleep"}]}))
+    ov = tiny_overrides(tiny, tmp_path, **{"data.train": str(chat)})
+    assert_one_line_error(invoke("data", *ov), "chat.jsonl: record 1", "data.chat_template")

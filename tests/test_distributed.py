@@ -16,7 +16,7 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from conftest import ROOT, prompt_completion, tiny_overrides
-from test_generate import cfg_for, prompts_file
+from test_generate import TEMPLATE, cfg_for, prompts_file
 
 from mlxdistill import api
 from mlxdistill import cache as cache_mod
@@ -218,7 +218,8 @@ def test_two_ranks_generate_the_same_file_and_resume(tiny, tmp_path, monkeypatch
     monkeypatch.setattr(gen_mod, "_atomic_json", real)
     ov = {"teacher.model": tiny["teacher"], "generate.prompts": prompts,
           "generate.out": str(tmp_path / "two.jsonl"), "generate.max_tokens": 6,
-          "generate.batch_size": 2, "generate.n": 2, "generate.temperature": 1.0}
+          "generate.batch_size": 2, "generate.n": 2, "generate.temperature": 1.0,
+          "data.chat_template": json.dumps(TEMPLATE)}
     p = launch(["generate", *[f"{k}={v}" for k, v in ov.items()]])
     assert "resuming" in p.stdout and "2/7" in p.stdout
     assert p.stdout.count("generated ") == 1  # rank 0 alone writes

@@ -453,3 +453,36 @@ def test_export_writes_fallback_threshold(lora_run):
         assert fb["target"] == pytest.approx(fb["target_fraction_of_teacher"]
                                              * fb["teacher_quality"], abs=1e-6)
     assert hi["deferred_fraction"] >= lo["deferred_fraction"]
+
+
+def test_model_card_front_matter_as_the_hub_reads_it(lora_run, tiny):
+    """YAML front matter the Hub parses: the student's base as base_model (a hub id as is,
+    a local folder by its name, which the card says), library, task, tags, the teacher."""
+    import yaml
+
+    from mlxdistill.export import model_card
+
+    rt = {"positions": 4, "max_abs_logit_diff": 0.0, "top1_agreement": 1.0}
+    card = model_card("runs/x", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", 4,
+                      rt, None)
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert meta["base_model_relation"] == "finetune"
+    assert meta["library_name"] == "mlx" and meta["pipeline_tag"] == "text-generation"
+    assert {"mlx", "distillation", "knowledge-distillation", "mlxdistill", "4-bit"} \
+        <= set(meta["tags"])
+    assert meta["teacher_model"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert "teacher `Qwen/Qwen2.5-7B-Instruct`" in card and "local folder" not in card
+
+    # the exported folder's own card: the tiny pair are local folders, named, never a path
+    run_dir, d = lora_run
+    out = d / "card"
+    res = CliRunner().invoke(main, ["export", run_dir, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    text = (out / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["base_model"] == "student64"
+    assert meta["teacher_model"] == os.path.basename(tiny["teacher"])
+    assert "(base_model) is the name of a local folder" in text
+    assert str(d) not in text.split("---\n")[1]

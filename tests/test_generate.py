@@ -21,11 +21,18 @@ def prompts_file(tmp_path, n=5):
     return str(p)
 
 
+# The tiny models have no chat template, and the chat prompt needs one: data.chat_template.
+TEMPLATE = ("{% if tools %}sword {% endif %}{% for m in messages %}{% if m['role'] == 'user' %}"
+            "lord {% else %}lady {% endif %}{{ m['content'] }} . {% endfor %}"
+            "{% if add_generation_prompt %}lady {% endif %}")
+
+
 def cfg_for(tiny, tmp_path, out="gen.jsonl", **extra):
     ov = {"teacher.model": tiny["teacher"], "generate.prompts": prompts_file(tmp_path),
           "generate.out": str(tmp_path / out), "generate.max_tokens": 6,
-          "generate.batch_size": 2, "generate.n": 2, "generate.temperature": 1.0, **extra}
-    return load_config(None, [f"{k}={v}" for k, v in ov.items()])
+          "generate.batch_size": 2, "generate.n": 2, "generate.temperature": 1.0,
+          "data.chat_template": json.dumps(TEMPLATE), **extra}
+    return load_config(None, [f"{k}={v}" for k, v in ov.items() if v is not None])
 
 
 QUIET = dict(quiet=True, log=lambda m: None)
@@ -40,11 +47,37 @@ def test_deterministic_and_mlx_lm_formats(tiny, tmp_path):
     assert "completion" in recs[0] and recs[-1]["messages"][-1]["role"] == "assistant"
     assert not (tmp_path / "a.jsonl.partial").exists()
     # feeds the data pipeline: the prompt is masked, the completion trained
-    from mlx_lm.utils import load_tokenizer
-    from pathlib import Path
+    from mlxdistill import models
 
-    packed = pack(str(tmp_path / "a.jsonl"), load_tokenizer(Path(tiny["teacher"])), 64)
+    _, tok = models.load_meta_role(cfg_for(tiny, tmp_path, "a.jsonl"), "teacher")
+    packed = pack(str(tmp_path / "a.jsonl"), tok, 64)
     assert packed.loss_mask.sum() > 0 and packed.loss_mask[0, 0] == 0
+
+
+def test_prompts_are_rendered_as_training_renders_them(tiny, tmp_path):
+    """What the teacher continues is the untrained prompt part of the record it writes, for
+    chat and prompt records alike (the template from data.chat_template)."""
+    from mlxdistill import data as data_mod
+    from mlxdistill import models
+
+    _, tok = models.load_meta_role(cfg_for(tiny, tmp_path), "teacher")
+    user = [{"role": "user", "content": "the queen"}]
+    tools = [{"type": "function", "function": {"name": "fly"}}]
+    for rec in ({"messages": user}, {"prompt": "the queen"}, {"prompt": "the queen",
+                                                             "tools": tools}):
+        written = gen_mod.output_record(rec, "the king", None)
+        head, _ = data_mod.record_segments(tok, written, True)
+        assert gen_mod.prompt_tokens(tok, rec, None) == head[0]
+    assert tok.decode(gen_mod.prompt_tokens(tok, {"prompt": "the queen"}, None)) == \
+        "lord the queen . lady"
+    assert tok.decode(head[0]).startswith("sword ")  # the tools went into the record too
+
+
+def test_chat_prompt_without_a_template_is_refused_before_generating(tiny, tmp_path):
+    cfg = cfg_for(tiny, tmp_path, **{"data.chat_template": None})
+    with pytest.raises(DataError, match="prompts.jsonl: record 5: a chat record .*needs a "
+                       "chat template.*data.chat_template"):
+        gen_mod.generate(cfg, **QUIET)
 
 
 def test_resume_after_kill_never_duplicates(tiny, tmp_path, monkeypatch):
@@ -164,6 +197,19 @@ def test_edited_prompts_are_not_taken_as_done(tiny, tmp_path):
     m = gen_mod.generate(cfg, **QUIET)
     assert m["prompts_total"] == 6 and m["lines"] == 12
     assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 12
+
+
+def test_another_chat_template_is_not_taken_as_done(tiny, tmp_path):
+    """The template decides what the teacher reads: a finished file written with another
+    is generated again."""
+    first = gen_mod.generate(cfg_for(tiny, tmp_path, "t.jsonl"), **QUIET)
+    other = cfg_for(tiny, tmp_path, "t.jsonl", **{"data.chat_template": json.dumps(
+        TEMPLATE.replace("lord", "king"))})
+    logs = []
+    again = gen_mod.generate(other, quiet=True, log=logs.append)
+    assert not any("nothing to do" in m for m in logs)
+    sha = [m["settings"]["chat_template_sha256"] for m in (first, again)]
+    assert sha[0] != sha[1] and None not in sha
 
 
 def test_bad_input_reported_in_one_line(tiny, tmp_path, monkeypatch):

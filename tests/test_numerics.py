@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlxdistill import losses
-from mlxdistill.config import LOSSES
+from mlxdistill.sections import LOSSES
 from mlxdistill.targets import tail_logprob
 
 V, K = 64, 4

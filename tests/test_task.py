@@ -120,7 +120,8 @@ def test_score_and_retention_math(monkeypatch):
                                              "verifier_errors": 0}
     answers = {"teacher": right, "student_before": ["x"] * 4, "student_after": right[:3] + ["5"]}
     monkeypatch.setattr(task, "greedy_answers", lambda m, tok, p, g: answers[m][:len(p)])
-    monkeypatch.setattr(task, "task_prompts", lambda path, limit: prompts[:limit])
+    monkeypatch.setattr(task, "task_prompts",
+                        lambda path, limit, max_records=None: prompts[:limit])
     res = task.task_accuracy({k: k for k in answers}, None, "unused", g)
     assert res["teacher"]["accuracy"] == 1.0 and res["student_after"]["correct"] == 3
     assert res["retention"] == {"student_before": 0.0, "student_after": 75.0}
