@@ -3,7 +3,7 @@ where stages are strung together (train, then evaluate). The command line (cli.p
 arguments and calls these; scripts and notebooks call them directly.
 
     from mlxdistill import api
-    cfg = api.load_config("configs/default.yaml", ["train.iters=50"])
+    cfg = api.load_config(None, ["train.iters=50"])   # None: the embedded default
     result = api.train(cfg)            # eval.json's content: teacher / before / after
     model, tokenizer = api.load_student(cfg.run.dir)
 """

@@ -90,7 +90,7 @@ def _log0(lp: mx.array) -> mx.array:
     return mx.maximum(lp.astype(mx.float32), LOG0)
 
 
-def _absent(lp: mx.array) -> mx.array:
+def absent(lp: mx.array) -> mx.array:
     return lp <= LOG0 / 2
 
 
@@ -107,7 +107,7 @@ def _topk_lse(z: mx.array, ids: mx.array, valid: mx.array, zk: mx.array
     ids = mx.where(valid, ids, ids[..., :1])
     rest = mx.logsumexp(mx.put_along_axis(z, ids, mx.array(LOG0, z.dtype), axis=-1),
                         axis=-1, keepdims=True)
-    lse = _logaddexp(rest, mx.logsumexp(mx.where(valid, zk, LOG0), axis=-1, keepdims=True))
+    lse = logaddexp(rest, mx.logsumexp(mx.where(valid, zk, LOG0), axis=-1, keepdims=True))
     return lse, rest
 
 
@@ -120,7 +120,7 @@ def buckets(lq: mx.array, logp_t: mx.array, tail_s: mx.array, tail_t: mx.array
     lower bound on the full-vocabulary value). Slots whose teacher log-prob is -inf are
     empty (a multi-teacher merge pads with them): log 0 on both sides, no mass counted."""
     lp_t = _log0(logp_t)
-    lq = mx.where(_absent(lp_t), LOG0, lq)
+    lq = mx.where(absent(lp_t), LOG0, lq)
     return (mx.concatenate([lp_t, _log0(tail_t)], -1),
             mx.concatenate([lq, _log0(tail_s)], -1))
 
@@ -139,12 +139,12 @@ def _kl(lp: mx.array, lq: mx.array) -> mx.array:
     p = 0 adds 0; one with q = 0 < p (the true KL is +inf there) is skipped, as torchtune's
     and DistiLLM's losses skip ids whose log-probability is -inf (TRL returns +inf): a loss
     of inf would stop training, while the rest of the sum still pulls q toward p."""
-    keep = ~(_absent(lp) | _absent(lq))
+    keep = ~(absent(lp) | absent(lq))
     lp, lq = mx.where(keep, lp, 0.0), mx.where(keep, lq, 0.0)
     return mx.where(keep, mx.exp(lp) * (lp - lq), 0.0).sum(-1)
 
 
-def _logaddexp(a: mx.array, b: mx.array) -> mx.array:
+def logaddexp(a: mx.array, b: mx.array) -> mx.array:
     """log(e^a + e^b) with a gradient accurate for both arguments. mx.logaddexp's gradient
     toward its second argument is 1 - (the first's share) when the second is the smaller:
     it cancels, off by 7e-4 relative at a gap of 11 nats and 1 % at 13; here each share is
@@ -155,7 +155,7 @@ def _logaddexp(a: mx.array, b: mx.array) -> mx.array:
 
 def _log_mix(lp: mx.array, lq: mx.array, w: float) -> mx.array:
     """log(w p + (1 - w) q), computed in log space."""
-    return _logaddexp(lp + math.log(w), lq + math.log(1.0 - w))
+    return logaddexp(lp + math.log(w), lq + math.log(1.0 - w))
 
 
 def _jsd(lp, lq, beta, _skew):
@@ -206,7 +206,7 @@ def _per_position(student_logits: mx.array, targets: dict, labels, kd: KD):
               if cols else None)
     if topk:
         k = targets["ids"].shape[-1]
-        lse, rest = _topk_lse(z, cols[0], ~_absent(_log0(targets["logprobs"])),
+        lse, rest = _topk_lse(z, cols[0], ~absent(_log0(targets["logprobs"])),
                               picked[..., :k])
     else:
         lse = mx.logsumexp(z, axis=-1, keepdims=True)
