@@ -1,4 +1,4 @@
-"""Build the embedded tokenizer, teacher and student under weights/ from data/train.jsonl.
+"""Build the embedded tokenizers, teachers and students under weights/ from data/train.jsonl.
 
     python scripts/build_weights.py                  # everything (resumes where it stopped)
     python scripts/build_weights.py --stage student  # one stage only
@@ -13,10 +13,25 @@ Stages:
              of the multi-teacher run.
   student    Llama, 4 x 128, ~1.3 M parameters (14x fewer non-embedding parameters),
              briefly pre-trained with plain cross-entropy: weak, but not random.
+  tokenizer-xtok
+             a tokenizer of the other kind: byte-level BPE (GPT-2's ByteLevel pre-tokenizer
+             and decoder, Ġ for a space, all 256 bytes in the initial alphabet, so any text
+             encodes without an unknown token), vocab 4096 like the teacher's, trained with
+             `tokenizers` on the same train split; <pad>, <s>, </s> at ids 0, 1, 2. Trained
+             twice and compared byte for byte; mlx_lm and transformers must both load it and
+             encode the held-out splits as `tokenizers` does, each record round-tripping.
+  student-xtok
+             the student with that tokenizer: weights/student's shape and CE pre-training
+             (steps, lr, warmup, seed, data order) on the train split tokenized by it; only
+             vocab_size follows the tokenizer. The student of cross-tokenizer distillation
+             (align.py, xlosses.py) from the teacher's cache.
+  bpb        bits per UTF-8 byte of every shipped model on the held-out splits: the one
+             cross-entropy figure comparable across tokenizers. A forward pass, no training.
 
 Seeded and deterministic; every stage checkpoints into --work and a killed build resumes
 at the last checkpoint with the same data order. Weights are stored float16 (training is
-float32). Held-out cross-entropy of each model goes to weights/build.json.
+float32). Held-out cross-entropy of each model goes to weights/build.json. `all` runs the
+stages in the order above.
 """
 
 from __future__ import annotations
@@ -53,6 +68,11 @@ MODELS = {
     "student": dict(hidden_size=128, num_hidden_layers=4, intermediate_size=320,
                     num_attention_heads=2, steps=60, lr=2e-3, warmup=10, seed=2),
 }
+# The student of the other tokenizer kind: MODELS["student"] in every respect but vocab_size.
+XTOK = "student-xtok"
+# Byte-level BPE needs no <unk> (every byte is a token); its id 0 is a pad instead, so <s>
+# and </s> keep the ids model_args writes (1, 2).
+XTOK_SPECIALS = ("<pad>", "<s>", "</s>")
 
 
 def log(msg: str) -> None:
@@ -136,6 +156,71 @@ def build_tokenizer(data: str, work: str) -> str:
     return out
 
 
+def _train_bytelevel(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    tk = Tokenizer(BPE())  # no unk_token: every byte is in the vocabulary
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = BpeTrainer(vocab_size=VOCAB, min_frequency=2, show_progress=False,
+                         special_tokens=list(XTOK_SPECIALS),
+                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(texts, trainer=trainer)
+    return tk
+
+
+def build_tokenizer_xtok(data: str, work: str) -> str:
+    """A byte-level BPE (GPT-2's kind) over the train split, as tokenizer.json and
+    tokenizer_config.json in WORK/tokenizer-xtok."""
+    out = os.path.join(work, "tokenizer-xtok")
+    if os.path.exists(os.path.join(out, "tokenizer.json")):
+        return out
+    from pathlib import Path
+
+    from mlx_lm.utils import load_tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    log("training byte-level BPE tokenizer")
+    texts = read_texts(os.path.join(data, "train.jsonl"))
+    tk = _train_bytelevel(texts)
+    # BpeTrainer counts words in hash maps: train again and compare, so that a rebuild can
+    # never silently ship another vocabulary.
+    if _train_bytelevel(texts).to_str() != tk.to_str():
+        raise SystemExit("error: the byte-level BPE is not deterministic (two trainings differ)")
+    got = [tk.token_to_id(t) for t in XTOK_SPECIALS]
+    if got != [0, 1, 2] or tk.get_vocab_size() != VOCAB:
+        raise SystemExit(f"error: byte-level BPE has specials at {got}, "
+                         f"vocab {tk.get_vocab_size()}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=4096,
+                                   clean_up_tokenization_spaces=False)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    fast.save_pretrained(tmp)
+    cfg_path = os.path.join(tmp, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False,
+               add_eos_token=False)
+    atomic_json(cfg_path, cfg)
+    # What users load (transformers, mlx_lm) encodes as `tokenizers` does, and every held-out
+    # record decodes back to itself: no unknowns, nothing lost.
+    loaded = [AutoTokenizer.from_pretrained(tmp), load_tokenizer(Path(tmp))]
+    for split in ("valid", "test"):
+        for text in read_texts(os.path.join(data, f"{split}.jsonl")):
+            ids = tk.encode(text).ids
+            if any(t.encode(text, add_special_tokens=False) != ids for t in loaded):
+                raise SystemExit(f"error: a loaded tokenizer-xtok disagrees on {split}")
+            if min(ids) < len(XTOK_SPECIALS) or tk.decode(ids) != text:
+                raise SystemExit(f"error: tokenizer-xtok does not round-trip {split}")
+    os.replace(tmp, out)
+    return out
+
+
 def token_stream(tok_dir: str, path: str) -> np.ndarray:
     from transformers import AutoTokenizer
 
@@ -196,6 +281,40 @@ def heldout_ce(model, stream: np.ndarray) -> float:
     return tot / cnt
 
 
+def bits_per_byte(model, tok_dir: str, data: str, recorded: dict | None = None) -> dict:
+    """Bits per UTF-8 byte of the held-out splits: the nats of every token of the stream but
+    the first (heldout_ce's windows, then the shorter last one), / ln 2 / the bytes of the
+    split's text. Unlike CE per token, comparable across tokenizers. With `recorded` (a
+    build.json entry), its valid_ce / test_ce must be what the same windows give now."""
+    out = {}
+    for split in ("valid", "test"):
+        path = os.path.join(data, f"{split}.jsonl")
+        stream = token_stream(tok_dir, path)
+        n = (len(stream) - 1) // SEQ
+        ce = heldout_ce(model, stream)
+        if recorded and abs(ce - recorded[f"{split}_ce"]) > 2e-3:
+            raise SystemExit(f"error: {tok_dir} gives {split} CE {ce:.4f}, build.json "
+                             f"{recorded[f'{split}_ce']}: not the model it describes")
+        nats = ce * n * SEQ
+        rest = stream[n * SEQ:]
+        if len(rest) > 1:
+            logits = model(mx.array(rest[None, :-1]))
+            nats += nn.losses.cross_entropy(logits.astype(mx.float32),
+                                            mx.array(rest[None, 1:])).sum().item()
+        nbytes = sum(len(t.encode("utf-8")) for t in read_texts(path))
+        out[f"{split}_bpb"] = round(nats / math.log(2) / nbytes, 4)
+    return out
+
+
+def load_shipped(dest: str):
+    """A shipped folder's model as the build measures it: float16 weights, float32 compute."""
+    with open(os.path.join(dest, "config.json")) as f:
+        model = llama.Model(llama.ModelArgs.from_dict(json.load(f)))
+    model.load_weights(os.path.join(dest, "model.safetensors"))
+    model.set_dtype(mx.float32)
+    return model
+
+
 def save_checkpoint(ckdir: str, step: int, model, opt) -> None:
     """Weights + optimizer state as step-NNNNNN (temp dir renamed), then latest.json; only
     the newest checkpoint is kept."""
@@ -228,11 +347,12 @@ def restore_checkpoint(ckdir: str, name: str, model, opt) -> int:
     return step
 
 
-def train_model(name: str, spec: dict, train: np.ndarray, valid: np.ndarray, work: str):
+def train_model(name: str, spec: dict, train: np.ndarray, valid: np.ndarray, work: str,
+                vocab: int = VOCAB):
     ckdir = os.path.join(work, name)
     os.makedirs(ckdir, exist_ok=True)
     mx.random.seed(spec["seed"])
-    model = llama.Model(llama.ModelArgs.from_dict(model_args(spec)))
+    model = llama.Model(llama.ModelArgs.from_dict(model_args(spec, vocab)))
     opt = optim.AdamW(learning_rate=spec["lr"], weight_decay=0.1)
     step = restore_checkpoint(ckdir, name, model, opt)
     mx.eval(model.parameters())
@@ -290,19 +410,70 @@ def export(name: str, spec: dict, model, tok_dir: str, out: str, **args) -> str:
     return dest
 
 
+def other_kind(args, stage: str) -> None:
+    """The stages of the byte-level tokenizer and its student, and bits per byte of every
+    shipped model (all three for `all`)."""
+    from tokenizers import Tokenizer
+
+    tok_dir = build_tokenizer_xtok(args.data, args.work)
+    if stage == "tokenizer-xtok":
+        return
+    report_path = os.path.join(args.out, "build.json")
+    report = {}
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            report = json.load(f)
+    if stage in ("all", XTOK):
+        vocab = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json")).get_vocab_size()
+        train = token_stream(tok_dir, os.path.join(args.data, "train.jsonl"))
+        valid = token_stream(tok_dir, os.path.join(args.data, "valid.jsonl"))
+        test = token_stream(tok_dir, os.path.join(args.data, "test.jsonl"))
+        log(f"{XTOK} tokens: train {len(train)}, valid {len(valid)}, test {len(test)}")
+        spec = MODELS["student"]  # --student-steps included: the same pre-training
+        t0 = time.time()
+        model = train_model(XTOK, spec, train, valid, args.work, vocab=vocab)
+        dest = export(XTOK, spec, model, tok_dir, args.out, vocab=vocab)
+        model.load_weights(os.path.join(dest, "model.safetensors"))
+        model.set_dtype(mx.float32)
+        nparams = sum(v.size for _, v in tree_flatten(model.parameters()))
+        report[XTOK] = dict(
+            tokenizer="byte-level BPE", vocab_size=vocab,
+            params=nparams, non_embedding_params=nparams - vocab * spec["hidden_size"],
+            steps=spec["steps"], tokens_seen=spec["steps"] * BATCH * SEQ,
+            epochs=round(spec["steps"] * BATCH * SEQ / len(train), 2),
+            valid_ce=round(heldout_ce(model, valid), 4), test_ce=round(heldout_ce(model, test), 4),
+            **bits_per_byte(model, dest, args.data),
+            train_minutes_this_run=round((time.time() - t0) / 60, 1),
+        )
+        log(f"{XTOK}: {report[XTOK]}")
+        os.makedirs(args.out, exist_ok=True)
+        atomic_json(report_path, report)
+    if stage in ("all", "bpb"):
+        for name in report:
+            dest = os.path.join(args.out, name)
+            if os.path.exists(os.path.join(dest, "model.safetensors")):
+                t0 = time.time()
+                report[name].update(bits_per_byte(load_shipped(dest), dest, args.data,
+                                                  recorded=report[name]))
+                log(f"{name}: {report[name]} ({time.time() - t0:.0f} s)")
+                atomic_json(report_path, report)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Build weights/ (tokenizer, teacher, student).")
     ap.add_argument("--data", default="data")
     ap.add_argument("--out", default="weights")
     ap.add_argument("--work", default="build/weights", help="checkpoints (resumable)")
-    ap.add_argument("--stage", choices=["all", "tokenizer", "teacher", "teacher2", "student"],
-                    default="all")
+    ap.add_argument("--stage", choices=["all", "tokenizer", "teacher", "teacher2", "student",
+                                        "tokenizer-xtok", XTOK, "bpb"], default="all")
     ap.add_argument("--teacher-steps", type=int, default=MODELS["teacher"]["steps"])
     ap.add_argument("--student-steps", type=int, default=MODELS["student"]["steps"])
     args = ap.parse_args()
     MODELS["teacher"]["steps"] = args.teacher_steps
     MODELS["student"]["steps"] = args.student_steps
     os.makedirs(args.work, exist_ok=True)
+    if args.stage in ("tokenizer-xtok", XTOK, "bpb"):
+        return other_kind(args, args.stage)
     tok_dir = build_tokenizer(args.data, args.work)
     if args.stage == "tokenizer":
         return
@@ -337,6 +508,8 @@ def main() -> None:
         log(f"{name}: {report[name]}")
         os.makedirs(args.out, exist_ok=True)
         atomic_json(report_path, report)
+    if args.stage == "all":
+        other_kind(args, "all")
 
 
 if __name__ == "__main__":
