@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import data as data_mod
-from . import fallback, files, losses, models
+from . import align, fallback, files, losses, models
 from .config import Config, ConfigError
 from .plots import plot_deferral
 from .progress import Progress
@@ -31,15 +31,18 @@ def _accumulate(stats: dict, key: str, value: mx.array) -> None:
 
 
 def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
-            quiet: bool = True) -> dict:
+            quiet: bool = True, byte_lens: Optional[np.ndarray] = None) -> dict:
     """Per model: CE, perplexity, next-token accuracy, expected calibration error; per student
-    also KL to the teacher and top-1/top-5 agreement with the teacher's most likely token."""
+    also KL to the teacher and top-1/top-5 agreement with the teacher's most likely token.
+    With `byte_lens` (the UTF-8 length of every token id), also bits per byte: the scored
+    tokens' nats over the bytes of their text, a scale on which models of different
+    tokenizers compare."""
     labels_all = data_mod.hard_targets(packed.input_ids, packed.next_ids)
     t_fwd = models.logits_fn(teacher, vocab)
     s_fwd = {name: models.logits_fn(m, vocab) for name, m in students.items()}
     sums: dict = {name: {} for name in ["teacher", *students]}
     calib: dict = {}  # name -> [count, sum confidence, sum correct] per confidence bin
-    ntok = 0.0
+    ntok, nbytes = 0.0, 0.0
     bar = Progress(packed.rows, "evaluate", "tok", quiet)
     for b in range(0, packed.rows, EVAL_BATCH):
         x = mx.array(packed.input_ids[b:b + EVAL_BATCH])
@@ -50,6 +53,9 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
         top_t = mx.argmax(lp_t, -1)
         n = m.sum().item()
         ntok += n
+        if byte_lens is not None:
+            scored = np.array(mask)
+            nbytes += float(byte_lens[np.maximum(labels_all[b:b + EVAL_BATCH], 0)][scored].sum())
         for name, lp in [("teacher", lp_t)] + [(k, losses.log_softmax(f(x)))
                                                for k, f in s_fwd.items()]:
             st = sums[name]
@@ -74,11 +80,27 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
     for name, st in sums.items():
         r = {k: v / max(ntok, 1.0) for k, v in st.items()}
         r["ppl"] = math.exp(min(r["ce"], 50.0))
+        if nbytes:
+            r["bpb"] = st["ce"] / math.log(2) / nbytes
         # Expected calibration error of the top-1 prediction (equal-width confidence bins).
         r["ece"] = float(np.abs(calib[name][1] - calib[name][2]).sum() / max(ntok, 1.0))
         out[name] = {k: round(v, 4) for k, v in r.items()}
     out["tokens"] = int(ntok)
+    if nbytes:
+        out["bytes"] = int(nbytes)
     return out
+
+
+def token_byte_lengths(tokenizer, vocab: int) -> Optional[np.ndarray]:
+    """UTF-8 bytes of every token id (0 for special tokens and padding rows), or None for a
+    tokenizer whose tokens cannot be mapped to bytes (bits per byte is then not reported)."""
+    try:
+        pieces = align.token_bytes(tokenizer)
+    except align.AlignError:
+        return None
+    lens = np.zeros(max(vocab, len(pieces)), dtype=np.int64)
+    lens[:len(pieces)] = [len(p) for p in pieces]
+    return lens
 
 
 def example_rows(path: str, tokenizer, seq_len: int, mask_prompt: bool,
@@ -181,7 +203,7 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
     packed = data_mod.pack(path, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
                            packing=cfg.data.packing, max_records=cap)
     res = compare(teacher, {"student_before": before, "student_after": after}, packed,
-                  match.vocab_size, quiet)
+                  match.vocab_size, quiet, token_byte_lengths(ttok, match.vocab_size))
     res["retention"] = retention(res)
     res["data"] = path
     if cap is not None:
@@ -221,6 +243,7 @@ def format_table(res: dict) -> str:
 
     for key, label, fmt in [("ce", "cross-entropy (nats)", "{:.3f}"),
                             ("ppl", "perplexity", "{:.1f}"),
+                            ("bpb", "bits per byte", "{:.3f}"),
                             ("accuracy", "next-token accuracy", "{:.3f}"),
                             ("kl", "KL(teacher‖student)", "{:.3f}"),
                             ("agree_top1", "top-1 agreement", "{:.3f}"),

@@ -354,3 +354,29 @@ def test_unmappable_tokenizers(tmp_path, corpus):
         A.vocab(object())
     legacy = A.vocab(load(json.loads(_spm_json(corpus, legacy=True)), "legacy"))
     assert legacy.prefix_space  # Llama 2's Prepend normalizer is a dummy prefix too
+
+
+def test_bits_per_byte_counts_the_scored_text(tmp_path):
+    """Evaluation's bits per byte divides the scored tokens' nats by the bytes of the text
+    they spell: for one short record that is the whole text (SentencePiece's dummy space
+    included) but the first token, which no position predicts."""
+    import math
+
+    from mlxdistill import data as data_mod
+    from mlxdistill import evaluate, models
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    text = "Good night, sweet prince: and flights of angels sing thee to thy rest!"
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n")
+    teacher, tok, cfg = models.load(os.path.join(root, "weights", "teacher"), "teacher")
+    vocab = models.logits_size(cfg)
+    lens = evaluate.token_byte_lengths(tok, vocab)
+    packed = data_mod.pack(str(path), tok, 64, True)
+    res = evaluate.compare(teacher, {}, packed, vocab, byte_lens=lens)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert res["bytes"] == len((" " + text).encode()) - lens[ids[0]]
+    t = res["teacher"]
+    assert abs(t["bpb"] - t["ce"] * res["tokens"] / math.log(2) / res["bytes"]) < 1e-3
+    # a tokenizer that cannot be mapped to bytes: no bits per byte, not an error
+    assert evaluate.token_byte_lengths(object(), vocab) is None
