@@ -327,7 +327,8 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
             raise ConfigError(f"cannot write the export to {out}: {e.strerror or e}; choose a "
                               "writable -o folder") from None
         save_config(config, os.path.join(tmp, "config.json"))
-        saving.copy_tokenizer(tok, tok_src, tmp)
+        saving.copy_tokenizer(tok, tok_src, tmp,
+                              data_mod.chat_template_text(cfg.data.chat_template))
         missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(tmp, f))]
         if missing:
             raise ConfigError(f"the student's tokenizer could not be written as {missing}; MLX "

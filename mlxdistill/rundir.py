@@ -20,6 +20,7 @@ import mlx.core as mx
 import yaml
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import data as data_mod
 from . import files, models, saving
 from .config import Config, ConfigError, from_dict, save_config
 from .resume import refuse_changed
@@ -128,7 +129,8 @@ class RunDir:
             with files.atomic_path(self.projector) as tmp:
                 mx.save_safetensors(tmp, proj)
         if cfg.train.mode == "full":
-            saving.save_full_model(model, tok, student_cfg, cfg.student.model, self.model)
+            saving.save_full_model(model, tok, student_cfg, cfg.student.model, self.model,
+                                   data_mod.chat_template_text(cfg.data.chat_template))
             log(f"saved the student to {self.model} (mlx_lm folder)")
         else:
             saving.save_adapters(model, adapter_cfg, cfg.student.model, self.path)

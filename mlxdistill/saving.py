@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -67,28 +68,46 @@ def local_folder(path: str) -> Optional[str]:
         return None
 
 
-def copy_tokenizer(tokenizer, src_path: str, dst: str) -> None:
+def copy_tokenizer(tokenizer, src_path: str, dst: str,
+                   chat_template: Optional[str] = None) -> None:
     """The source model's tokenizer files into `dst`, byte for byte. Saving through the
     installed transformers would rewrite tokenizer_config.json (transformers 5 writes
     tokenizer_class "TokenizersBackend" and drops add_bos_token), which transformers 4 and
     swift-transformers, MLX Swift's loader, refuse; transformers writes only the
-    tokenizer.json / tokenizer_config.json that the source lacks."""
+    tokenizer.json / tokenizer_config.json that the source lacks. `chat_template` (the run's
+    data.chat_template, which training rendered with) replaces the source's template, so an
+    app renders prompts as the student was trained."""
     src = local_folder(src_path)
     for pattern in TOKENIZER_FILES if src else ():
         for f in glob.glob(os.path.join(src, pattern)):
             if os.path.isfile(f):
                 shutil.copyfile(f, os.path.join(dst, os.path.basename(f)))
-    if all(os.path.isfile(os.path.join(dst, f)) for f in ("tokenizer.json",
-                                                           "tokenizer_config.json")):
-        return
-    with tempfile.TemporaryDirectory(dir=dst) as scratch:
-        tokenizer.save_pretrained(scratch)
-        for name in os.listdir(scratch):
-            if not os.path.exists(os.path.join(dst, name)):
-                shutil.copyfile(os.path.join(scratch, name), os.path.join(dst, name))
+    if not all(os.path.isfile(os.path.join(dst, f)) for f in ("tokenizer.json",
+                                                               "tokenizer_config.json")):
+        with tempfile.TemporaryDirectory(dir=dst) as scratch:
+            tokenizer.save_pretrained(scratch)
+            for name in os.listdir(scratch):
+                if not os.path.exists(os.path.join(dst, name)):
+                    shutil.copyfile(os.path.join(scratch, name), os.path.join(dst, name))
+    if chat_template is not None:
+        _set_chat_template(dst, chat_template)
 
 
-def save_full_model(model, tokenizer, config: dict, src_path: str, out_dir: str) -> None:
+def _set_chat_template(folder: str, template: str) -> None:
+    """tokenizer_config.json's `chat_template` set to `template`; a separate template file
+    (chat_template.jinja / .json), which transformers would read first, is removed."""
+    for name in glob.glob(os.path.join(folder, "chat_template*")):
+        os.remove(name)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        tc = json.load(f)
+    tc["chat_template"] = template
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(tc, f, indent=2, ensure_ascii=False)
+
+
+def save_full_model(model, tokenizer, config: dict, src_path: str, out_dir: str,
+                    chat_template: Optional[str] = None) -> None:
     """An mlx_lm-loadable folder (weights, config.json, tokenizer), written under a temp name
     and renamed so a half-written model/ never exists."""
     from mlx_lm.utils import save_config, save_model
@@ -96,7 +115,7 @@ def save_full_model(model, tokenizer, config: dict, src_path: str, out_dir: str)
     with files.atomic_dir(out_dir) as tmp:
         save_model(tmp, model)
         save_config(dict(config), os.path.join(tmp, "config.json"))
-        copy_tokenizer(tokenizer, src_path, tmp)
+        copy_tokenizer(tokenizer, src_path, tmp, chat_template)
 
 
 def quantize(model, config: dict, group_size: int, bits: int):

@@ -91,8 +91,9 @@ class DataConfig:
     chat_template: Optional[str] = _key(None, "a Jinja chat template, or the path of a file "
                                         "holding one, used instead of the models' own for "
                                         "chat and prompt/completion records (teacher pass, "
-                                        "generate, training, eval); chat records need a "
-                                        "template (null: the tokenizer's)")
+                                        "generate, training, eval) and written into the "
+                                        "trained and exported student's tokenizer; chat "
+                                        "records need a template (null: the tokenizer's)")
     long_lines: str = _key("split", "a record longer than `seq_len`: `split` (runs on into the "
                            "next row) or `truncate` (keeps its first `seq_len` tokens); "
                            "counted either way")

@@ -295,3 +295,21 @@ def test_logged_peak_is_the_training_loops_own(tiny, tmp_path, monkeypatch):
     a, b, c = peaks(first.run.dir), peaks(no_eval.run.dir), peaks(resumed.run.dir)
     assert len(a) == len(b) == len(c) == 2
     assert max(a + c) - min(b) <= 0.002 and max(b) - min(a + c) <= 0.002, (a, b, c)
+
+
+def test_the_trained_chat_template_ships_with_the_student(tiny, tmp_path):
+    """A run trained with data.chat_template writes it into model/ and into the export, so
+    mlx_lm and an app render prompts as the student was trained."""
+    from mlx_lm.utils import load
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    cfg = load_config(None, tiny_overrides(tiny, tmp_path, **{
+        "train.iters": 2, "train.final_eval": False, "data.chat_template": template}))
+    api.train(cfg, **QUIET)
+    _, tok = load(os.path.join(cfg.run.dir, "model"))
+    chat = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(chat, tokenize=False) == "<user>hi"
+    report = api.export(cfg.run.dir, str(tmp_path / "out"), log=lambda m: None)
+    assert report["round_trip"]["check"] == "pass"
+    with open(tmp_path / "out" / "tokenizer_config.json") as f:
+        assert json.load(f)["chat_template"] == template
