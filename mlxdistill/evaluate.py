@@ -46,16 +46,18 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
     bar = Progress(packed.rows, "evaluate", "tok", quiet)
     for b in range(0, packed.rows, EVAL_BATCH):
         x = mx.array(packed.input_ids[b:b + EVAL_BATCH])
-        labels = mx.array(labels_all[b:b + EVAL_BATCH])
-        mask = mx.array(packed.loss_mask[b:b + EVAL_BATCH]).astype(mx.bool_) & (labels >= 0)
+        labels_np = labels_all[b:b + EVAL_BATCH]
+        labels = mx.array(labels_np)
+        # scored positions, on the host too: the byte count and the calibration bins use them
+        scored = packed.loss_mask[b:b + EVAL_BATCH].astype(bool) & (labels_np >= 0)
+        mask = mx.array(scored)
         m = mask.astype(mx.float32)
         lp_t = losses.log_softmax(t_fwd(x))
         top_t = mx.argmax(lp_t, -1)
         n = m.sum().item()
         ntok += n
         if byte_lens is not None:
-            scored = np.array(mask)
-            nbytes += float(byte_lens[np.maximum(labels_all[b:b + EVAL_BATCH], 0)][scored].sum())
+            nbytes += float(byte_lens[np.maximum(labels_np, 0)][scored].sum())
         for name, lp in [("teacher", lp_t)] + [(k, losses.log_softmax(f(x)))
                                                for k, f in s_fwd.items()]:
             st = sums[name]
@@ -63,7 +65,7 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
                 if key != "tokens":
                     _accumulate(st, key, v)
             pred = mx.argmax(lp, -1)
-            keep = np.array(mask).reshape(-1)
+            keep = scored.reshape(-1)
             conf = np.array(mx.exp(mx.max(lp, -1))).reshape(-1)[keep]
             bins = calib.setdefault(name, np.zeros((3, ECE_BINS)))
             idx = np.minimum((conf * ECE_BINS).astype(int), ECE_BINS - 1)

@@ -93,6 +93,19 @@ def read_texts(path: str) -> list[str]:
 
 # ---------------------------------------------------------------- tokenizer
 
+def save_fast(fast, folder: str) -> None:
+    """tokenizer.json + tokenizer_config.json of a fast tokenizer, the config naming the
+    generic class (what older transformers and swift-transformers know) and adding no
+    BOS/EOS of its own (the data pipeline decides)."""
+    fast.save_pretrained(folder)
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False,
+               add_eos_token=False)
+    atomic_json(cfg_path, cfg)
+
+
 def build_tokenizer(data: str, work: str) -> str:
     out = os.path.join(work, "tokenizer")
     if os.path.exists(os.path.join(out, "tokenizer.json")):
@@ -144,14 +157,7 @@ def build_tokenizer(data: str, work: str) -> str:
         for text in read_texts(os.path.join(data, f"{split}.jsonl")):
             if fast.encode(text, add_special_tokens=False) != sp.encode(text):
                 raise SystemExit(f"error: tokenizer.json disagrees with SentencePiece on {split}")
-    fast.save_pretrained(tmp)
-    cfg_path = os.path.join(tmp, "tokenizer_config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    # The generic class name is what older transformers and swift-transformers know.
-    cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False,
-               add_eos_token=False)
-    atomic_json(cfg_path, cfg)
+    save_fast(fast, tmp)
     os.replace(tmp, out)
     return out
 
@@ -200,13 +206,7 @@ def build_tokenizer_xtok(data: str, work: str) -> str:
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    fast.save_pretrained(tmp)
-    cfg_path = os.path.join(tmp, "tokenizer_config.json")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False,
-               add_eos_token=False)
-    atomic_json(cfg_path, cfg)
+    save_fast(fast, tmp)
     # What users load (transformers, mlx_lm) encodes as `tokenizers` does, and every held-out
     # record decodes back to itself: no unknowns, nothing lost.
     loaded = [AutoTokenizer.from_pretrained(tmp), load_tokenizer(Path(tmp))]
