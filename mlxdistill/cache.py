@@ -35,6 +35,9 @@ MANIFEST = "manifest.json"
 VERIFIED = ".verified.json"
 LOCK = ".lock"  # held by the process writing the cache
 TARGET_KEYS = {"topk": ("ids", "logprobs", "tail_logprob"), "sample": ("ids", "counts")}
+# Per-position tensors a cache holds only when built with the cache.KEY of the same name
+# (recorded in the manifest), and a reader hands over only when asked (ShardReader extra=).
+EXTRA_KEYS = ("next_logprob",)
 
 
 def target_keys(manifest: dict) -> list[str]:
@@ -73,6 +76,9 @@ def read_manifest(cache_dir: str) -> dict:
 def config_identity(cfg: Config) -> dict:
     """What a cache must agree with, as far as the config alone decides it."""
     c = cfg.cache
+    # Present only when asked for: the identity of a config without it is the one a cache
+    # from before the key recorded, and any cache serves it (check_compatible).
+    extra = {"next_logprob": True} if c.next_logprob else {}
     return {
         "format_version": FORMAT_VERSION,
         "teacher_fingerprint_kind": models.FINGERPRINT_KIND,
@@ -86,6 +92,7 @@ def config_identity(cfg: Config) -> dict:
         "packing": cfg.data.packing,
         # None when unset, which is also how a manifest from before the key reads
         "chat_template_sha256": data_mod.chat_template_sha256(cfg.data.chat_template),
+        **extra,
     }
 
 
@@ -106,7 +113,9 @@ def check_compatible(manifest: dict, want: dict, cache_dir: str, prefix: bool = 
     """Refuse a cache whose manifest disagrees with `want` on an identity key (the first in
     IDENTITY_KEYS order is named; a key the manifest lacks reads as None). With `prefix`
     (a complete cache, read through ShardReader(rows=max_rows)), a cache built for more
-    rows than `want`'s max_rows is accepted: it `covers` them."""
+    rows than `want`'s max_rows is accepted: it `covers` them. A tensor of EXTRA_KEYS is
+    one-way: a cache that holds it serves a config that does not ask for it (its reader
+    leaves it out), not the reverse."""
     keys = [key for key in IDENTITY_KEYS if key in want and not (prefix and key == "max_rows")]
     message = lambda key, was, now: (  # noqa: E731
         f"cache {cache_dir} was built with {key}={was!r} but this config needs {now!r}; "
@@ -118,6 +127,11 @@ def check_compatible(manifest: dict, want: dict, cache_dir: str, prefix: bool = 
                          f"{manifest.get('max_rows')!r} but this config needs "
                          f"{want['max_rows']!r} (a cache serves a smaller max_rows, not a "
                          "larger one); point cache.dir elsewhere or delete the cache")
+    for key in EXTRA_KEYS:
+        if want.get(key) and not manifest.get(key):
+            raise CacheError(f"cache {cache_dir} was built without cache.{key}, which this "
+                             "config sets; point cache.dir elsewhere or delete the cache "
+                             f"(the rebuild stores {key})")
 
 
 # ---------------------------------------------------------------- writer
@@ -156,7 +170,7 @@ def _build(cfg: Config, quiet: bool, log, world: World,
     c = cfg.cache
     teacher, ttok, tcfg = (teacher or models.Lazy(cfg, "teacher")).get()
     scfg, stok = models.load_meta_role(cfg, "student")
-    match = models.check_pair(ttok, tcfg, stok, scfg, cfg.data.seq_len)
+    match = models.check_cache_pair(ttok, tcfg, stok, scfg, cfg.data.seq_len)
     if c.mode == "topk" and c.k > match.vocab_size:
         raise ConfigError(f"cache.k={c.k} exceeds the vocabulary size {match.vocab_size}")
     hidden = surgery.resolve_layers(c.hidden_layers, surgery.num_layers(teacher),
@@ -203,6 +217,7 @@ def _build(cfg: Config, quiet: bool, log, world: World,
                     for i in range(nshards) if i not in done)
     check_free_space(c.dir, manifest, todo_rows)
     what = f"n={c.n} draws" if c.mode == "sample" else f"top-{c.k}"
+    what += ", next-token log-probs" if manifest.get("next_logprob") else ""
     log(f"teacher pass: {todo_rows} rows x {cfg.data.seq_len} tokens through "
         f"{cfg.teacher.model} ({c.mode}, {what}, T={c.temperature}) -> {c.dir}")
     todo = [i for i in range(nshards) if i not in done]
@@ -214,6 +229,9 @@ def _build(cfg: Config, quiet: bool, log, world: World,
     forward = models.logits_fn(teacher, match.vocab_size)
     captured = surgery.capture_layers(teacher, hidden)
     idt = id_dtype(match.vocab_size)
+    # The manifest decides, not this config: a cache begun with next_logprob is finished
+    # with it (it still serves a config without it), so its shards all hold the same tensors.
+    with_next = bool(manifest.get("next_logprob"))
     t0 = time.time()
     pending: list[dict] = []  # this rank's shard records not yet in the manifest
 
@@ -228,10 +246,15 @@ def _build(cfg: Config, quiet: bool, log, world: World,
         tensors = {"input_ids": packed.input_ids[lo:hi], "loss_mask": packed.loss_mask[lo:hi],
                    "next_ids": packed.next_ids[lo:hi]}
         outs: dict[str, list] = {k: [] for k in target_keys(manifest)}
+        labels = None
+        if with_next:
+            outs["next_logprob"] = []
+            labels = data_mod.hard_targets(packed.input_ids[lo:hi], packed.next_ids[lo:hi])
         rng = np.random.default_rng([c.seed, i])  # per shard: a resume redraws identically
         for b in range(lo, hi, c.batch_size):
             x = mx.array(packed.input_ids[b:min(b + c.batch_size, hi)])
-            got = from_logits(forward(x), c.mode, c.n, c.k, c.temperature, rng, c.keep_top1)
+            got = from_logits(forward(x), c.mode, c.n, c.k, c.temperature, rng, c.keep_top1,
+                              None if labels is None else labels[b - lo:b - lo + x.shape[0]])
             for key, value in got.items():
                 outs[key].append(value.astype(idt) if key == "ids" else value)
             for layer in hidden:
@@ -288,15 +311,28 @@ class ShardReader:
 
     `rows` serves the cache's first rows only (a data.max_rows below what it holds:
     `covers`) as a cache built for that many holds them: the same shards, the last one cut,
-    so the batch order (`order`, from the shards' row counts) is that cache's too."""
+    so the batch order (`order`, from the shards' row counts) is that cache's too.
 
-    def __init__(self, cache_dir: str, verify: bool = True, rows: Optional[int] = None):
+    `extra` names tensors of EXTRA_KEYS that batches carry in their targets too (e.g.
+    ("next_logprob",)); without it the targets are the cache's distribution and hidden
+    states only, whatever else the cache holds."""
+
+    def __init__(self, cache_dir: str, verify: bool = True, rows: Optional[int] = None,
+                 extra: tuple = ()):
         self.dir = cache_dir
         self.manifest = read_manifest(cache_dir)
         if not self.manifest.get("complete"):
             raise CacheError(f"cache {cache_dir} is incomplete ({len(self.manifest['shards'])}/"
                              f"{self.manifest.get('num_shards', '?')} shards); run "
                              "`mlxdistill cache` with the same config to finish it")
+        self.extra = tuple(extra)
+        for key in self.extra:
+            if key not in EXTRA_KEYS:
+                raise ValueError(f"extra={key!r}: a reader hands over {', '.join(EXTRA_KEYS)}")
+            if not self.manifest.get(key):
+                raise CacheError(f"cache {cache_dir} holds no {key} (built without "
+                                 f"cache.{key}); rebuild it with cache.{key}=true into another "
+                                 "cache.dir, or delete this one first")
         self.shards = self.manifest["shards"]
         for s in self.shards:
             try:
@@ -354,7 +390,8 @@ class ShardReader:
         """(teacher-target bytes, whole-file bytes) per cached token."""
         t = self.load_shard(0)
         tok = t["input_ids"].size
-        target = sum(t[k].nbytes for k in TARGET_KEYS[self.mode]) / tok
+        keys = list(TARGET_KEYS[self.mode]) + [k for k in EXTRA_KEYS if self.manifest.get(k)]
+        target = sum(t[k].nbytes for k in keys) / tok
         total = sum(os.path.getsize(os.path.join(self.dir, s["file"])) for s in self.shards)
         return target, total / max(1, self.rows * self.manifest["seq_len"])
 
@@ -393,7 +430,7 @@ class ShardReader:
                         sl = slice(lo, lo + share)
                         want = list(zip(sidx[sl].tolist(), ridx[sl].tolist()))
                         loaded = {si: self._get(si) for si in dict.fromkeys(sidx[sl].tolist())}
-                        q.put(self._assemble(want, loaded))
+                        q.put(self.assemble(want, loaded))
                         b += 1
                     epoch, b = epoch + 1, 0
             except Exception as e:  # surface reader errors in the consumer
@@ -419,11 +456,15 @@ class ShardReader:
             self._cache[si] = self.load_shard(si)
         return self._cache[si]
 
-    def _assemble(self, want, loaded) -> data_mod.Batch:
+    def assemble(self, want, loaded) -> data_mod.Batch:
+        """One batch from its rows `want` [(shard, row)], their shards in `loaded` (as
+        load_shard returns them): what a reader of another layout (xtok.AlignedReader)
+        replaces, with load_shard."""
+
         def take(key):
             return np.stack([loaded[si][key][r] for si, r in want])
 
-        targets = {k: take(k) for k in target_keys(self.manifest)}
+        targets = {k: take(k) for k in target_keys(self.manifest) + list(self.extra)}
         if self.manifest.get("keep_top1"):
             # float weights in place of counts: the loss normalises whatever "counts" holds
             targets["counts"] = top1_weights(targets["counts"])
@@ -463,15 +504,17 @@ def summary(cache_dir: str) -> dict:
         "bytes_per_token": round(target_bpt, 2), "file_bytes_per_token": round(file_bpt, 2),
         "hidden_layers": m.get("hidden_resolved") or [],
         "keep_top1": bool(m.get("keep_top1")),
+        "next_logprob": bool(m.get("next_logprob")),
         "verified": True,
     }
 
 
 def ensure(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = None,
-           teacher: Optional[models.Lazy] = None) -> "ShardReader":
+           teacher: Optional[models.Lazy] = None, extra: tuple = ()) -> "ShardReader":
     """The verified cache of `cfg`, built first if missing or incomplete. Under several ranks
     all of them run the teacher (rank 0's view of the cache decides), and rank 0 verifies
-    the shards before the others, which then find them already verified."""
+    the shards before the others, which then find them already verified. extra: as
+    ShardReader's (what the loss reads beyond the distribution)."""
     world = world or World(cfg.run.dist_timeout)
     mpath = os.path.join(cfg.cache.dir, MANIFEST)
     need = world.main and (not os.path.exists(mpath)
@@ -481,7 +524,7 @@ def ensure(cfg: Config, quiet: bool = False, log=print, world: Optional[World] =
     if not world.main:
         world.barrier("rank 0's cache verification")
     # A cache built for more rows serves the first data.max_rows (covers).
-    reader = ShardReader(cfg.cache.dir, rows=cfg.data.max_rows)
+    reader = ShardReader(cfg.cache.dir, rows=cfg.data.max_rows, extra=extra)
     if world.main:
         world.barrier("rank 0's cache verification")
     check_compatible(reader.manifest, config_identity(cfg), cfg.cache.dir, prefix=True)

@@ -1,7 +1,9 @@
 """Evaluate a run against its teacher on held-out text: teacher, student before, student after.
 
 Always full-vocabulary KL(teacher ‖ student) against the live teacher, whatever targets the
-student was trained on, so a biased objective cannot hide behind agreement.
+student was trained on, so a biased objective cannot hide behind agreement. A student of
+another tokenizer is scored on its own tokens of the same text, and compared with the
+teacher on next-byte distributions (xeval), which every evaluation reports.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import data as data_mod
-from . import align, fallback, files, losses, models
+from . import align, fallback, files, losses, models, xeval
 from .config import Config, ConfigError
 from .plots import plot_deferral
 from .progress import Progress
@@ -30,18 +32,62 @@ def _accumulate(stats: dict, key: str, value: mx.array) -> None:
     stats[key] = stats.get(key, 0.0) + value.item()
 
 
+def _tally(st: dict, bins: np.ndarray, lp: mx.array, labels: mx.array, mask: mx.array,
+           scored: np.ndarray, lp_t: Optional[mx.array] = None) -> None:
+    """One model's sums on one batch (`score`'s, into `st`) and its calibration bins (count,
+    sum confidence, sum correct per confidence bin) at the scored positions."""
+    for key, v in score(lp, labels, mask, lp_t).items():
+        if key != "tokens":
+            _accumulate(st, key, v)
+    pred = mx.argmax(lp, -1)
+    keep = scored.reshape(-1)
+    conf = np.array(mx.exp(mx.max(lp, -1))).reshape(-1)[keep]
+    idx = np.minimum((conf * ECE_BINS).astype(int), ECE_BINS - 1)
+    np.add.at(bins[0], idx, 1.0)
+    np.add.at(bins[1], idx, conf)
+    np.add.at(bins[2], idx, np.array(pred == labels).reshape(-1)[keep])
+
+
+def _tally_bytes(st: dict, pt: mx.array, ps: mx.array) -> None:
+    """The next-byte sums (agreeing positions, KL) of one batch's paired positions."""
+    if pt.shape[0]:
+        agree, kl = xeval.byte_terms(pt, ps)
+        _accumulate(st, "agree", agree)
+        _accumulate(st, "kl", kl)
+
+
+def _finish(st: dict, bins: np.ndarray, ntok: float, nbytes: float,
+            bsum: Optional[dict] = None, npairs: float = 0.0) -> dict:
+    """Means of a model's sums: per scored token, bits per byte over its `nbytes`, and the
+    next-byte metrics per paired position; rounded as eval.json keeps them."""
+    r = {k: v / max(ntok, 1.0) for k, v in st.items()}
+    r["ppl"] = math.exp(min(r["ce"], 50.0))
+    if nbytes:
+        r["bpb"] = st["ce"] / math.log(2) / nbytes
+    # Expected calibration error of the top-1 prediction (equal-width confidence bins).
+    r["ece"] = float(np.abs(bins[1] - bins[2]).sum() / max(ntok, 1.0))
+    if bsum and npairs:
+        r["byte_agree"] = bsum["agree"] / npairs
+        r["byte_kl"] = bsum["kl"] / npairs
+    return {k: round(v, 4) for k, v in r.items()}
+
+
 def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
-            quiet: bool = True, byte_lens: Optional[np.ndarray] = None) -> dict:
+            quiet: bool = True, byte_lens: Optional[np.ndarray] = None,
+            buckets: Optional[np.ndarray] = None) -> dict:
     """Per model: CE, perplexity, next-token accuracy, expected calibration error; per student
     also KL to the teacher and top-1/top-5 agreement with the teacher's most likely token.
     With `byte_lens` (the UTF-8 length of every token id), also bits per byte: the scored
     tokens' nats over the bytes of their text, a scale on which models of different
-    tokenizers compare."""
+    tokenizers compare. With `buckets` (xeval.first_byte_matrix of the shared tokenizer),
+    per student the next-byte agreement and KL at every scored position (xeval)."""
     labels_all = data_mod.hard_targets(packed.input_ids, packed.next_ids)
     t_fwd = models.logits_fn(teacher, vocab)
     s_fwd = {name: models.logits_fn(m, vocab) for name, m in students.items()}
     sums: dict = {name: {} for name in ["teacher", *students]}
-    calib: dict = {}  # name -> [count, sum confidence, sum correct] per confidence bin
+    calib = {name: np.zeros((3, ECE_BINS)) for name in sums}
+    bsums: dict = {name: {} for name in students}
+    onehot = None if buckets is None else xeval.Buckets(mx.array(buckets), None)
     ntok, nbytes = 0.0, 0.0
     bar = Progress(packed.rows, "evaluate", "tok", quiet)
     for b in range(0, packed.rows, EVAL_BATCH):
@@ -58,38 +104,77 @@ def compare(teacher, students: dict, packed: data_mod.Packed, vocab: int,
         ntok += n
         if byte_lens is not None:
             nbytes += float(byte_lens[np.maximum(labels_np, 0)][scored].sum())
-        for name, lp in [("teacher", lp_t)] + [(k, losses.log_softmax(f(x)))
-                                               for k, f in s_fwd.items()]:
-            st = sums[name]
-            for key, v in score(lp, labels, mask, None if name == "teacher" else lp_t).items():
-                if key != "tokens":
-                    _accumulate(st, key, v)
-            pred = mx.argmax(lp, -1)
-            keep = scored.reshape(-1)
-            conf = np.array(mx.exp(mx.max(lp, -1))).reshape(-1)[keep]
-            bins = calib.setdefault(name, np.zeros((3, ECE_BINS)))
-            idx = np.minimum((conf * ECE_BINS).astype(int), ECE_BINS - 1)
-            np.add.at(bins[0], idx, 1.0)
-            np.add.at(bins[1], idx, conf)
-            np.add.at(bins[2], idx, np.array(pred == labels).reshape(-1)[keep])
-            if name != "teacher":
-                top5 = mx.argpartition(-lp, kth=4, axis=-1)[..., :5]
-                hit = (top5 == top_t[..., None]).any(axis=-1)
-                _accumulate(st, "agree_top5", (hit * m).sum())
+        idx = np.flatnonzero(scored)
+        pt = None if onehot is None else xeval.byte_probs(lp_t, idx, onehot)
+        _tally(sums["teacher"], calib["teacher"], lp_t, labels, mask, scored)
+        for name, f in s_fwd.items():
+            lp = losses.log_softmax(f(x))
+            _tally(sums[name], calib[name], lp, labels, mask, scored, lp_t)
+            top5 = mx.argpartition(-lp, kth=4, axis=-1)[..., :5]
+            hit = (top5 == top_t[..., None]).any(axis=-1)
+            _accumulate(sums[name], "agree_top5", (hit * m).sum())
+            if pt is not None:
+                _tally_bytes(bsums[name], pt, xeval.byte_probs(lp, idx, onehot))
         bar.update(x.shape[0], units=x.size)
     bar.close()
-    out = {}
-    for name, st in sums.items():
-        r = {k: v / max(ntok, 1.0) for k, v in st.items()}
-        r["ppl"] = math.exp(min(r["ce"], 50.0))
-        if nbytes:
-            r["bpb"] = st["ce"] / math.log(2) / nbytes
-        # Expected calibration error of the top-1 prediction (equal-width confidence bins).
-        r["ece"] = float(np.abs(calib[name][1] - calib[name][2]).sum() / max(ntok, 1.0))
-        out[name] = {k: round(v, 4) for k, v in r.items()}
+    out = {name: _finish(st, calib[name], ntok, nbytes, bsums.get(name), ntok)
+           for name, st in sums.items()}
     out["tokens"] = int(ntok)
     if nbytes:
         out["bytes"] = int(nbytes)
+    return out
+
+
+def compare_cross(teacher, students: dict, packed: data_mod.Packed, ttok, stok,
+                  t_size: int, s_size: int, quiet: bool = True) -> dict:
+    """`compare` for students of another tokenizer than the teacher's. The teacher reads
+    `packed` (its own tokens); each student reads the same rows re-tokenized as training
+    re-tokenizes the cache (xeval.cross_rows). Each model is scored on its own tokens: CE,
+    perplexity, next-token accuracy, calibration error, and bits per byte over the bytes of
+    its own scored tokens; per student the next-byte agreement and KL at the scored shared
+    boundaries. KL and top-k agreement need one vocabulary and are not reported. `t_size` /
+    `s_size`: the logits columns of each side."""
+    tv, sv = align.vocab(ttok), align.vocab(stok)
+    rows = xeval.cross_rows(packed, tv, sv)
+    t_lens = xeval.piece_lengths(tv.pieces, t_size)
+    s_lens = xeval.piece_lengths(sv.pieces, s_size)
+    t_oh, s_oh = xeval.buckets(tv, t_size), xeval.buckets(sv, s_size)
+    labels_all = data_mod.hard_targets(packed.input_ids, packed.next_ids)
+    t_fwd = models.logits_fn(teacher, t_size)
+    s_fwd = {name: models.logits_fn(m, s_size) for name, m in students.items()}
+    sums: dict = {name: {} for name in ["teacher", *students]}
+    calib = {name: np.zeros((3, ECE_BINS)) for name in sums}
+    bsums: dict = {name: {} for name in students}
+    ntok = nbytes = s_ntok = s_nbytes = npairs = 0.0
+    bar = Progress(packed.rows, "evaluate", "tok", quiet)
+    for b in range(0, packed.rows, EVAL_BATCH):
+        labels_np = labels_all[b:b + EVAL_BATCH]
+        scored = packed.loss_mask[b:b + EVAL_BATCH].astype(bool) & (labels_np >= 0)
+        x = mx.array(packed.input_ids[b:b + EVAL_BATCH])
+        lp_t = losses.log_softmax(t_fwd(x))
+        _tally(sums["teacher"], calib["teacher"], lp_t, mx.array(labels_np), mx.array(scored),
+               scored)
+        ntok += float(scored.sum())
+        nbytes += float(t_lens[np.maximum(labels_np, 0)][scored].sum())
+        batch = rows[b:b + EVAL_BATCH]
+        s_ids, s_labels_np, s_scored = xeval.pad_rows(batch)
+        s_ntok += float(s_scored.sum())
+        s_nbytes += float(s_lens[np.maximum(s_labels_np, 0)][s_scored].sum())
+        t_idx, s_idx, t_fresh, s_fresh = xeval.pair_index(batch, x.shape[1], s_ids.shape[1])
+        npairs += len(t_idx)
+        pt = xeval.byte_probs(lp_t, t_idx, t_oh, t_fresh)
+        xs, s_labels, s_mask = mx.array(s_ids), mx.array(s_labels_np), mx.array(s_scored)
+        for name, f in s_fwd.items():
+            lp = losses.log_softmax(f(xs))
+            _tally(sums[name], calib[name], lp, s_labels, s_mask, s_scored)
+            _tally_bytes(bsums[name], pt, xeval.byte_probs(lp, s_idx, s_oh, s_fresh))
+        bar.update(x.shape[0], units=x.size)
+    bar.close()
+    out = {"teacher": _finish(sums["teacher"], calib["teacher"], ntok, nbytes)}
+    for name in students:
+        out[name] = _finish(sums[name], calib[name], s_ntok, s_nbytes, bsums[name], npairs)
+    out.update(tokens=int(ntok), bytes=int(nbytes), student_tokens=int(s_ntok),
+               student_bytes=int(s_nbytes), aligned=int(npairs))
     return out
 
 
@@ -97,12 +182,9 @@ def token_byte_lengths(tokenizer, vocab: int) -> Optional[np.ndarray]:
     """UTF-8 bytes of every token id (0 for special tokens and padding rows), or None for a
     tokenizer whose tokens cannot be mapped to bytes (bits per byte is then not reported)."""
     try:
-        pieces = align.token_bytes(tokenizer)
+        return xeval.piece_lengths(align.token_bytes(tokenizer), vocab)
     except align.AlignError:
         return None
-    lens = np.zeros(max(vocab, len(pieces)), dtype=np.int64)
-    lens[:len(pieces)] = [len(p) for p in pieces]
-    return lens
 
 
 def example_rows(path: str, tokenizer, seq_len: int, mask_prompt: bool,
@@ -164,12 +246,17 @@ def fallback_summary(teacher, student, path: str, tokenizer, cfg, vocab: int,
 
 def retention(res: dict) -> dict:
     """How much of the teacher's capability each student keeps, in %: next-token accuracy
-    relative to the teacher's, and CE relative to the teacher's (teacher CE / student CE)."""
+    relative to the teacher's, and CE relative to the teacher's (teacher CE / student CE).
+    A student of another tokenizer predicts other tokens, so per-token accuracy and CE do
+    not compare: its retention is bits per byte relative to the teacher's."""
     t = res["teacher"]
     out = {}
     for name in ("student_before", "student_after"):
         if name in res:
             s = res[name]
+            if "student_tokens" in res:
+                out[name] = {"bpb_pct": round(100 * t["bpb"] / max(s["bpb"], 1e-9), 1)}
+                continue
             out[name] = {"accuracy_pct": round(100 * s["accuracy"] / max(t["accuracy"], 1e-9), 1),
                          "ce_pct": round(100 * t["ce"] / max(s["ce"], 1e-9), 1)}
     return out
@@ -181,9 +268,10 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
                  records: Optional[int] = None) -> dict:
     """Teacher, student before and student after on `data_path` (default: the run's
     data.test), its first `records` records (default: data.test_records; None: all): the
-    table, task accuracy when the records carry answers, and the cloud-fallback curve;
-    written to eval.json unless `write` is False. `cfg` and `teacher` let `train` pass what
-    it already holds (its config, a teacher it kept in memory)."""
+    table, task accuracy when the records carry answers, and the cloud-fallback curve (not
+    for a student of another tokenizer: `compare_cross`); written to eval.json unless
+    `write` is False. `cfg` and `teacher` let `train` pass what it already holds (its
+    config, a teacher it kept in memory)."""
     run = RunDir(run_dir)
     cfg = cfg or run.load_config()
     if records is not None and (isinstance(records, bool) or not isinstance(records, int)
@@ -200,30 +288,71 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
         files.check_dir(run.plots, "eval output", fix)
     teacher, ttok, tcfg = teacher.get()
     before, stok, scfg = models.load_role(cfg, "student")
-    match = models.check_pair(ttok, tcfg, stok, scfg, cfg.data.seq_len)
+    # A student of another tokenizer (cross-tokenizer distillation) is scored on its own
+    # tokens of the same text; any other pair must share the teacher's vocabulary.
+    cross = models.vocab_fingerprint(ttok) != models.vocab_fingerprint(stok)
+    if cross:
+        t_size, s_size = _cross_sizes(ttok, tcfg, stok, scfg)
+        models.check_seq_len(cfg.data.seq_len, tcfg, "teacher")
+        models.check_seq_len(cfg.data.seq_len, scfg, "student")
+    else:
+        match = models.check_pair(ttok, tcfg, stok, scfg, cfg.data.seq_len)
     after = run.load_student(cfg)
     packed = data_mod.pack(path, ttok, cfg.data.seq_len, cfg.data.mask_prompt,
                            packing=cfg.data.packing, max_records=cap)
-    res = compare(teacher, {"student_before": before, "student_after": after}, packed,
-                  match.vocab_size, quiet, token_byte_lengths(ttok, match.vocab_size))
+    students = {"student_before": before, "student_after": after}
+    if cross:
+        res = compare_cross(teacher, students, packed, ttok, stok, t_size, s_size, quiet)
+    else:
+        pieces, vocab = _pieces(ttok), match.vocab_size
+        tables = (None, None) if pieces is None else (xeval.piece_lengths(pieces, vocab),
+                                                      xeval.first_byte_matrix(pieces, vocab))
+        res = compare(teacher, students, packed, vocab, quiet, *tables)
     res["retention"] = retention(res)
     res["data"] = path
     if cap is not None:
         res["records"] = packed.records  # the first ones only (absent: every record)
-    # Task accuracy: when the records carry reference answers, each model answers greedily.
-    task = task_accuracy({"teacher": teacher, "student_before": before,
-                          "student_after": after}, ttok, path, cfg.generate, cap)
+    # Task accuracy: when the records carry reference answers, each model answers greedily,
+    # reading the prompt and writing its answer in its own tokens.
+    task = task_accuracy({"teacher": teacher, **students}, ttok, path, cfg.generate, cap,
+                         toks={"student_before": stok, "student_after": stok} if cross
+                         else None)
     if task is not None:
         res["task"] = task
     # Cloud fallback: per-query confidence of the trained student and the deferral curve.
-    res["fallback"] = fallback_summary(teacher, after, path, ttok, cfg, match.vocab_size,
-                                       cap)
+    # It compares the student's and the teacher's accuracy per query on the same token ids;
+    # with two tokenizers those are accuracies over different tokens, so it is left out.
+    if not cross:
+        res["fallback"] = fallback_summary(teacher, after, path, ttok, cfg, match.vocab_size,
+                                           cap)
     if write:
         files.atomic_json(run.eval_json, res)
-        plot_deferral(res["fallback"], os.path.join(run.plots, "deferral.png"))
+        if "fallback" in res:
+            plot_deferral(res["fallback"], os.path.join(run.plots, "deferral.png"))
     if not quiet:
         log(format_table(res))
     return res
+
+
+def _pieces(tokenizer) -> Optional[tuple]:
+    """The bytes of every token id, or None for a tokenizer whose tokens cannot be mapped to
+    bytes (bits per byte and the next-byte metrics are then not reported)."""
+    try:
+        return align.vocab(tokenizer).pieces
+    except align.AlignError:
+        return None
+
+
+def _cross_sizes(ttok, tcfg: dict, stok, scfg: dict) -> tuple[int, int]:
+    """Each side's logits columns, refused when fewer than its tokenizer's ids."""
+    out = []
+    for what, tok, c in (("teacher", ttok, tcfg), ("student", stok, scfg)):
+        size, ntok = models.logits_size(c), len(tok.get_vocab())
+        if size < ntok:
+            raise models.ModelError(f"{what} model vocab_size {size} is smaller than its "
+                                    f"tokenizer's {ntok} tokens")
+        out.append(size)
+    return out[0], out[1]
 
 
 def read_result(path: str) -> dict:
@@ -250,13 +379,17 @@ def format_table(res: dict) -> str:
                             ("kl", "KL(teacher‖student)", "{:.3f}"),
                             ("agree_top1", "top-1 agreement", "{:.3f}"),
                             ("agree_top5", "top-5 agreement", "{:.3f}"),
+                            ("byte_agree", "next-byte agreement", "{:.3f}"),
+                            ("byte_kl", "next-byte KL", "{:.3f}"),
                             ("ece", "calibration error (ECE)", "{:.3f}")]:
         rows.append((label, g("teacher", key, fmt), g("student_before", key, fmt),
                      g("student_after", key, fmt)))
     ret = res.get("retention", {})
-    for key, label in (("accuracy_pct", "retention: accuracy %"), ("ce_pct", "retention: CE %")):
-        rows.append((label, "100.0", str(ret.get("student_before", {}).get(key, "-")),
-                     str(ret.get("student_after", {}).get(key, "-"))))
+    for key, label in (("accuracy_pct", "retention: accuracy %"), ("ce_pct", "retention: CE %"),
+                       ("bpb_pct", "retention: bits per byte %")):
+        if any(key in r for r in ret.values()):  # a student of another tokenizer: bpb only
+            rows.append((label, "100.0", str(ret.get("student_before", {}).get(key, "-")),
+                         str(ret.get("student_after", {}).get(key, "-"))))
     task = res.get("task")
     if task:  # greedy answers to the test prompts, checked against their reference
         students = ("student_before", "student_after")
@@ -268,7 +401,9 @@ def format_table(res: dict) -> str:
                        for n in students)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     first = f"first {res['records']} records, " if "records" in res else ""
-    lines = [f"evaluation on {res.get('data')} ({first}{res.get('tokens')} tokens)"]
+    tokens = (f"{res.get('tokens')} teacher tokens, {res['student_tokens']} student tokens"
+              if "student_tokens" in res else f"{res.get('tokens')} tokens")
+    lines = [f"evaluation on {res.get('data')} ({first}{tokens})"]
     for i, r in enumerate(rows):
         lines.append("  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j])
                                for j, c in enumerate(r)))

@@ -16,7 +16,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import data as data_mod
-from . import files
+from . import align, files
 from .config import ConfigError
 from .errors import Error
 
@@ -179,9 +179,9 @@ def check_vocab(teacher_tok, teacher_cfg: dict, student_tok, student_cfg: dict) 
         raise ModelError(
             f"teacher and student tokenizers differ (vocabulary fingerprints: teacher "
             f"{ft[:12]}, student {fs[:12]}; {differ} of {len(tv)} teacher tokens map to other "
-            "ids or are missing); logit distillation needs one vocabulary: pick a student of "
-            "the teacher's family (e.g. Qwen2.5-0.5B for a Qwen2.5 teacher, Llama-3.2-1B for "
-            "Llama-3.1)")
+            "ids or are missing); distil across tokenizers from a cache (teacher.mode: cache; "
+            f"loss.xtok: {XTOK_HINT}), or pick a student of the teacher's family (e.g. "
+            "Qwen2.5-0.5B for a Qwen2.5 teacher, Llama-3.2-1B for Llama-3.1)")
     note = chat_template_note(teacher_tok, student_tok)
     if note and (ft, note) not in _warned:
         _warned.add((ft, note))
@@ -194,6 +194,9 @@ def check_vocab(teacher_tok, teacher_cfg: dict, student_tok, student_cfg: dict) 
 
 
 _warned: set = set()
+# which cross-tokenizer loss to pick, for the refusals of a pair that shares no vocabulary
+XTOK_HINT = ("mapped (the default: KL on the tokens both vocabularies spell alike), hybrid, "
+             "uld, or chunk")
 _SAMPLE_CHAT = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
 
 
@@ -281,6 +284,35 @@ def check_pair(teacher_tok, teacher_cfg: dict, student_tok, student_cfg: dict,
     return match
 
 
+def check_alignable(teacher_tok, student_tok) -> None:
+    """Refuse, before any compute, a pair of different tokenizers that cannot be aligned
+    over bytes (cross-tokenizer distillation needs both tokenizers' tokens as bytes)."""
+    try:
+        align.vocab(teacher_tok), align.vocab(student_tok)
+    except align.AlignError as e:
+        ft, fs = vocab_fingerprint(teacher_tok), vocab_fingerprint(student_tok)
+        raise ModelError(f"teacher and student tokenizers differ (vocabulary fingerprints: "
+                         f"teacher {ft[:12]}, student {fs[:12]}) and cannot be aligned over "
+                         f"bytes: {e}; pick a student of the teacher's family") from None
+
+
+def check_cache_pair(teacher_tok, teacher_cfg: dict, student_tok, student_cfg: dict,
+                     seq_len: int) -> VocabMatch:
+    """check_pair for a teacher pass: a cache is in the teacher's tokens, so a student of
+    another tokenizer is fine as long as both tokenizers can be aligned over bytes
+    (align.vocab names the one that cannot); the vocabulary is then the teacher's."""
+    if vocab_fingerprint(teacher_tok) == vocab_fingerprint(student_tok):
+        return check_pair(teacher_tok, teacher_cfg, student_tok, student_cfg, seq_len)
+    check_alignable(teacher_tok, student_tok)
+    check_seq_len(seq_len, teacher_cfg, "teacher")
+    check_seq_len(seq_len, student_cfg, "student")
+    size, ntok = logits_size(teacher_cfg), len(teacher_tok.get_vocab())
+    if size < ntok:
+        raise ModelError(f"teacher vocab_size {size} is smaller than its tokenizer's {ntok} "
+                         "tokens")
+    return VocabMatch(vocab_fingerprint(teacher_tok), size)
+
+
 def check_student(student_tok, student_cfg: dict, fingerprint: str, vocab: int, seq_len: int,
                   teacher: str, student: str) -> None:
     """check_pair for a teacher known only by what a cache recorded of it: its vocabulary
@@ -290,7 +322,8 @@ def check_student(student_tok, student_cfg: dict, fingerprint: str, vocab: int, 
     if fs != fingerprint:
         raise ConfigError(f"student {student} has another tokenizer than the teacher {teacher} "
                           f"(vocabulary fingerprints: teacher {fingerprint[:12]}, student "
-                          f"{fs[:12]}); use a student of the teacher's family")
+                          f"{fs[:12]}); distil across tokenizers with loss.xtok: {XTOK_HINT}, "
+                          "or use a student of the teacher's family")
     if logits_size(student_cfg) < vocab:
         raise ConfigError(f"student vocab_size {logits_size(student_cfg)} is below the "
                           f"teacher's {vocab}")

@@ -107,3 +107,25 @@ class MixedReader:
             targets = combine([b.targets for b in bs], self.weights, self.mode)
             yield data_mod.Batch(bs[0].input_ids, bs[0].loss_mask, bs[0].next_ids,
                                  {**targets, **hidden})
+
+
+# ---------------------------------------------------------------- teachers of other tokenizers
+
+def step_teacher(seed: int, step: int, weights: list[float]) -> int:
+    """Which cache step `step` trains on when the caches cannot be combined per position
+    (teachers of different tokenizers: their rows hold different stretches of text): one
+    cache per step, drawn with probability `weights` from (seed, step) alone, so a resumed
+    run draws the same ones. Over many steps each teacher gets its weight's share of the
+    updates: the mixture in expectation."""
+    u = np.random.default_rng([seed, step, 0x6D6978]).random()
+    return int(min(np.searchsorted(np.cumsum(weights), u * sum(weights), side="right"),
+                   len(weights) - 1))
+
+
+def steps_per_teacher(seed: int, step: int, weights: list[float]) -> list[int]:
+    """How many of steps 0 .. step-1 each cache trained: where each cache's own batch
+    stream resumes."""
+    counts = [0] * len(weights)
+    for s in range(step):
+        counts[step_teacher(seed, s, weights)] += 1
+    return counts

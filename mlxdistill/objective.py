@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from . import losses, models, surgery
+from . import losses, models, surgery, xlosses
 from .config import ConfigError
 
 
@@ -36,27 +36,36 @@ class Objective:
     hidden_loss: str = "cosine"
     loss_chunk: int = 0  # positions per chunk of the logits' loss (0: the whole sequence)
     grad_checkpoint: bool = False
+    xtok: str = ""  # a cross-tokenizer loss (xtok.LOSSES): the student has its own tokens
 
     @classmethod
-    def from_config(cls, cfg) -> "Objective":
+    def from_config(cls, cfg, xtok: str = "") -> "Objective":
         lc, t = cfg.loss, cfg.train
         return cls(losses.KD(lc.name, lc.temperature, lc.beta, lc.skew, lc.alpha),
-                   lc.hidden_weight, lc.hidden_loss, t.loss_chunk, t.grad_checkpoint)
+                   lc.hidden_weight, lc.hidden_loss, t.loss_chunk, t.grad_checkpoint, xtok)
 
     def bind(self, model, vocab: int, hidden: Optional[Hidden] = None,
-             log: Callable[[str], None] = lambda m: None, what: str = "the student"):
+             log: Callable[[str], None] = lambda m: None, what: str = "the student",
+             id_map=None):
         """loss_fn(model, x, mask, labels, targets) -> (loss, (ntok, kd, ce, hidden)), the
         form step.make_step takes. Applies gradient checkpointing to `model` when asked (it
-        changes the model's blocks, once)."""
+        changes the model's blocks, once). A cross-tokenizer objective needs `id_map`
+        (teacher id -> student id of the same string, align.string_map)."""
         if self.grad_checkpoint:
             surgery.grad_checkpoint(model)
         forward = models.logits_fn(model, vocab)
-        split = surgery.split_head(model, vocab) if self.loss_chunk else None
+        split = surgery.split_head(model, vocab) if self.loss_chunk and not self.xtok else None
         if self.loss_chunk and split is None:
             log(f"train.loss_chunk: {what} computes its logits in a way this does not "
-                "split; using the whole-sequence loss")
+                "split" + (" or trains across tokenizers" if self.xtok else "")
+                + "; using the whole-sequence loss")
+        if self.xtok:
+            id_map = mx.array(id_map, dtype=mx.int32)
 
         def logits_terms(x, targets, labels, mask):
+            if self.xtok:
+                return xlosses.cross_distill_loss(self.xtok, forward(x), targets, labels,
+                                                  mask, id_map, self.kd)
             if split is None:
                 return losses.distill_loss(forward(x), targets, labels, mask, self.kd)
             body, head, head_module = split

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import data as data_mod
 from . import models
+from . import xtok as xtok_mod
 from .config import Config
 from .hubmeta import hub_config
 from .models import ModelError
@@ -180,10 +181,40 @@ TRAIN_FULL_COPIES = 3  # weights + AdamW's two moments (gradients are freed as t
 # whole-sequence logits remains, and about 5 copies of one chunk's share are live at the
 # peak, never more than the unchunked step's copies.
 CHUNKED_LOGIT_COPIES = (0.0, 5.0)
+# A student of another tokenizer (xtok.py): extra [B, L, V] float32 copies of each
+# cross-tokenizer loss at the peak, beyond TRAIN_LOGIT_COPIES; measured with `plan --probe`
+# on the embedded pair (CPU, 8 x 256 x 4096): the logits with the mapped ids removed
+# (mapped), the student's sorted top and conditional (uld, hybrid), the next-token
+# log-probabilities' copy (chunk).
+XTOK_LOGIT_COPIES = {"mapped": 2.0, "hybrid": 6.0, "uld": 5.0, "chunk": 3.0}
+# Bytes per cached token of the aligned shards kept beside the cache: the student's int32
+# id, uint8 mask, int32 paired position, uint8 one-to-one flag, int32 chunk; with chunk
+# likelihood one float32 log-likelihood and a uint8 mask per chunk (at most one per token).
+ALIGNED_BYTES = 14
+ALIGNED_CHUNK_BYTES = 5
 
 
-def train_logit_copies(cfg: Config) -> float:
+def cross_tokenizer(cfg: Config) -> str:
+    """The cross-tokenizer loss training will use (xtok.pick), or "" when the student shares
+    the teacher's tokenizer, or when either model is not a folder here (a hub id's
+    tokenizer is not read offline: planned as a same-tokenizer pair)."""
+    if not (models.is_model_folder(cfg.teacher.model)
+            and models.is_model_folder(cfg.student.model)):
+        return ""
+    _, ttok = models.load_meta(cfg.teacher.model, "teacher")
+    _, stok = models.load_meta(cfg.student.model, "student")
+    same = models.vocab_fingerprint(ttok) == models.vocab_fingerprint(stok)
+    return "" if same else xtok_mod.pick(cfg)
+
+
+def aligned_bytes_per_token(kind: str) -> int:
+    return (ALIGNED_BYTES + ALIGNED_CHUNK_BYTES * (kind == "chunk")) if kind else 0
+
+
+def train_logit_copies(cfg: Config, xtok: str = "") -> float:
     chunk, L = cfg.train.loss_chunk, cfg.data.seq_len
+    if xtok:  # the cross-tokenizer losses take the whole sequence (train.loss_chunk aside)
+        return TRAIN_LOGIT_COPIES + XTOK_LOGIT_COPIES[xtok]
     if chunk and chunk < L:
         return min(TRAIN_LOGIT_COPIES,
                    CHUNKED_LOGIT_COPIES[0] + CHUNKED_LOGIT_COPIES[1] * chunk / L)
@@ -221,10 +252,10 @@ def cache_bytes_per_token(cfg: Config, vocab: int, hidden: int) -> float:
     c = cfg.cache
     idb = np.dtype(id_dtype(vocab)).itemsize
     per = c.n * (idb + 1) if c.mode == "sample" else c.k * (idb + 2) + 4
-    return 4 + 1 + per + 2 * hidden * len(c.hidden_layers)
+    return 4 + 1 + per + 4 * c.next_logprob + 2 * hidden * len(c.hidden_layers)
 
 
-def estimate_training(cfg: Config, s: ModelShape) -> dict:
+def estimate_training(cfg: Config, s: ModelShape, xtok: str = "") -> dict:
     """Peak bytes of one training step of the student `s`, by part."""
     t = cfg.train
     full = t.mode == "full"
@@ -246,7 +277,7 @@ def estimate_training(cfg: Config, s: ModelShape) -> dict:
         "trainable_state": int(state),
         "activations": int(tokens * act * train_activation_floats(
             s, cfg.data.seq_len, full, t.grad_checkpoint)),
-        "logits": int(tokens * s.vocab * 4 * train_logit_copies(cfg)),
+        "logits": int(tokens * s.vocab * 4 * train_logit_copies(cfg, xtok)),
         "targets": int(tokens * target_floats(cfg) * 4),
     }
     return {"trainable_params": int(trainable), "micro_batch": micro, "parts": parts,
@@ -309,12 +340,15 @@ def _with(cfg: Config, section: str, **changes) -> Config:
                                                                     **changes)})
 
 
-def training_total(cfg: Config, s: ModelShape, bpt: float) -> dict:
-    est = estimate_training(cfg, s)
+def training_total(cfg: Config, s: ModelShape, bpt: float, xtok: str = "") -> dict:
+    est = estimate_training(cfg, s, xtok)
     L = cfg.data.seq_len
-    ev = cfg.train.eval_rows * L * s.vocab * 2 if cfg.data.valid else 0
-    # The reader holds the shard being read and the one prefetched behind it.
-    host = 2 * cfg.cache.shard_rows * L * bpt if cfg.teacher.mode == "cache" else 0
+    # across tokenizers validation keeps the student's rows only (no teacher distributions)
+    ev = cfg.train.eval_rows * L * s.vocab * 2 if cfg.data.valid and not xtok else 0
+    # The reader holds the shard being read and the one prefetched behind it (and their
+    # aligned shards).
+    host = 2 * cfg.cache.shard_rows * L * (bpt + aligned_bytes_per_token(xtok)) \
+        if cfg.teacher.mode == "cache" else 0
     est["parts"]["eval_targets"] = int(ev)
     return _add_host(est, host)
 
@@ -375,11 +409,13 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
     sconf, snote = config_and_note(cfg.student.model, "student")
     ts = model_shape(tconf, f"teacher model {cfg.teacher.model}", metal=metal)
     ss = model_shape(sconf, f"student model {cfg.student.model}", metal=metal)
-    vocab = min(ts.vocab, ss.vocab)
+    xtok = cross_tokenizer(cfg) if cfg.teacher.mode == "cache" else ""
+    vocab = ts.vocab if xtok else min(ts.vocab, ss.vocab)  # the cache's: the teacher's own
     bpt = cache_bytes_per_token(cfg, vocab, ts.hidden)
+    abpt = aligned_bytes_per_token(xtok)
     rows, rows_how = dataset_rows(cfg)
     budget, budget_what = (memory_bytes, "given") if memory_bytes else machine_memory()
-    train_est = training_total(cfg, ss, bpt)
+    train_est = training_total(cfg, ss, bpt, xtok)
     teacher_est = teacher_total(cfg, ts, bpt, rows, vocab) if cfg.teacher.mode == "cache" \
         else None
     if cfg.teacher.mode == "online":  # both models in memory, the teacher's logits per batch
@@ -401,12 +437,14 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
         "teacher_pass": teacher_est,
         "cache": {"mode": cfg.cache.mode, "bytes_per_token": bpt, "rows": rows,
                   "rows_from": rows_how, "tokens": rows * cfg.data.seq_len if rows else None,
-                  "disk_bytes": int(rows * cfg.data.seq_len * bpt) if rows else None},
+                  "disk_bytes": int(rows * cfg.data.seq_len * (bpt + abpt)) if rows else None,
+                  **({"aligned_bytes_per_token": abpt} if xtok else {})},
+        "cross_tokenizer": xtok or None,
         "shipped_configs": {w: n for w, n in (("teacher", tnote), ("student", snote)) if n},
         "machine": {"memory_bytes": int(budget), "memory": budget_what,
                     "planned_for": "Mac GPU" if _on_metal(metal) else "CPU"},
     }
-    peak_of = {"train": lambda c: training_total(c, ss, bpt)["peak_bytes"],
+    peak_of = {"train": lambda c: training_total(c, ss, bpt, xtok)["peak_bytes"],
                "teacher": lambda c: teacher_total(c, ts, bpt, rows, vocab)["peak_bytes"]}
     for what, est in (("train", train_est), ("teacher", teacher_est)):
         if est is not None:
@@ -426,7 +464,7 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
             teacher_est["tok_per_s"] = round(tp["tok_per_s"], 1)
             if rows:
                 teacher_est["seconds"] = round(rows * cfg.data.seq_len / tp["tok_per_s"], 1)
-        sp = probe_training(cfg, teacher_config=tconf)
+        sp = probe_training(cfg, teacher_config=tconf, xtok=xtok)
         train_est["measured_peak_bytes"] = sp["peak_bytes"]
         train_est["step_s"] = round(sp["step_s"], 4)
         train_est["seconds"] = round(cfg.train.iters * sp["step_s"], 1)
@@ -476,8 +514,14 @@ def format_plan(p: dict) -> str:
                          "machine")
     rows = "?" if c["rows"] is None else f"{c['rows']:,}"
     if p["teacher_pass"] is not None:  # online teachers write no cache
-        lines.append(f"cache:    {c['mode']}, {c['bytes_per_token']:.0f} B/token x {rows} "
-                     f"rows ({c['rows_from']}) -> {_gb(c['disk_bytes'])} on disk")
+        aligned = (f" + {c['aligned_bytes_per_token']} B/token aligned to the student's "
+                   "tokenizer" if p.get("cross_tokenizer") else "")
+        lines.append(f"cache:    {c['mode']}, {c['bytes_per_token']:.0f} B/token{aligned} x "
+                     f"{rows} rows ({c['rows_from']}) -> {_gb(c['disk_bytes'])} on disk")
+    if p.get("cross_tokenizer"):
+        lines.append(f"tokens:   the student has another tokenizer than the teacher: "
+                     f"cross-tokenizer loss {p['cross_tokenizer']} (loss.xtok), its logits' "
+                     f"extra copies counted above")
     tp, tr = p["teacher_pass"] or {}, p["training"]
     if "seconds" in tr or "seconds" in tp:
         lines.append(f"time:     teacher pass {tp.get('seconds', '?')} s "

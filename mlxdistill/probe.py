@@ -40,12 +40,23 @@ def baseline() -> int:
     return mx.get_active_memory()
 
 
-def probe_training(cfg: Config, steps: int = 2, teacher_config: Optional[dict] = None) -> dict:
+def _cross_targets(targets: dict, batch: int, L: int) -> dict:
+    """What a batch in a cross-tokenizer student's tokens adds (xtok.AlignedReader): every
+    position aligned and one-to-one, one chunk per position (the costliest case)."""
+    ones = mx.ones((batch, L), dtype=mx.uint8)
+    chunk = mx.broadcast_to(mx.arange(L, dtype=mx.int32), (batch, L))
+    return {**targets, "aligned": ones, "one": ones, "s_chunk": chunk,
+            "chunk_lp": mx.full((batch, L), -1.0), "chunk_mask": ones}
+
+
+def probe_training(cfg: Config, steps: int = 2, teacher_config: Optional[dict] = None,
+                   xtok: str = "") -> dict:
     """Load the student as `train` does and run `steps` optimizer steps of the configured
     micro-batch on random tokens, the step and its objective built as the trainer builds
     them (the hidden-state term included when the cache holds teacher states; their width
-    and depth come from `teacher_config`): peak MLX memory (weights included) and seconds
-    per step after the first (compiled) one, under the trainer's loop memory setup."""
+    and depth come from `teacher_config`; the cross-tokenizer loss `xtok` for a student of
+    another tokenizer): peak MLX memory (weights included) and seconds per step after the
+    first (compiled) one, under the trainer's loop memory setup."""
     t = cfg.train
     base = baseline()
     model, _, scfg = models.load(cfg.student.model, "student")
@@ -53,9 +64,14 @@ def probe_training(cfg: Config, steps: int = 2, teacher_config: Optional[dict] =
     surgery.setup_training(model, t.mode, t.lora_rank, t.lora_layers, t.lora_scale,
                            t.lora_dropout)
     L = cfg.data.seq_len
-    targets = _fake_targets(cfg, t.batch_size, vocab)
+    t_vocab = models.logits_size(teacher_config) if xtok and teacher_config else vocab
+    targets = _fake_targets(cfg, t.batch_size, t_vocab)
+    id_map = None
+    if xtok:
+        targets = _cross_targets(targets, t.batch_size, L)
+        id_map = np.arange(t_vocab, dtype=np.int32) % vocab
     hidden = None
-    if cfg.cache.hidden_layers and teacher_config is not None:
+    if cfg.cache.hidden_layers and teacher_config is not None and not xtok:
         n_t = int(teacher_config["num_hidden_layers"])
         d_t = int(teacher_config["hidden_size"])
         layers = surgery.resolve_layers(cfg.cache.hidden_layers, n_t, "cache.hidden_layers")
@@ -65,7 +81,7 @@ def probe_training(cfg: Config, steps: int = 2, teacher_config: Optional[dict] =
     opt = optim.AdamW(learning_rate=t.lr, weight_decay=t.weight_decay)
     opt.init(model.trainable_parameters())
     mx.eval(model.parameters(), opt.state)
-    loss_fn = Objective.from_config(cfg).bind(model, vocab, hidden)
+    loss_fn = Objective.from_config(cfg, xtok).bind(model, vocab, hidden, id_map=id_map)
     step_fn = make_step(model, opt, loss_fn, t.grad_clip, t.grad_accum)
     rng = np.random.default_rng(0)
     x = mx.array(rng.integers(0, vocab, (t.batch_size, L)).astype(np.int32))

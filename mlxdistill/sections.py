@@ -139,6 +139,10 @@ class CacheConfig:
     keep_top1: bool = _key(False, "sample mode: keep the teacher's top-1 id with its exact "
                            "probability in one of the n slots, the other n-1 drawn from the "
                            "rest (same bytes, less sampling noise)")
+    next_logprob: bool = _key(False, "also store the teacher's log-probability (temperature "
+                              "1) of each actual next token, float32 per position (4 B/token): "
+                              "what `loss.xtok=chunk` needs; a cache without it serves every "
+                              "other loss")
     shard_rows: int = _key(256, "rows per shard: the unit of resume after a kill")
     batch_size: int = _key(8, "rows per teacher forward pass")
     seed: int = _key(0, "sampling seed (per-shard keys: a resumed pass redraws identically)")
@@ -170,6 +174,8 @@ class CacheConfig:
         check(not self.keep_top1 or (self.mode == "sample" and self.n >= 2),
               f"cache.keep_top1 needs cache.mode=sample and cache.n >= 2 (got mode="
               f"{self.mode!r}, n={self.n}); top-k already keeps the top ids exactly")
+        check(isinstance(self.next_logprob, bool),
+              f"cache.next_logprob={self.next_logprob!r} must be true or false")
         check(isinstance(self.k, int) and self.k >= 1, f"cache.k={self.k!r} must be >= 1")
         _positive("cache.temperature", self.temperature)
         check(all(isinstance(i, int) and not isinstance(i, bool) for i in self.hidden_layers),
@@ -182,6 +188,7 @@ class CacheConfig:
 
 
 LOSSES = tuple(DIVERGENCES)  # the loss names, in losses.py's order
+XTOK = ("auto", "mapped", "hybrid", "uld", "chunk")  # loss.xtok's values (xtok.py)
 
 
 @dataclass(frozen=True)
@@ -201,9 +208,17 @@ class LossConfig:
     hidden_loss: str = _key("cosine", "hidden-state term: `cosine` (scale-free) or `mse`")
     hidden_student_layers: tuple = _key((), "student block per cached teacher layer, counted "
                                         "from 0 ([]: the same relative depth)")
+    xtok: str = _key("auto", "the loss when the student's tokenizer differs from the teacher's "
+                     "(a cache serves any student tokenizer): `mapped` (KL on the tokens whose "
+                     "strings both vocabularies hold, the rest as one bucket), `hybrid` "
+                     "(`mapped` plus ULD inside that bucket, TRL GOLD's), `uld` (sorted "
+                     "probabilities, Boizard et al.), `chunk` (likelihood of the text between "
+                     "shared token boundaries, ALM; needs `cache.next_logprob`); `auto`: "
+                     "`mapped`. `name`, `temperature` and `alpha` apply as for one tokenizer")
 
     def __post_init__(self):
         _one_of("loss.name", self.name, LOSSES)
+        _one_of("loss.xtok", self.xtok, XTOK)
         check(isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0,
               f"loss.alpha={self.alpha!r} must be in [0, 1]")
         _positive("loss.temperature", self.temperature)

@@ -1,6 +1,7 @@
 """What one cache shard must hold, and the checks that refuse one that does not: its
 safetensors header against its own bytes and the manifest (before anything is allocated),
-and its values (ids in range, finite probabilities, draw counts) for `inspect`."""
+and its values (ids in range, finite probabilities, draw counts, next-token log-probs) for
+`inspect`."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def expected_tensors(m: dict, rows: int) -> dict[str, tuple[tuple, str]]:
     want.update({"counts": ((rows, L, width), "uint8")} if m["mode"] == "sample"
                 else {"logprobs": ((rows, L, width), "float16"),
                       "tail_logprob": ((rows, L), "float32")})
+    if m.get("next_logprob"):  # absent from the manifest of a cache built without it
+        want["next_logprob"] = ((rows, L), "float32")
     for layer in m.get("hidden_resolved") or []:
         want[f"hidden.{layer}"] = ((rows, L, m["hidden_size"]), "float16")
     return want
@@ -125,6 +128,18 @@ def check_contents(t: dict, m: dict, rows: int, name: str) -> None:
         total = np.exp(lp.astype(np.float64)).sum(-1) + np.exp(tail)
         if np.isnan(tail).any() or (tail > 0).any() or (np.abs(total - 1.0) > 1e-2).any():
             raise CacheError(f"shard {name}: top-k and tail probabilities do not sum to 1")
+    if m.get("next_logprob"):
+        # logit - logsumexp is <= 0: the logsumexp is max + log(sum) with the max's own term
+        # 1, so mlx's float32 value never exceeds 0. The margin leaves room for another
+        # backend's rounding (an ulp of a logsumexp in the hundreds is 3e-5), far below what
+        # the log-prob of the wrong thing (a raw logit, an unnormalised score) would show.
+        nlp = t["next_logprob"]
+        if not np.isfinite(nlp).all() or (nlp > 1e-4).any():
+            raise CacheError(f"shard {name}: next_logprob holds values that are not finite "
+                             "log-probabilities (<= 0)")
+        if (nlp[t["next_ids"] < 0, -1] != 0).any():
+            raise CacheError(f"shard {name}: next_logprob is not 0 where a row has no next "
+                             "token (next_ids < 0)")
     for key in t:
         if key.startswith("hidden.") and not np.isfinite(t[key].astype(np.float32)).all():
             raise CacheError(f"shard {name}: {key} holds non-finite values")

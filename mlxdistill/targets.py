@@ -1,9 +1,11 @@
 """Teacher logits -> the sparse targets a cache stores: sampled ids + counts (optionally with
-the top-1 kept exactly) or the top-k ids with their log-probabilities."""
+the top-1 kept exactly) or the top-k ids with their log-probabilities; optionally the
+log-probability of each actual next token."""
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -112,21 +114,42 @@ def tail_logprob(logprobs: mx.array, ids: np.ndarray) -> np.ndarray:
     return np.asarray(mx.logsumexp(rest, axis=-1).astype(mx.float32))
 
 
+def next_logprob(logits: mx.array, labels: np.ndarray) -> mx.array:
+    """log softmax(logits)[t, labels[t]] per position, float32 [B, L], 0 where labels < 0
+    (no next token: the end of the stream). The label's logit minus the row's logsumexp,
+    both in float32, so no [B, L, V] log-softmax is formed for one value per position."""
+    z = logits.astype(mx.float32)
+    y = mx.array(labels.astype(np.int32))
+    picked = mx.take_along_axis(z, mx.maximum(y, 0)[..., None], axis=-1)[..., 0]
+    return mx.where(y >= 0, picked - mx.logsumexp(z, axis=-1), 0.0)
+
+
 def from_logits(logits: mx.array, mode: str, n: int, k: int, temperature: float,
-                rng: np.random.Generator, keep_top1: bool = False) -> dict[str, np.ndarray]:
+                rng: np.random.Generator, keep_top1: bool = False,
+                labels: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
     """The teacher targets a cache stores for a batch of logits [B, L, V], as the cache pass
     and `plan --probe` compute them: tempered by `temperature`, then `mode` "topk" (ids,
     logprobs, tail_logprob) or "sample" (ids, counts). Ids come as computed (uint32 top-k,
-    int64 draws); the cache casts them to its id dtype (shards.id_dtype)."""
+    int64 draws); the cache casts them to its id dtype (shards.id_dtype).
+
+    labels: the next token of each position (data.hard_targets: -1 where there is none);
+    given, "next_logprob" is added, at temperature 1 whatever `temperature` is (a
+    likelihood of the text, not a distillation target), from the same logits."""
     logits = logits.astype(mx.float32)
+    # Built before tempering, on the logits the targets use: one forward serves both.
+    nlp = None if labels is None else next_logprob(logits, labels)
     if temperature != 1.0:  # no second [B, L, V] copy at the default T = 1
         logits = logits / temperature
     if mode == "topk":
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         ids, lp = topk_targets(logprobs, k)
-        return {"ids": ids, "logprobs": lp, "tail_logprob": tail_logprob(logprobs, ids)}
-    ids, counts = sample_targets(logits, n, rng, keep_top1)
-    return {"ids": ids, "counts": counts}
+        out = {"ids": ids, "logprobs": lp, "tail_logprob": tail_logprob(logprobs, ids)}
+    else:
+        ids, counts = sample_targets(logits, n, rng, keep_top1)
+        out = {"ids": ids, "counts": counts}
+    if nlp is not None:
+        out["next_logprob"] = np.asarray(nlp)
+    return out
 
 
 def topk_targets(logprobs: mx.array, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -81,13 +81,17 @@ def retention(res: dict) -> dict:
 
 
 def task_accuracy(named_models: dict, tok, path: str, g,
-                  max_records: Optional[int] = None) -> Optional[dict]:
+                  max_records: Optional[int] = None,
+                  toks: Optional[dict] = None) -> Optional[dict]:
     """{"prompts", per model {"accuracy", "correct", "verifier_errors"}, "retention"} on the
     first g.eval_prompts answered records of `path` (of its first `max_records`); None when
-    there are none."""
+    there are none. `toks` names the models with a tokenizer of their own (a student of
+    another tokenizer): each model reads the prompt and writes its answer in its own tokens,
+    and answers are compared as text."""
     prompts = task_prompts(path, g.eval_prompts, max_records) if g.eval_prompts else []
     if not prompts:
         return None
-    res = {name: score(prompts, greedy_answers(m, tok, prompts, g), g)
+    toks = toks or {}
+    res = {name: score(prompts, greedy_answers(m, toks.get(name, tok), prompts, g), g)
            for name, m in named_models.items()}
     return {"prompts": len(prompts), **res, "retention": retention(res)}

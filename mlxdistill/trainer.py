@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Optional
 
 import mlx.core as mx
@@ -24,9 +25,10 @@ import numpy as np
 
 from . import cache as cache_mod
 from . import data as data_mod
-from . import files, losses, models, onpolicy, plots, surgery, tracking, validation
+from . import files, losses, models, onpolicy, plots, surgery, tracking, validation, xtok
 from .config import Config, ConfigError
 from .distributed import World
+from . import multi
 from .multi import MixedReader
 from .objective import Objective, setup_hidden
 from .progress import Progress
@@ -54,19 +56,29 @@ class Source:
     fingerprint: str
     teacher: object = None  # the live teacher model (online mode)
     manifest: Optional[dict] = None  # the cache's (cache mode)
+    xtok: str = ""  # the cross-tokenizer loss, when the student has its own tokenizer
+    id_map: Optional[np.ndarray] = None  # teacher id -> student id of the same string
+    # teachers of different tokenizers: the other caches' paths, one cache per step
+    also: list = field(default_factory=list)
+    weights: Optional[list] = None  # each path's share of the steps (this one first)
 
 
 def batch_source(cfg: Config, teacher: models.Lazy, quiet: bool, log, world: World) -> Source:
     if cfg.teacher.mode == "cache":
         reader = cache_mod.ensure(cfg, quiet, log, world, teacher)
         m = reader.manifest
-        if cfg.cache.mix:
-            c = cfg.cache
-            weights = list(c.mix_weights) or [1.0] * (len(c.mix) + 1)
-            weights = [w / sum(weights) for w in weights]
-            reader = MixedReader([reader] + [cache_mod.ShardReader(d, rows=cfg.data.max_rows)
-                                             for d in c.mix],
-                                 weights, c.mix_mode)
+        scfg, stok = models.load_meta_role(cfg, "student")
+        sfp = models.vocab_fingerprint(stok)
+        c = cfg.cache
+        mix = [cache_mod.ShardReader(d, rows=cfg.data.max_rows) for d in c.mix]
+        weights = list(c.mix_weights) or [1.0] * (len(c.mix) + 1)
+        weights = [w / sum(weights) for w in weights]
+        if mix and any(r.manifest["tokenizer_fingerprint"] != sfp for r in [reader, *mix]):
+            return per_step_source(cfg, [reader, *mix], weights, stok, scfg, quiet, log, world)
+        if m["tokenizer_fingerprint"] != sfp:
+            return cross_source(cfg, reader, cfg.teacher.model, stok, scfg, quiet, log, world)
+        if mix:
+            reader = MixedReader([reader] + mix, weights, c.mix_mode)
             log(f"multi-teacher: {len(weights)} caches, {c.mix_mode} "
                 + ("" if c.mix_mode == "confidence" else
                    "(" + ", ".join(f"{w:.2f}" for w in weights) + ")"))
@@ -79,6 +91,65 @@ def batch_source(cfg: Config, teacher: models.Lazy, quiet: bool, log, world: Wor
     if (note := packed.long_report(cfg.data.seq_len, cfg.data.long_lines, cfg.data.train)):
         log(note)
     return Source(data_mod.PackedRows(packed), match.vocab_size, match.fingerprint, model)
+
+
+def cross_source(cfg: Config, reader, teacher_path: str, stok, scfg, quiet: bool, log,
+                 world: World) -> Source:
+    """A student of another tokenizer on a cache: its rows re-tokenized and aligned once
+    (xtok.ensure, kept beside the cache), the cross-tokenizer loss of loss.xtok."""
+    kind = xtok.pick(cfg)
+    m = reader.manifest
+    if kind in xtok.NEEDS and not m.get(xtok.NEEDS[kind]):
+        raise ConfigError(f"loss.xtok={kind} needs the teacher's next-token log-probabilities, "
+                          f"which cache {reader.dir} does not hold: rebuild it with "
+                          f"cache.{xtok.NEEDS[kind]}=true (another cache.dir), or pick "
+                          "loss.xtok=mapped")
+    _, ttok = models.load_meta(teacher_path, f"teacher of cache {reader.dir}")
+    models.check_alignable(ttok, stok)
+    aligned = None
+    if world.main:
+        aligned = xtok.ensure(reader, ttok, stok, cfg.student.model, quiet, log)
+    world.barrier("aligning the cache to the student's tokenizer")
+    if not world.main:
+        aligned = xtok.ensure(reader, ttok, stok, cfg.student.model, True, lambda m: None)
+    how = ("auto: the recommended one" if cfg.loss.xtok == "auto" else "loss.xtok")
+    log(f"student {cfg.student.model} has another tokenizer than the teacher of "
+        f"{reader.dir}: cross-tokenizer distillation, loss {kind} ({how}); "
+        f"{aligned.aligned:.0%} of its trained positions share a token boundary with the "
+        f"teacher, {aligned.one_to_one:.0%} the same next token")
+    if m.get("hidden_resolved"):
+        log(f"the hidden states in {reader.dir} are not used across tokenizers")
+    return Source(xtok.AlignedReader(reader, aligned, kind == "chunk"),
+                  models.logits_size(scfg), models.vocab_fingerprint(stok),
+                  manifest={**m, "hidden_resolved": []}, xtok=kind, id_map=aligned.id_map)
+
+
+def per_step_source(cfg: Config, readers: list, weights: list, stok, scfg, quiet: bool, log,
+                    world: World) -> Source:
+    """Teachers of different tokenizers in one run: their caches' rows are different
+    stretches of text, so they cannot be combined position by position (multi.py's
+    MixedReader); each cache reaches the student through its own path (the one sharing the
+    student's tokenizer as usual, the others aligned), and each step trains on one of them,
+    drawn by cache.mix_weights (multi.step_teacher)."""
+    if cfg.cache.mix_mode != "weights":
+        raise ConfigError("cache.mix_mode=confidence compares teachers position by position, "
+                          "which teachers of different tokenizers do not share; use "
+                          "cache.mix_mode=weights (each step trains on one teacher's cache, "
+                          "drawn by cache.mix_weights)")
+    sfp = models.vocab_fingerprint(stok)
+    teachers = [cfg.teacher.model] + [r.manifest.get("teacher") for r in readers[1:]]
+    paths = []
+    for r, t in zip(readers, teachers):
+        m = r.manifest
+        if m["tokenizer_fingerprint"] == sfp:
+            models.check_student(stok, scfg, sfp, m["vocab_size"], cfg.data.seq_len, t,
+                                 cfg.student.model)
+            paths.append(Source(r, m["vocab_size"], sfp, manifest={**m, "hidden_resolved": []}))
+        else:
+            paths.append(cross_source(cfg, r, t, stok, scfg, quiet, log, world))
+    log(f"multi-teacher across tokenizers: {len(paths)} caches, each step on one of them "
+        "(" + ", ".join(f"{r.dir} {w:.2f}" for r, w in zip(readers, weights)) + ")")
+    return dataclasses.replace(paths[0], also=paths[1:], weights=weights)
 
 
 def online_targets(forward, x: mx.array, temperature: float) -> dict:
@@ -222,7 +293,8 @@ def _fit(cfg: Config, world: World, teacher: models.Lazy, quiet: bool, log) -> b
     ev = None
     if world.main:
         run.save_config(cfg)
-        ev = validation.teacher_targets(cfg, run.eval_teacher, vocab, teacher, log)
+        ev = (validation.student_rows(cfg, tok) if source.xtok or source.also else
+              validation.teacher_targets(cfg, run.eval_teacher, vocab, teacher, log))
     if source.teacher is None:
         teacher.release()  # cache mode: no teacher in memory while the student trains
 
@@ -246,11 +318,21 @@ def _fit(cfg: Config, world: World, teacher: models.Lazy, quiet: bool, log) -> b
         f"{source.batches.rows} {'online' if source.teacher is not None else 'cached'} rows, "
         f"{t.iters} steps of {t.batch_size}x{cfg.data.seq_len}")
 
-    loss_fn = Objective.from_config(cfg).bind(model, vocab, hidden, log, cfg.student.model)
-    step_fn = make_step(model, opt, loss_fn, t.grad_clip, t.grad_accum, world)
+    paths = [source, *source.also]
+    step_fns = []
+    for i, p in enumerate(paths):
+        objective = Objective.from_config(cfg, p.xtok)
+        if i:  # the model's blocks are changed for gradient checkpointing once
+            objective = dataclasses.replace(objective, grad_checkpoint=False)
+        loss_fn = objective.bind(model, p.vocab, hidden if i == 0 else None, log,
+                                 cfg.student.model, p.id_map)
+        step_fns.append(make_step(model, opt, loss_fn, t.grad_clip, t.grad_accum, world))
     t_forward = models.logits_fn(source.teacher, vocab) if source.teacher is not None else None
-    batches = source.batches.batches(t.batch_size, cfg.run.seed, start_step=step,
-                                     rank=world.rank, size=world.size)
+    # each path's stream resumes after the steps it trained (one path: all of them)
+    starts = multi.steps_per_teacher(cfg.run.seed, step, source.weights) if source.also \
+        else [step]
+    streams = [p.batches.batches(t.batch_size, cfg.run.seed, start_step=k, rank=world.rank,
+                                 size=world.size) for p, k in zip(paths, starts)]
     pending = Pending(t.nonfinite_skips, resumed.get("skipped", 0),
                       resumed.get("loss_window", []), log)
 
@@ -268,12 +350,13 @@ def _fit(cfg: Config, world: World, teacher: models.Lazy, quiet: bool, log) -> b
             # the seeds of two runs' steps apart (below a million steps, no (seed, step) pair
             # repeats another's).
             mx.random.seed((cfg.run.seed * 1_000_003 + step) * world.size + world.rank)
-            x, mask, labels, targets = to_arrays(next(batches))
+            path = multi.step_teacher(cfg.run.seed, step, source.weights) if source.also else 0
+            x, mask, labels, targets = to_arrays(next(streams[path]))
             if (on := onpolicy.is_on_policy(cfg.loss.lmbda, cfg.run.seed, step)):
                 x, mask, labels = onpolicy.on_policy_batch(model, vocab, x)
             if t_forward is not None:
                 targets = online_targets(t_forward, x, cfg.loss.temperature)
-            out = step_fn(x, mask, labels, targets, f"step {step + 1}")
+            out = step_fns[path](x, mask, labels, targets, f"step {step + 1}")
             mx.async_eval(out, model.parameters(), opt.state)
             pending.add(step + 1, on, out)
             step += 1

@@ -58,12 +58,28 @@ def teacher_targets(cfg, path: str, vocab: int, teacher: models.Lazy, log) -> Op
     return out
 
 
+def student_rows(cfg, tokenizer) -> Optional[dict]:
+    """The first `train.eval_rows` validation rows in a student's own tokens, for a student
+    of another tokenizer than the teacher's: its validation is CE alone (token KL to the
+    teacher does not apply; `mlxdistill eval` compares the two on bytes)."""
+    if not cfg.data.valid or cfg.train.eval_rows == 0:
+        return None
+    packed = data_mod.pack(cfg.data.valid, tokenizer, cfg.data.seq_len, cfg.data.mask_prompt,
+                           cfg.train.eval_rows, packing=cfg.data.packing)
+    return {"input_ids": mx.array(packed.input_ids), "loss_mask": mx.array(packed.loss_mask),
+            "labels": mx.array(data_mod.hard_targets(packed.input_ids, packed.next_ids))}
+
+
 def validate(model, ev: dict, vocab: int) -> dict:
-    """val_ce, val_kl (full vocabulary) and val_agree of `model` on the validation rows."""
+    """val_ce, and with the teacher's distributions val_kl (full vocabulary) and val_agree,
+    of `model` on the validation rows."""
     lp = losses.log_softmax(models.logits_fn(model, vocab)(ev["input_ids"]))
     labels = ev["labels"]
     s = score(lp, labels, ev["loss_mask"].astype(mx.bool_) & (labels >= 0),
-              ev["teacher_logprobs"])
+              ev.get("teacher_logprobs"))
     n = mx.maximum(s["tokens"], 1.0)
-    return {"val_ce": round((s["ce"] / n).item(), 4), "val_kl": round((s["kl"] / n).item(), 4),
-            "val_agree": round((s["agree_top1"] / n).item(), 4)}
+    out = {"val_ce": round((s["ce"] / n).item(), 4)}
+    if "kl" in s:
+        out.update(val_kl=round((s["kl"] / n).item(), 4),
+                   val_agree=round((s["agree_top1"] / n).item(), 4))
+    return out

@@ -204,33 +204,54 @@ def mapped_kl_loss(student_lp: mx.array, teacher: dict, id_map: mx.array, mask: 
     mapped ones), times T -- KL's chain rule with the within-rest KL, which needs a
     correspondence, replaced by ULD. That term cannot change the rest's total mass, so the
     property above holds for the rest as a whole."""
+    per, _ = _mapped_per(student_lp, teacher, id_map, mask, rest, kd)
+    return losses.masked_mean(per, mask)
+
+
+def _mapped_per(student_lp: mx.array, teacher: dict, id_map: mx.array, mask: mx.array,
+                rest: str, kd: KD) -> tuple[mx.array, mx.array]:
+    """mapped_kl_loss per position, and the student's logsumexp at T [..., 1] (CE shares it).
+
+    The student's distribution is never built over the vocabulary: its log-probability at a
+    mapped id is the logit there minus the logsumexp, and its rest bucket is the logsumexp
+    of the logits with this position's mapped ids removed, from which the full logsumexp
+    follows (losses._topk_lse's construction: one pass over the vocabulary, as the
+    same-tokenizer top-k loss). A position where no slot maps removes one id (slot 0's
+    fallback, 0) and adds it back, so every position takes the same shape of work."""
     if rest not in ("tail", "uld"):
         raise ValueError(f"rest must be 'tail' or 'uld', not {rest!r}")
-    sampled = "counts" in teacher
-    if sampled and kd.name != "forward_kl":
+    if "counts" in teacher and kd.name != "forward_kl":
         raise ValueError(f"loss {kd.name!r} is not defined on sampled targets")
     keep = mask.astype(mx.bool_)
     lp, tail = _teacher_slots(losses.finite_targets(teacher, mask))
-    lq = _student(student_lp, keep, kd.temperature, extra=True)  # [..., Vs + 1]
-    dummy = lq.shape[-1] - 1
+    # masked rows become 0 first: a NaN there must not reach the logsumexp's backward
+    z = mx.where(keep[..., None], student_lp.astype(mx.float32), 0.0) / kd.temperature
     sid = mx.take(id_map.astype(mx.int32), teacher["ids"].astype(mx.int32))
     first, lp_m = _merged(sid, lp)
-    idx = mx.where(first, sid, dummy)  # unmapped and merged-away slots point at log 0
+    k = sid.shape[-1]
+    any_m = first.any(-1, keepdims=True)
+    fallback = mx.where(any_m, mx.max(mx.where(first, sid, -1), -1, keepdims=True), 0)
+    idx = mx.where(first, sid, fallback)  # every slot points at an id removed once
+    once = first | ((mx.arange(k) == 0) & ~any_m)
+    zr = mx.take_along_axis(z, idx, -1)
+    outside = mx.put_along_axis(z, idx, mx.array(LOG0, z.dtype), axis=-1)
+    rest_z = _lse(outside)
+    lse = logaddexp(rest_z, _lse(mx.where(once, zr, LOG0)))
+    rest_z = mx.where(any_m, rest_z, lse)  # nothing mapped: the rest is everything
     unmapped = ~absent(lp) & (sid < 0)
     rest_t = logaddexp(tail, _lse(mx.where(unmapped, lp, LOG0)))
-    outside = mx.put_along_axis(lq, idx, mx.array(LOG0, lq.dtype), axis=-1)
-    rest_s = _lse(outside)
-    lp_b, lq_b = losses.buckets(mx.take_along_axis(lq, idx, -1), lp_m, rest_s, rest_t)
+    lp_b, lq_b = losses.buckets(mx.where(first, zr - lse, LOG0), lp_m, rest_z - lse, rest_t)
     lp_b, lq_b = normalized(lp_b), normalized(lq_b)
     per = losses.DIVERGENCES[kd.name](lp_b, lq_b, kd.beta, kd.skew) * kd.temperature ** 2
     if rest == "uld":
         t_in = mx.where(unmapped, lp - rest_t, LOG0)
         tail_in = mx.where(absent(tail), LOG0, tail - rest_t)
-        # the student's conditional within its rest; removed ids stay at log 0
-        s_in = mx.where(absent(outside), LOG0, outside - rest_s)
+        # the student's conditional within its rest; the mapped ids stay at log 0
+        inside = mx.where(any_m, outside, z)
+        s_in = mx.where(absent(inside), LOG0, inside - rest_z)
         p_rest = mx.exp(lp_b[..., -1])  # the teacher's rest share, renormalised
         per = per + p_rest * sorted_l1(s_in, t_in, tail_in) * kd.temperature
-    return losses.masked_mean(per, mask)
+    return per, lse
 
 
 def log1mexp(x: mx.array) -> mx.array:
@@ -305,3 +326,39 @@ def chunk_likelihood_loss(student_next_lp: mx.array, s_chunk: mx.array,
     per = losses.DIVERGENCES[kd.name](two_t, two_s, kd.beta, kd.skew)
     loss, n = losses.masked_mean(per, cm)
     return loss * t, n
+
+
+TEACHER_KEYS = ("ids", "counts", "logprobs", "tail_logprob")
+
+
+def cross_distill_loss(kind: str, student_logits: mx.array, targets: dict, labels: mx.array,
+                       mask: mx.array, id_map: mx.array, kd: KD = KD()):
+    """(1 - alpha) x the cross-tokenizer loss `kind` + alpha x CE -> (loss, ntokens, kd, ce),
+    as losses.distill_loss, on a batch in the student's tokens (xtok.AlignedReader):
+    targets holds the teacher's cached draws or top-k gathered at each student position's
+    paired teacher position, "aligned" and "one" (1 where a position is paired / its next
+    token is the same string on both sides) and, for "chunk", "s_chunk", "chunk_lp" and
+    "chunk_mask". mask: the student's trained positions; CE is over them."""
+    trained = mask.astype(mx.bool_)
+    teacher = {k: v for k, v in targets.items() if k in TEACHER_KEYS}
+    if kind in ("mapped", "hybrid"):
+        # per position over every trained one (their logits kept), averaged over `one`
+        per, lse = _mapped_per(student_logits, teacher, id_map, trained,
+                               "tail" if kind == "mapped" else "uld", kd)
+        kd_v, _ = losses.masked_mean(per, trained & targets["one"].astype(mx.bool_))
+        if kd.temperature == 1.0:  # CE from the same logsumexp: no second pass
+            lab = mx.maximum(labels, 0).astype(mx.int32)[..., None]
+            ce_pos = (lse - mx.take_along_axis(student_logits.astype(mx.float32), lab, -1))
+            ce, ntok = losses.masked_mean(ce_pos[..., 0], trained & (labels >= 0))
+            return (1.0 - kd.alpha) * kd_v + kd.alpha * ce, ntok, kd_v, ce
+    elif kind == "uld":
+        kd_v, _ = uld_loss(student_logits, teacher, trained & targets["aligned"].astype(mx.bool_),
+                           kd)
+    elif kind == "chunk":
+        kd_v, _ = chunk_likelihood_loss(next_token_logprobs(student_logits, labels),
+                                        targets["s_chunk"], targets["chunk_lp"],
+                                        targets["chunk_mask"], kd)
+    else:
+        raise ValueError(f"unknown cross-tokenizer loss {kind!r}")
+    ce, ntok = losses.ce_loss(student_logits, labels, mask)
+    return (1.0 - kd.alpha) * kd_v + kd.alpha * ce, ntok, kd_v, ce
