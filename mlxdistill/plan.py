@@ -187,30 +187,6 @@ CHUNKED_LOGIT_COPIES = (0.0, 5.0)
 # (mapped), the student's sorted top and conditional (uld, hybrid), the next-token
 # log-probabilities' copy (chunk).
 XTOK_LOGIT_COPIES = {"mapped": 2.0, "hybrid": 6.0, "uld": 5.0, "chunk": 3.0}
-# Bytes per cached token of the aligned shards kept beside the cache: the student's int32
-# id, uint8 mask, int32 paired position, uint8 one-to-one flag, int32 chunk; with chunk
-# likelihood one float32 log-likelihood and a uint8 mask per chunk (at most one per token).
-ALIGNED_BYTES = 14
-ALIGNED_CHUNK_BYTES = 5
-
-
-def cross_tokenizer(cfg: Config) -> str:
-    """The cross-tokenizer loss training will use (xtok.pick), or "" when the student shares
-    the teacher's tokenizer, or when either model is not a folder here (a hub id's
-    tokenizer is not read offline: planned as a same-tokenizer pair)."""
-    if not (models.is_model_folder(cfg.teacher.model)
-            and models.is_model_folder(cfg.student.model)):
-        return ""
-    _, ttok = models.load_meta(cfg.teacher.model, "teacher")
-    _, stok = models.load_meta(cfg.student.model, "student")
-    same = models.vocab_fingerprint(ttok) == models.vocab_fingerprint(stok)
-    return "" if same else xtok_mod.pick(cfg)
-
-
-def aligned_bytes_per_token(kind: str) -> int:
-    return (ALIGNED_BYTES + ALIGNED_CHUNK_BYTES * (kind == "chunk")) if kind else 0
-
-
 def train_logit_copies(cfg: Config, xtok: str = "") -> float:
     chunk, L = cfg.train.loss_chunk, cfg.data.seq_len
     if xtok:  # the cross-tokenizer losses take the whole sequence (train.loss_chunk aside)
@@ -347,7 +323,7 @@ def training_total(cfg: Config, s: ModelShape, bpt: float, xtok: str = "") -> di
     ev = cfg.train.eval_rows * L * s.vocab * 2 if cfg.data.valid and not xtok else 0
     # The reader holds the shard being read and the one prefetched behind it (and their
     # aligned shards).
-    host = 2 * cfg.cache.shard_rows * L * (bpt + aligned_bytes_per_token(xtok)) \
+    host = 2 * cfg.cache.shard_rows * L * (bpt + xtok_mod.aligned_bytes_per_token(xtok)) \
         if cfg.teacher.mode == "cache" else 0
     est["parts"]["eval_targets"] = int(ev)
     return _add_host(est, host)
@@ -409,10 +385,10 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
     sconf, snote = config_and_note(cfg.student.model, "student")
     ts = model_shape(tconf, f"teacher model {cfg.teacher.model}", metal=metal)
     ss = model_shape(sconf, f"student model {cfg.student.model}", metal=metal)
-    xtok = cross_tokenizer(cfg) if cfg.teacher.mode == "cache" else ""
+    xtok = xtok_mod.cross_tokenizer(cfg) if cfg.teacher.mode == "cache" else ""
     vocab = ts.vocab if xtok else min(ts.vocab, ss.vocab)  # the cache's: the teacher's own
     bpt = cache_bytes_per_token(cfg, vocab, ts.hidden)
-    abpt = aligned_bytes_per_token(xtok)
+    abpt = xtok_mod.aligned_bytes_per_token(xtok)
     rows, rows_how = dataset_rows(cfg)
     budget, budget_what = (memory_bytes, "given") if memory_bytes else machine_memory()
     train_est = training_total(cfg, ss, bpt, xtok)

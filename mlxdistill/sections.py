@@ -147,7 +147,8 @@ class CacheConfig:
     batch_size: int = _key(8, "rows per teacher forward pass")
     seed: int = _key(0, "sampling seed (per-shard keys: a resumed pass redraws identically)")
     mix: tuple = _key((), "multi-teacher: more caches (other teachers, the same data settings) "
-                      "mixed with this one")
+                      "mixed with this one; with teachers of different tokenizers each step "
+                      "trains on one cache, drawn by `mix_weights`")
     mix_weights: tuple = _key((), "multi-teacher: one weight per cache, `cache.dir` first "
                               "([]: equal)")
     mix_mode: str = _key("weights", "multi-teacher: `weights` (a mixture) or `confidence` "

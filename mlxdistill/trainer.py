@@ -111,7 +111,8 @@ def cross_source(cfg: Config, reader, teacher_path: str, stok, scfg, quiet: bool
         aligned = xtok.ensure(reader, ttok, stok, cfg.student.model, quiet, log)
     world.barrier("aligning the cache to the student's tokenizer")
     if not world.main:
-        aligned = xtok.ensure(reader, ttok, stok, cfg.student.model, True, lambda m: None)
+        aligned = xtok.ensure(reader, ttok, stok, cfg.student.model, True, lambda m: None,
+                              build=False)
     how = ("auto: the recommended one" if cfg.loss.xtok == "auto" else "loss.xtok")
     log(f"student {cfg.student.model} has another tokenizer than the teacher of "
         f"{reader.dir}: cross-tokenizer distillation, loss {kind} ({how}); "

@@ -44,6 +44,30 @@ def pick(cfg) -> str:
     return RECOMMENDED if cfg.loss.xtok == "auto" else cfg.loss.xtok
 
 
+# Bytes per cached token of the aligned shards kept beside the cache: the student's int32
+# id, uint8 mask, int32 paired position, uint8 one-to-one flag, int32 chunk; with chunk
+# likelihood one float32 log-likelihood and a uint8 mask per chunk (at most one per token).
+ALIGNED_BYTES = 14
+ALIGNED_CHUNK_BYTES = 5
+
+
+def cross_tokenizer(cfg) -> str:
+    """The cross-tokenizer loss training will use (xtok.pick), or "" when the student shares
+    the teacher's tokenizer, or when either model is not a folder here (a hub id's
+    tokenizer is not read offline: planned as a same-tokenizer pair)."""
+    if not (models.is_model_folder(cfg.teacher.model)
+            and models.is_model_folder(cfg.student.model)):
+        return ""
+    _, ttok = models.load_meta(cfg.teacher.model, "teacher")
+    _, stok = models.load_meta(cfg.student.model, "student")
+    same = models.vocab_fingerprint(ttok) == models.vocab_fingerprint(stok)
+    return "" if same else pick(cfg)
+
+
+def aligned_bytes_per_token(kind: str) -> int:
+    return (ALIGNED_BYTES + ALIGNED_CHUNK_BYTES * (kind == "chunk")) if kind else 0
+
+
 def side_dir(cache_dir: str, student_fingerprint: str) -> str:
     return os.path.join(cache_dir, f"xtok-{student_fingerprint[:16]}")
 
@@ -101,9 +125,10 @@ class Aligned:
 
 
 def ensure(reader: cache.ShardReader, teacher_tok, student_tok, student: str, quiet: bool,
-           log) -> Aligned:
+           log, build: bool = True) -> Aligned:
     """The aligned shards for every cache shard `reader` serves, built where missing (or
-    built from another version of a cache shard), then verified."""
+    built from another version of a cache shard), then verified. `build=False` (the other
+    ranks, once rank 0 has built them) only reads and verifies, without the cache's lock."""
     m = reader.manifest
     ft = models.vocab_fingerprint(teacher_tok)
     if ft != m["tokenizer_fingerprint"]:
@@ -115,16 +140,23 @@ def ensure(reader: cache.ShardReader, teacher_tok, student_tok, student: str, qu
     out = side_dir(reader.dir, sfp)
     mpath = os.path.join(out, MANIFEST)
     ident = _identity(m, sfp)
-    with cache.lock(reader.dir):
-        files.ensure_dir(out, "the aligned shards' folder")
+    def todo(side):
+        return [s for s in reader.shards
+                if side["shards"].get(s["file"], {}).get("cache_sha256") != s["sha256"]]
+
+    if build:
+        with cache.lock(reader.dir):
+            files.ensure_dir(out, "the aligned shards' folder")
+            side = _read(mpath)
+            if side.get("identity") != ident:  # another format or cache: start over
+                side = {"identity": ident, "student": student, "shards": {}}
+            if todo(side):
+                _build(reader, todo(side), tv, sv, out, side, mpath, quiet, log)
+    else:
         side = _read(mpath)
-        if side.get("identity") != ident:  # another format or cache: start over
-            side = {"identity": ident, "student": student, "shards": {}}
-        done = side["shards"]
-        todo = [s for s in reader.shards
-                if done.get(s["file"], {}).get("cache_sha256") != s["sha256"]]
-        if todo:
-            _build(reader, todo, tv, sv, out, side, mpath, quiet, log)
+        if side.get("identity") != ident or todo(side):
+            raise CacheError(f"the aligned shards in {out} are missing or from another cache; "
+                             "rerun (rank 0 builds them)")
     recs = {s["file"]: side["shards"][s["file"]] for s in reader.shards}
     _verify(out, recs)
     n = np.array([[r["trained"], r["aligned"], r["one_to_one"]] for r in recs.values()],
@@ -145,10 +177,11 @@ def _build(reader: cache.ShardReader, todo: list, tv, sv, out: str, side: dict, 
            quiet: bool, log) -> None:
     specials = align.special_map(tv, sv)
     full = {s["file"]: i for i, s in enumerate(reader.manifest["shards"])}
-    log(f"aligning {sum(s['rows'] for s in todo)} cached rows to the student's tokenizer "
-        f"{sv.name} (once; kept in {out})")
+    rows = sum(s.get("stored_rows", s["rows"]) for s in todo)
+    log(f"aligning {rows} cached rows to the student's tokenizer {sv.name} (once; kept in "
+        f"{out})")
     whole = cache.ShardReader(reader.dir, verify=False)  # every stored row of a shard
-    bar = Progress(sum(s.get("stored_rows", s["rows"]) for s in todo), "align", "row", quiet)
+    bar = Progress(rows, "align", "row", quiet)
     for s in todo:
         t = whole.load_shard(full[s["file"]])
         lp = t.get("next_logprob")

@@ -180,6 +180,31 @@ def step_times(overrides: list[str], steps: int, rounds: int) -> dict:
                    "ratio": round(statistics.median(t) / same, 3)} for name, t in times.items()}
 
 
+def markdown(out: dict) -> str:
+    """The table of results/xtok.md (and the README's): every measured row, its bits per
+    byte and next-byte agreement on data.test after training, step time, cache bytes."""
+    rows = out["rows"]
+    steps = out.get("step_times", {})
+    head = ("| row | bits per byte | next-byte agreement | next-byte KL | ms/step (run) | "
+            "step vs same-tokenizer (in process) | cache B/token |")
+    lines = [head, "|" + "---|" * 7]
+    any_x = next((r for n, r in rows.items() if not n.startswith("same")), None)
+    if any_x:
+        b = any_x["before"]
+        lines.append(f"| student-xtok before training | {b['bpb']:.3f} | {b['byte_agree']:.3f} | "
+                     f"{b['byte_kl']:.3f} | - | - | - |")
+    for name, r in rows.items():
+        a = r["after"]
+        ratio = steps.get({"same_kd": "same"}.get(name, name), {}).get("ratio")
+        cache_b = f"{r['cache_bytes_per_token']:g}" + (
+            f" + {r['aligned_bytes_per_token']:g} aligned" if r["aligned_bytes_per_token"]
+            else "")
+        lines.append(f"| {r['label']} | {a['bpb']:.3f} | {a['byte_agree']:.3f} | "
+                     f"{a['byte_kl']:.3f} | {r['step_ms']:.0f} | "
+                     f"{'-' if ratio is None else f'{ratio:.2f}x'} | {cache_b} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
@@ -214,6 +239,9 @@ def main() -> None:
     out["step_times_setup"] = {"steps": args.steps, "rounds": args.rounds}
     files.atomic_json(path, out)
     print("step times:", json.dumps(out["step_times"]), flush=True)
+    with files.atomic_path(os.path.join(RESULTS, "xtok.md")) as tmp, open(tmp, "w") as f:
+        f.write(markdown(out))
+    print(markdown(out))
 
 
 if __name__ == "__main__":

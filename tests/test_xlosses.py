@@ -416,3 +416,35 @@ def test_temperature_applies_to_the_student_only():
         2 * xlosses.uld_loss(cold, t, m)[0].item(), rel=1e-5)
     assert xlosses.mapped_kl_loss(hot, t, id_map, m, kd=KD(temperature=2.0))[0].item() == \
         pytest.approx(4 * xlosses.mapped_kl_loss(cold, t, id_map, m)[0].item(), rel=1e-5)
+
+
+def test_training_keeps_a_student_token_the_teacher_lacks():
+    """X-Token's failure, trained: the student's "12" (the teacher spells "1" "2") keeps its
+    share of the rest under mapped KL, while KL on the shared tokens alone (the teacher's
+    mapped mass against the student's full softmax, no rest bucket) drives it toward 0."""
+    id_map = mx.array([0, 1, 3, -1], dtype=mx.int32)
+    t = {"ids": mx.array([[0, 3, 1]]), "logprobs": mx.array(np.log([[0.6, 0.2, 0.1]])),
+         "tail_logprob": mx.array(np.log([0.1]))}
+    rest_ids = [2, 3, 4, 5]
+    z0 = mx.array([[0.5, 0.0, 1.0, 0.0, -0.5, -1.0]])
+
+    def matched_only(z):
+        lq = z - mx.logsumexp(z, axis=-1, keepdims=True)
+        return -(0.6 * lq[0, 0] + 0.2 * lq[0, 3] + 0.1 * lq[0, 1])
+
+    def mapped(z):
+        return xlosses.mapped_kl_loss(z, t, id_map, mx.ones((1,)))[0]
+
+    def train(loss):
+        z = z0
+        for _ in range(300):
+            z = z - 0.5 * mx.grad(loss)(z)
+        return np.array(mx.softmax(z, axis=-1))[0]
+
+    q0 = np.array(mx.softmax(z0, axis=-1))[0]
+    share0 = q0[2] / q0[rest_ids].sum()
+    q = train(mapped)
+    assert q[rest_ids].sum() == pytest.approx(0.3, abs=0.01)  # the rest matches the teacher's
+    assert q[2] / q[rest_ids].sum() > 0.8 * share0  # "12" keeps its share of it
+    assert q[2] > 0.1
+    assert train(matched_only)[2] < 0.1 * q0[2]  # suppressed without the rest bucket

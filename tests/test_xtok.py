@@ -212,3 +212,32 @@ def test_teachers_of_two_tokenizers_mix_in_one_run(tmp_path, byte_level_teacher,
         api.fit(mixed(tmp_path, byte_level_teacher, **{"cache.mix_mode": "confidence",
                                                        "run.dir": str(tmp_path / "run_c")}),
                 **QUIET)
+
+
+def test_plan_counts_the_cross_tokenizer_cost(tmp_path):
+    same = api.plan(load_config(None, overrides(tmp_path, **{
+        "student.model": os.path.join(W, "student")})))
+    cfg = load_config(None, overrides(tmp_path, **{"loss.xtok": "hybrid"}))
+    cross = api.plan(cfg, probe=True)
+    assert same["cross_tokenizer"] is None and cross["cross_tokenizer"] == "hybrid"
+    assert cross["cache"]["aligned_bytes_per_token"] == 14
+    assert cross["cache"]["disk_bytes"] > same["cache"]["disk_bytes"]
+    assert cross["training"]["parts"]["logits"] > same["training"]["parts"]["logits"]
+    # the probe ran the hybrid loss's step: its measured peak is in the estimate's range
+    t = cross["training"]
+    assert 0.5 < t["measured_peak_bytes"] / t["mlx_bytes"] < 2.0, t
+
+
+def test_two_ranks_align_and_match_one_process(tmp_path):
+    from test_distributed import launch
+    from test_train import _weights
+
+    common = {"train.iters": 3, "train.final_eval": "false"}
+    one = load_config(None, overrides(tmp_path / "one", **common, **{"train.grad_accum": 2}))
+    api.fit(one, **QUIET)
+    p = launch(["train", *overrides(tmp_path / "two", **common)])
+    assert "data parallel: 2 ranks, 2 rows each" in p.stdout
+    assert p.stdout.count("aligning 24 cached rows") == 1, p.stdout  # rank 0 aligns
+    wa, wb = _weights(one.run.dir), _weights(str(tmp_path / "two" / "run"))
+    for k in wa:
+        assert np.allclose(np.array(wa[k]), np.array(wb[k]), atol=1e-5), k
