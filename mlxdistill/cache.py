@@ -36,7 +36,7 @@ VERIFIED = ".verified.json"
 LOCK = ".lock"  # held by the process writing the cache
 TARGET_KEYS = {"topk": ("ids", "logprobs", "tail_logprob"), "sample": ("ids", "counts")}
 # Per-position tensors a cache holds only when built with the cache.KEY of the same name
-# (recorded in the manifest), and a reader hands over only when asked (ShardReader extra=).
+# (recorded in the manifest); batches leave them out (xtok.py reads them from the shards).
 EXTRA_KEYS = ("next_logprob",)
 
 
@@ -311,28 +311,15 @@ class ShardReader:
 
     `rows` serves the cache's first rows only (a data.max_rows below what it holds:
     `covers`) as a cache built for that many holds them: the same shards, the last one cut,
-    so the batch order (`order`, from the shards' row counts) is that cache's too.
+    so the batch order (`order`, from the shards' row counts) is that cache's too."""
 
-    `extra` names tensors of EXTRA_KEYS that batches carry in their targets too (e.g.
-    ("next_logprob",)); without it the targets are the cache's distribution and hidden
-    states only, whatever else the cache holds."""
-
-    def __init__(self, cache_dir: str, verify: bool = True, rows: Optional[int] = None,
-                 extra: tuple = ()):
+    def __init__(self, cache_dir: str, verify: bool = True, rows: Optional[int] = None):
         self.dir = cache_dir
         self.manifest = read_manifest(cache_dir)
         if not self.manifest.get("complete"):
             raise CacheError(f"cache {cache_dir} is incomplete ({len(self.manifest['shards'])}/"
                              f"{self.manifest.get('num_shards', '?')} shards); run "
                              "`mlxdistill cache` with the same config to finish it")
-        self.extra = tuple(extra)
-        for key in self.extra:
-            if key not in EXTRA_KEYS:
-                raise ValueError(f"extra={key!r}: a reader hands over {', '.join(EXTRA_KEYS)}")
-            if not self.manifest.get(key):
-                raise CacheError(f"cache {cache_dir} holds no {key} (built without "
-                                 f"cache.{key}); rebuild it with cache.{key}=true into another "
-                                 "cache.dir, or delete this one first")
         self.shards = self.manifest["shards"]
         for s in self.shards:
             try:
@@ -464,7 +451,7 @@ class ShardReader:
         def take(key):
             return np.stack([loaded[si][key][r] for si, r in want])
 
-        targets = {k: take(k) for k in target_keys(self.manifest) + list(self.extra)}
+        targets = {k: take(k) for k in target_keys(self.manifest)}
         if self.manifest.get("keep_top1"):
             # float weights in place of counts: the loss normalises whatever "counts" holds
             targets["counts"] = top1_weights(targets["counts"])
@@ -510,11 +497,10 @@ def summary(cache_dir: str) -> dict:
 
 
 def ensure(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = None,
-           teacher: Optional[models.Lazy] = None, extra: tuple = ()) -> "ShardReader":
+           teacher: Optional[models.Lazy] = None) -> "ShardReader":
     """The verified cache of `cfg`, built first if missing or incomplete. Under several ranks
     all of them run the teacher (rank 0's view of the cache decides), and rank 0 verifies
-    the shards before the others, which then find them already verified. extra: as
-    ShardReader's (what the loss reads beyond the distribution)."""
+    the shards before the others, which then find them already verified."""
     world = world or World(cfg.run.dist_timeout)
     mpath = os.path.join(cfg.cache.dir, MANIFEST)
     need = world.main and (not os.path.exists(mpath)
@@ -524,7 +510,7 @@ def ensure(cfg: Config, quiet: bool = False, log=print, world: Optional[World] =
     if not world.main:
         world.barrier("rank 0's cache verification")
     # A cache built for more rows serves the first data.max_rows (covers).
-    reader = ShardReader(cfg.cache.dir, rows=cfg.data.max_rows, extra=extra)
+    reader = ShardReader(cfg.cache.dir, rows=cfg.data.max_rows)
     if world.main:
         world.barrier("rank 0's cache verification")
     check_compatible(reader.manifest, config_identity(cfg), cfg.cache.dir, prefix=True)
