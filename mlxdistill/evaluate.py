@@ -178,15 +178,6 @@ def compare_cross(teacher, students: dict, packed: data_mod.Packed, ttok, stok,
     return out
 
 
-def token_byte_lengths(tokenizer, vocab: int) -> Optional[np.ndarray]:
-    """UTF-8 bytes of every token id (0 for special tokens and padding rows), or None for a
-    tokenizer whose tokens cannot be mapped to bytes (bits per byte is then not reported)."""
-    try:
-        return xeval.piece_lengths(align.token_bytes(tokenizer), vocab)
-    except align.AlignError:
-        return None
-
-
 def example_rows(path: str, tokenizer, seq_len: int, mask_prompt: bool,
                  max_records: Optional[int] = None):
     """One row per record (its first seq_len + 1 tokens; of the first `max_records`
@@ -304,7 +295,7 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
     if cross:
         res = compare_cross(teacher, students, packed, ttok, stok, t_size, s_size, quiet)
     else:
-        pieces, vocab = _pieces(ttok), match.vocab_size
+        pieces, vocab = token_pieces(ttok), match.vocab_size
         tables = (None, None) if pieces is None else (xeval.piece_lengths(pieces, vocab),
                                                       xeval.first_byte_matrix(pieces, vocab))
         res = compare(teacher, students, packed, vocab, quiet, *tables)
@@ -334,7 +325,7 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
     return res
 
 
-def _pieces(tokenizer) -> Optional[tuple]:
+def token_pieces(tokenizer) -> Optional[tuple]:
     """The bytes of every token id, or None for a tokenizer whose tokens cannot be mapped to
     bytes (bits per byte and the next-byte metrics are then not reported)."""
     try:

@@ -363,7 +363,7 @@ def test_bits_per_byte_counts_the_scored_text(tmp_path):
     import math
 
     from mlxdistill import data as data_mod
-    from mlxdistill import evaluate, models
+    from mlxdistill import evaluate, models, xeval
 
     root = os.path.join(os.path.dirname(__file__), "..")
     text = "Good night, sweet prince: and flights of angels sing thee to thy rest!"
@@ -371,7 +371,7 @@ def test_bits_per_byte_counts_the_scored_text(tmp_path):
     path.write_text(json.dumps({"text": text}) + "\n")
     teacher, tok, cfg = models.load(os.path.join(root, "weights", "teacher"), "teacher")
     vocab = models.logits_size(cfg)
-    lens = evaluate.token_byte_lengths(tok, vocab)
+    lens = xeval.piece_lengths(evaluate.token_pieces(tok), vocab)
     packed = data_mod.pack(str(path), tok, 64, True)
     res = evaluate.compare(teacher, {}, packed, vocab, byte_lens=lens)
     ids = tok.encode(text, add_special_tokens=False)
@@ -379,4 +379,4 @@ def test_bits_per_byte_counts_the_scored_text(tmp_path):
     t = res["teacher"]
     assert abs(t["bpb"] - t["ce"] * res["tokens"] / math.log(2) / res["bytes"]) < 1e-3
     # a tokenizer that cannot be mapped to bytes: no bits per byte, not an error
-    assert evaluate.token_byte_lengths(object(), vocab) is None
+    assert evaluate.token_pieces(object()) is None

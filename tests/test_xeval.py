@@ -108,7 +108,7 @@ def test_cross_student_bits_per_byte_equal_a_direct_computation(teacher, xtok, t
     assert abs(res["x"]["bpb"] - nats / math.log(2) / nbytes) < 1e-3
     # the teacher is scored exactly as the one-tokenizer evaluation scores it
     same = evaluate.compare(t_model, {}, packed, t_size,
-                            byte_lens=evaluate.token_byte_lengths(ttok, t_size))
+                            byte_lens=xeval.piece_lengths(evaluate.token_pieces(ttok), t_size))
     assert res["teacher"] == same["teacher"] and res["tokens"] == same["tokens"]
     assert res["bytes"] == same["bytes"]
     # next-byte metrics at the shared boundaries; no same-vocabulary metrics
