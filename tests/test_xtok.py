@@ -241,3 +241,37 @@ def test_two_ranks_align_and_match_one_process(tmp_path):
     wa, wb = _weights(one.run.dir), _weights(str(tmp_path / "two" / "run"))
     for k in wa:
         assert np.allclose(np.array(wa[k]), np.array(wb[k]), atol=1e-5), k
+
+
+def test_online_teacher_of_another_tokenizer_is_told_which_loss_to_pick(tmp_path):
+    from click.testing import CliRunner
+    from test_cli import assert_one_line_error
+
+    from mlxdistill.cli import main
+
+    res = CliRunner().invoke(main, ["train", "-q", *overrides(tmp_path, **{
+        "teacher.mode": "online"})])
+    assert_one_line_error(res, "tokenizers differ", "teacher.mode: cache", "loss.xtok: mapped")
+
+
+def test_batches_carry_the_teachers_targets_at_the_paired_positions(tmp_path, vocabs):
+    t, s, tv, sv = vocabs
+    cfg = load_config(None, overrides(tmp_path, **{"cache.mode": "topk", "cache.k": 4}))
+    reader = cache.ensure(cfg, **QUIET)
+    a = xtok.ensure(reader, t, s, "student-xtok", True, lambda m: None)
+    aligned = xtok.AlignedReader(reader, a, chunks=False)
+    plain = next(reader.batches(4, seed=3, start_step=2))
+    got = next(aligned.batches(4, seed=3, start_step=2))
+    assert got.input_ids.shape == (4, aligned.width) and got.targets["ids"].shape[1] == aligned.width
+    specials = align.special_map(tv, sv)
+    for j in range(4):  # the same rows as the cache's batch, in the student's tokens
+        row = xtok.aligned_row(plain.input_ids[j], plain.loss_mask[j], tv, sv, specials)
+        n = len(row["input_ids"])
+        assert got.input_ids[j, :n].tolist() == row["input_ids"].tolist()
+        assert (got.loss_mask[j, n:] == 0).all()
+        for p in np.nonzero(row["t_pos"] >= 0)[0]:
+            q = row["t_pos"][p]
+            for k in ("ids", "logprobs", "tail_logprob"):
+                assert np.array_equal(got.targets[k][j, p], plain.targets[k][j, q]), k
+        assert got.targets["aligned"][j, :n].tolist() == (row["t_pos"] >= 0).tolist()
+    assert (got.next_ids == -1).all()  # the student's last position has no label
