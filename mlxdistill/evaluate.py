@@ -373,8 +373,10 @@ def format_table(res: dict) -> str:
                             ("byte_agree", "next-byte agreement", "{:.3f}"),
                             ("byte_kl", "next-byte KL", "{:.3f}"),
                             ("ece", "calibration error (ECE)", "{:.3f}")]:
-        rows.append((label, g("teacher", key, fmt), g("student_before", key, fmt),
-                     g("student_after", key, fmt)))
+        row = (label, g("teacher", key, fmt), g("student_before", key, fmt),
+               g("student_after", key, fmt))
+        if any(c != "-" for c in row[1:]):  # across tokenizers KL and top-k do not apply
+            rows.append(row)
     ret = res.get("retention", {})
     for key, label in (("accuracy_pct", "retention: accuracy %"), ("ce_pct", "retention: CE %"),
                        ("bpb_pct", "retention: bits per byte %")):
@@ -400,6 +402,9 @@ def format_table(res: dict) -> str:
                                for j, c in enumerate(r)))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if "student_tokens" in res:
+        lines.append("(cross-entropy, perplexity and accuracy are per each model's own token; "
+                     "bits per byte and the next-byte rows compare on one scale)")
     fb = res.get("fallback")
     if fb:
         lines.append(f"cloud fallback ({fb['examples']} examples, {fb['quality']}): student "

@@ -101,11 +101,14 @@ def cross_source(cfg: Config, reader, teacher_path: str, stok, scfg, quiet: bool
     m = reader.manifest
     if kind in xtok.NEEDS and not m.get(xtok.NEEDS[kind]):
         raise ConfigError(f"loss.xtok={kind} needs the teacher's next-token log-probabilities, "
-                          f"which cache {reader.dir} does not hold: rebuild it with "
-                          f"cache.{xtok.NEEDS[kind]}=true (another cache.dir), or pick "
-                          "loss.xtok=mapped")
+                          f"which cache {reader.dir} does not hold: add "
+                          f"cache.{xtok.NEEDS[kind]}=true cache.dir={reader.dir}-logprob (a "
+                          "teacher pass that stores them), or pick loss.xtok=mapped")
     _, ttok = models.load_meta(teacher_path, f"teacher of cache {reader.dir}")
     models.check_alignable(ttok, stok)
+    how = ("auto: the recommended one" if cfg.loss.xtok == "auto" else "loss.xtok")
+    log(f"student {cfg.student.model} has another tokenizer than the teacher of "
+        f"{reader.dir}: cross-tokenizer distillation, loss {kind} ({how})")
     aligned = None
     if world.main:
         aligned = xtok.ensure(reader, ttok, stok, cfg.student.model, quiet, log)
@@ -113,11 +116,9 @@ def cross_source(cfg: Config, reader, teacher_path: str, stok, scfg, quiet: bool
     if not world.main:
         aligned = xtok.ensure(reader, ttok, stok, cfg.student.model, True, lambda m: None,
                               build=False)
-    how = ("auto: the recommended one" if cfg.loss.xtok == "auto" else "loss.xtok")
-    log(f"student {cfg.student.model} has another tokenizer than the teacher of "
-        f"{reader.dir}: cross-tokenizer distillation, loss {kind} ({how}); "
-        f"{aligned.aligned:.0%} of its trained positions share a token boundary with the "
-        f"teacher, {aligned.one_to_one:.0%} the same next token")
+    log(f"aligned: {aligned.aligned:.1%} of the student's trained positions share a token "
+        f"boundary with the teacher, {aligned.one_to_one:.1%} predict a next token of the same "
+        "bytes")
     if m.get("hidden_resolved"):
         log(f"the hidden states in {reader.dir} are not used across tokenizers")
     return Source(xtok.AlignedReader(reader, aligned, kind == "chunk"),
@@ -317,7 +318,8 @@ def _fit(cfg: Config, world: World, teacher: models.Lazy, quiet: bool, log) -> b
     mx.eval(model.parameters(), opt.state)
     log(f"student: {surgery.trainable_count(model):,} trainable parameters ({t.mode}), "
         f"{source.batches.rows} {'online' if source.teacher is not None else 'cached'} rows, "
-        f"{t.iters} steps of {t.batch_size}x{cfg.data.seq_len}")
+        f"{t.iters} step{'s' * (t.iters != 1)} of {t.batch_size}x"
+        f"{getattr(source.batches, 'width', cfg.data.seq_len)}")
 
     paths = [source, *source.also]
     step_fns = []
