@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -55,6 +56,8 @@ ROWS = {
                                           "cache.dir": "caches/default-logprob"}),
     "mapped_alpha05": ("exact-string KL + tail, 50 % CE", {"loss.xtok": "mapped",
                                                            "loss.alpha": 0.5}),
+    "control": ("control: weights/student through the cross-tokenizer path (mapped)",
+                {"student.model": os.path.join(OUT, "student-control"), "loss.xtok": "mapped"}),
     "same_ce": ("same tokenizer (weights/student): plain CE",
                 {"student.model": "weights/student", "loss.alpha": 1.0,
                  "run.dir": "runs/default-ce"}),
@@ -70,6 +73,28 @@ def config(name: str, extra: dict, overrides: list[str]):
     return load_config("configs/default.yaml",
                        [f"{k}={json.dumps(v) if isinstance(v, bool) else v}"
                         for k, v in base.items()] + overrides)
+
+
+def control_student() -> None:
+    """weights/student with one unused special token added to its tokenizer: the same ids
+    and text, another vocabulary fingerprint, so it trains through the cross-tokenizer path
+    (an identity alignment). What that path costs, against the usual one on the same
+    student."""
+    dest = os.path.join(OUT, "student-control")
+    if os.path.isdir(dest):
+        return
+    with files.atomic_dir(dest) as tmp:
+        for name in os.listdir("weights/student"):
+            shutil.copy(os.path.join("weights/student", name), tmp)
+        path = os.path.join(tmp, "tokenizer.json")
+        with open(path, encoding="utf-8") as f:
+            tj = json.load(f)
+        size = max([*tj["model"]["vocab"].values(), *(t["id"] for t in tj["added_tokens"])]) + 1
+        tj["added_tokens"].append({"id": size, "content": "<|control|>", "single_word": False,
+                                   "lstrip": False, "rstrip": False, "normalized": False,
+                                   "special": True})
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(tj, f, ensure_ascii=False)
 
 
 def teacher_text(overrides: list[str]) -> None:
@@ -224,6 +249,8 @@ def main() -> None:
         label, extra = ROWS[name]
         if name == "seqkd":
             teacher_text(args.overrides)
+        if name == "control":
+            control_student()
         print(f"== {name}: {label}", flush=True)
         if args.fit_only:
             api.fit(config(name, extra, args.overrides), quiet=True, log=lambda m: None)
@@ -233,12 +260,13 @@ def main() -> None:
         r = out["rows"][name]
         print(f"   bpb {r['after'].get('bpb')}  byte agreement {r['after'].get('byte_agree')}"
               f"  {r['step_ms']} ms/step", flush=True)
-    if args.fit_only or (args.only and not args.steps_only):
+    if args.fit_only:
         return
-    out["step_times"] = step_times(args.overrides, args.steps, args.rounds)
-    out["step_times_setup"] = {"steps": args.steps, "rounds": args.rounds}
-    files.atomic_json(path, out)
-    print("step times:", json.dumps(out["step_times"]), flush=True)
+    if args.steps_only or not args.only:
+        out["step_times"] = step_times(args.overrides, args.steps, args.rounds)
+        out["step_times_setup"] = {"steps": args.steps, "rounds": args.rounds}
+        files.atomic_json(path, out)
+        print("step times:", json.dumps(out["step_times"]), flush=True)
     with files.atomic_path(os.path.join(RESULTS, "xtok.md")) as tmp, open(tmp, "w") as f:
         f.write(markdown(out))
     print(markdown(out))
