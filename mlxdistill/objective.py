@@ -39,9 +39,12 @@ class Objective:
     xtok: str = ""  # a cross-tokenizer loss (xtok.LOSSES): the student has its own tokens
 
     @classmethod
-    def from_config(cls, cfg, xtok: str = "") -> "Objective":
+    def from_config(cls, cfg, xtok: str = "", alpha: Optional[float] = None) -> "Objective":
+        """The config's objective; `xtok` and its `alpha` (xtok.alpha) for a student of
+        another tokenizer."""
         lc, t = cfg.loss, cfg.train
-        return cls(losses.KD(lc.name, lc.temperature, lc.beta, lc.skew, lc.alpha),
+        a = lc.alpha if alpha is None else alpha
+        return cls(losses.KD(lc.name, lc.temperature, lc.beta, lc.skew, a),
                    lc.hidden_weight, lc.hidden_loss, t.loss_chunk, t.grad_checkpoint, xtok)
 
     def bind(self, model, vocab: int, hidden: Optional[Hidden] = None,

@@ -12,6 +12,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from . import models, surgery
+from . import xtok as xtok_mod
 from .config import Config
 from .objective import Objective, setup_hidden
 from .shards import id_dtype
@@ -81,7 +82,8 @@ def probe_training(cfg: Config, steps: int = 2, teacher_config: Optional[dict] =
     opt = optim.AdamW(learning_rate=t.lr, weight_decay=t.weight_decay)
     opt.init(model.trainable_parameters())
     mx.eval(model.parameters(), opt.state)
-    loss_fn = Objective.from_config(cfg, xtok).bind(model, vocab, hidden, id_map=id_map)
+    objective = Objective.from_config(cfg, xtok, xtok_mod.alpha(cfg) if xtok else None)
+    loss_fn = objective.bind(model, vocab, hidden, id_map=id_map)
     step_fn = make_step(model, opt, loss_fn, t.grad_clip, t.grad_accum)
     rng = np.random.default_rng(0)
     x = mx.array(rng.integers(0, vocab, (t.batch_size, L)).astype(np.int32))

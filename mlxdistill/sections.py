@@ -215,7 +215,9 @@ class LossConfig:
                      "(`mapped` plus ULD inside that bucket, TRL GOLD's), `uld` (sorted "
                      "probabilities, Boizard et al.), `chunk` (likelihood of the text between "
                      "shared token boundaries, ALM; needs `cache.next_logprob`); `auto`: "
-                     "`mapped`. `name`, `temperature` and `alpha` apply as for one tokenizer")
+                     "`mapped`, with `alpha` 0.5 when it is 0 (measured best, "
+                     "docs/cross-tokenizer.md). `name`, `temperature` and `alpha` apply as for "
+                     "one tokenizer")
 
     def __post_init__(self):
         _one_of("loss.name", self.name, LOSSES)

@@ -106,9 +106,11 @@ def cross_source(cfg: Config, reader, teacher_path: str, stok, scfg, quiet: bool
                           "teacher pass that stores them), or pick loss.xtok=mapped")
     _, ttok = models.load_meta(teacher_path, f"teacher of cache {reader.dir}")
     models.check_alignable(ttok, stok)
+    a = xtok.alpha(cfg)
     how = ("auto: the recommended one" if cfg.loss.xtok == "auto" else "loss.xtok")
     log(f"student {cfg.student.model} has another tokenizer than the teacher of "
-        f"{reader.dir}: cross-tokenizer distillation, loss {kind} ({how})")
+        f"{reader.dir}: cross-tokenizer distillation, loss {kind}"
+        + (f" + {a:g} CE" if a else "") + f" ({how})")
     aligned = None
     if world.main:
         aligned = xtok.ensure(reader, ttok, stok, cfg.student.model, quiet, log)
@@ -324,7 +326,7 @@ def _fit(cfg: Config, world: World, teacher: models.Lazy, quiet: bool, log) -> b
     paths = [source, *source.also]
     step_fns = []
     for i, p in enumerate(paths):
-        objective = Objective.from_config(cfg, p.xtok)
+        objective = Objective.from_config(cfg, p.xtok, xtok.alpha(cfg) if p.xtok else None)
         if i:  # the model's blocks are changed for gradient checkpointing once
             objective = dataclasses.replace(objective, grad_checkpoint=False)
         loss_fn = objective.bind(model, p.vocab, hidden if i == 0 else None, log,

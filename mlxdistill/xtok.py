@@ -32,9 +32,12 @@ from .targets import top1_weights
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-# loss.xtok values; "auto" picks RECOMMENDED (what the cross-tokenizer table measured best)
+# loss.xtok values; "auto" picks RECOMMENDED and, when loss.alpha is 0, AUTO_ALPHA: the
+# best of the cross-tokenizer table (results/xtok.json: half the student's own CE helped the
+# byte-level student, where one tokenizer's ablation found it hurt the shared-vocabulary one)
 LOSSES = XTOK[1:]
 RECOMMENDED = "mapped"
+AUTO_ALPHA = 0.5
 NEEDS = {"chunk": "next_logprob"}  # cache tensors a loss needs beyond the draws or top-k
 PAD = {"input_ids": 0, "loss_mask": 0, "t_pos": -1, "one": 0, "s_chunk": -1,
        "chunk_lp": 0.0, "chunk_mask": 0}
@@ -42,6 +45,14 @@ PAD = {"input_ids": 0, "loss_mask": 0, "t_pos": -1, "one": 0, "s_chunk": -1,
 
 def pick(cfg) -> str:
     return RECOMMENDED if cfg.loss.xtok == "auto" else cfg.loss.xtok
+
+
+def alpha(cfg) -> float:
+    """The CE weight a cross-tokenizer run uses: loss.alpha, or AUTO_ALPHA under
+    loss.xtok=auto when loss.alpha is 0 (an explicit loss.xtok keeps loss.alpha as set)."""
+    if cfg.loss.xtok == "auto" and cfg.loss.alpha == 0.0:
+        return AUTO_ALPHA
+    return cfg.loss.alpha
 
 
 # Bytes per cached token of the aligned shards kept beside the cache: the student's int32

@@ -56,6 +56,11 @@ ROWS = {
                                           "cache.dir": "caches/default-logprob"}),
     "mapped_alpha05": ("exact-string KL + tail, 50 % CE", {"loss.xtok": "mapped",
                                                            "loss.alpha": 0.5}),
+    "uld_alpha05": ("ULD, 50 % CE (as the ULD paper pairs it)", {"loss.xtok": "uld",
+                                                                "loss.alpha": 0.5}),
+    "chunk_t100": ("chunk likelihood, T = 100 (tokenkit's recipes)",
+                   {"loss.xtok": "chunk", "loss.temperature": 100.0,
+                    "cache.next_logprob": True, "cache.dir": "caches/default-logprob"}),
     "control": ("control: weights/student through the cross-tokenizer path (mapped)",
                 {"student.model": os.path.join(OUT, "student-control"), "loss.xtok": "mapped"}),
     "same_ce": ("same tokenizer (weights/student): plain CE",
@@ -76,25 +81,23 @@ def config(name: str, extra: dict, overrides: list[str]):
 
 
 def control_student() -> None:
-    """weights/student with one unused special token added to its tokenizer: the same ids
-    and text, another vocabulary fingerprint, so it trains through the cross-tokenizer path
-    (an identity alignment). What that path costs, against the usual one on the same
-    student."""
+    """weights/student with its tokenizer's unknown token renamed: the same ids, pieces and
+    vocabulary size, another vocabulary fingerprint, so it trains through the
+    cross-tokenizer path (an identity alignment). What that path costs, against the usual
+    one on the same student."""
     dest = os.path.join(OUT, "student-control")
     if os.path.isdir(dest):
         return
     with files.atomic_dir(dest) as tmp:
         for name in os.listdir("weights/student"):
-            shutil.copy(os.path.join("weights/student", name), tmp)
-        path = os.path.join(tmp, "tokenizer.json")
-        with open(path, encoding="utf-8") as f:
-            tj = json.load(f)
-        size = max([*tj["model"]["vocab"].values(), *(t["id"] for t in tj["added_tokens"])]) + 1
-        tj["added_tokens"].append({"id": size, "content": "<|control|>", "single_word": False,
-                                   "lstrip": False, "rstrip": False, "normalized": False,
-                                   "special": True})
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(tj, f, ensure_ascii=False)
+            src = os.path.join("weights/student", name)
+            if name.endswith(".json") and name.startswith(("tokenizer", "special_tokens")):
+                with open(src, encoding="utf-8") as f:
+                    text = f.read().replace('"<unk>"', '"<unk_>"')
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                    f.write(text)
+            else:
+                shutil.copy(src, tmp)
 
 
 def teacher_text(overrides: list[str]) -> None:

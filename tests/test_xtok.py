@@ -87,7 +87,7 @@ def test_aligned_row_pairs_positions_predicting_from_the_same_text(vocabs):
 def test_cross_tokenizer_student_trains_from_the_cache(tmp_path):
     cfg, logs = fit(tmp_path)
     said = [m for m in logs if "another tokenizer" in m]
-    assert len(said) == 1 and "loss mapped (auto" in said[0], logs
+    assert len(said) == 1 and "loss mapped + 0.5 CE (auto" in said[0], logs
     assert any(m.startswith("aligning") for m in logs)
     recs = metrics(cfg)
     assert all(np.isfinite(r["kd"]) and r["kd"] > 0 for r in recs if "kd" in r)
@@ -104,7 +104,7 @@ def test_cross_tokenizer_student_trains_from_the_cache(tmp_path):
 @pytest.mark.parametrize("kind", ["hybrid", "uld"])
 def test_each_cross_loss_trains(tmp_path, kind):
     cfg, logs = fit(tmp_path, **{"loss.xtok": kind, "train.iters": 3})
-    assert any(f"loss {kind} (loss.xtok)" in m for m in logs)
+    assert any(f"loss {kind} (loss.xtok)" in m for m in logs)  # loss.alpha as set: 0
     assert all(np.isfinite(r["kd"]) and r["kd"] > 0 for r in metrics(cfg) if "kd" in r)
 
 
@@ -275,3 +275,13 @@ def test_batches_carry_the_teachers_targets_at_the_paired_positions(tmp_path, vo
                 assert np.array_equal(got.targets[k][j, p], plain.targets[k][j, q]), k
         assert got.targets["aligned"][j, :n].tolist() == (row["t_pos"] >= 0).tolist()
     assert (got.next_ids == -1).all()  # the student's last position has no label
+
+
+def test_auto_mixes_in_half_ce_only_when_alpha_is_left_at_zero(tmp_path):
+    def a(**kw):
+        return xtok.alpha(load_config(None, overrides(tmp_path, **kw)))
+
+    assert a() == xtok.AUTO_ALPHA == 0.5
+    assert a(**{"loss.alpha": 0.25}) == 0.25
+    assert a(**{"loss.xtok": "mapped"}) == 0.0
+    assert xtok.pick(load_config(None, overrides(tmp_path))) == "mapped"
