@@ -21,6 +21,7 @@ from . import generate as generate_mod
 from . import models
 from . import plan as plan_mod
 from . import profile as profile_mod
+from . import prune as prune_mod
 from . import recipes as recipes_mod
 from . import trainer
 from .config import DATA_SPLITS, Config, ConfigError
@@ -173,6 +174,14 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
          metal: Optional[bool] = None) -> dict:
     """Will `cfg` fit? Peak memory of the teacher pass and training, cache size, time."""
     return plan_mod.plan(cfg, probe=probe, memory_bytes=memory_bytes, metal=metal)
+
+
+def prune(cfg: Config, out: str, force: bool = False, quiet: bool = False,
+          log=print) -> dict:
+    """A student cut from cfg.teacher.model to the sizes in cfg.prune, written to `out` as an
+    mlx_lm folder (the teacher's tokenizer, prune.json: what was kept and why); returns
+    prune.json's content. Train it with student.model=OUT."""
+    return prune_mod.prune(cfg, out, force=force, quiet=quiet, log=log)
 
 
 def recipes() -> list[dict]:

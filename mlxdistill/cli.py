@@ -247,6 +247,26 @@ def export(run_dir, out, bits, group_size, force, tune_iters, tune_lr, gguf, tar
 
 
 @main.command()
+@config_opt
+@click.option("-o", "--out", required=True, help="Output folder: the student, mlx_lm "
+              "loadable, with prune.json.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@quiet_opt
+@overrides_arg
+@guarded
+def prune(config_path, out, force, quiet, overrides):
+    """Cut a student from teacher.model to the prune.* sizes (e.g. prune.num_hidden_layers=4
+    prune.hidden_size=128): channels, heads and blocks the teacher uses least on data.train
+    go. Distil into it with student.model=OUT."""
+    from . import api
+    from .prune import format_report
+
+    rep = api.prune(_load(config_path, overrides), out, force=force, quiet=quiet,
+                    log=_log(quiet))
+    click.echo(format_report(rep, out))
+
+
+@main.command()
 @click.argument("model_or_run")
 @click.option("--bits", default="16,8,4", show_default=True,
               help="Precisions to profile (of 32,16,8,4); the first is the fidelity reference.")

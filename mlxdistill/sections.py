@@ -308,7 +308,8 @@ class TrainConfig:
 class RunConfig:
     dir: str = _key("runs/default", "the run's output folder (model or adapters, metrics, "
                     "checkpoints, evaluation, plots)")
-    seed: int = _key(0, "seed of the data order and of every random draw in training")
+    seed: int = _key(0, "seed of the data order and of every random draw in training "
+                     "(and of `prune.method: random`)")
     dist_timeout: float = _key(600.0, "several ranks: seconds a rank waits for the others (in "
                                "one collective, or to connect) before it stops with an error")
 
@@ -356,6 +357,45 @@ class GenerateConfig:
               f"generate.top_p={self.top_p!r} must be in (0, 1]")
 
 
+PRUNE_METHODS = ("activation", "random")  # prune.method's values (prune.py)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    num_hidden_layers: Optional[int] = _key(None, "`prune`: blocks the student keeps, the "
+                                            "teacher's most influential (null: all)")
+    hidden_size: Optional[int] = _key(None, "`prune`: embedding channels kept (null: the "
+                                      "teacher's)")
+    intermediate_size: Optional[int] = _key(None, "`prune`: MLP channels kept per block "
+                                            "(null: the teacher's)")
+    num_attention_heads: Optional[int] = _key(None, "`prune`: query heads kept per block, "
+                                              "whole (head_dim stays the teacher's, written "
+                                              "into config.json when hidden_size / heads no "
+                                              "longer gives it; qwen2 needs heads x head_dim "
+                                              "= hidden_size) (null: the teacher's)")
+    num_key_value_heads: Optional[int] = _key(None, "`prune`: kv heads kept per block, with "
+                                              "the same number of query heads each; must "
+                                              "divide `num_attention_heads` (null: the "
+                                              "teacher's query heads per kv head)")
+    method: str = _key("activation", "`prune`: `activation` (channels and heads by the "
+                       "teacher's activations on `rows` rows of data.train, as Minitron; "
+                       "blocks by Block Influence, 1 - cosine of a block's input and output, "
+                       "as ShortGPT) or `random` (the same numbers drawn at random from "
+                       "`run.seed`: the control)")
+    rows: int = _key(64, "`prune`: packed rows of data.train (data.seq_len tokens each) the "
+                     "teacher reads to measure importance")
+
+    def __post_init__(self):
+        for key in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                    "num_attention_heads", "num_key_value_heads"):
+            v = getattr(self, key)
+            check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                  f"prune.{key}={v!r} must be a positive integer or null (the teacher's)")
+        _one_of("prune.method", self.method, PRUNE_METHODS)
+        check(isinstance(self.rows, int) and not isinstance(self.rows, bool) and self.rows >= 1,
+              f"prune.rows={self.rows!r} must be a positive integer")
+
+
 @dataclass(frozen=True)
 class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -366,6 +406,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def __post_init__(self):
         # Cross-section rules, checked on load so they fail before any compute.
@@ -394,5 +435,5 @@ class Config:
 SECTIONS = {
     "teacher": TeacherConfig, "student": StudentConfig, "data": DataConfig,
     "cache": CacheConfig, "loss": LossConfig, "train": TrainConfig, "run": RunConfig,
-    "generate": GenerateConfig,
+    "generate": GenerateConfig, "prune": PruneConfig,
 }

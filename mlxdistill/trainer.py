@@ -25,10 +25,10 @@ import numpy as np
 
 from . import cache as cache_mod
 from . import data as data_mod
-from . import files, losses, models, onpolicy, plots, surgery, tracking, validation, xtok
+from . import (files, losses, models, multi, onpolicy, plots, surgery, tracking, validation,
+               xtok)
 from .config import Config, ConfigError
 from .distributed import World
-from . import multi
 from .multi import MixedReader
 from .objective import Objective, setup_hidden
 from .progress import Progress

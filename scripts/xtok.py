@@ -8,9 +8,11 @@ schedule and seed, evaluated on held-out Hamlet (data.test) in bits per byte.
 
 Rows: the byte-level student before training; plain CE on the training text; sequence-level
 KD (CE on text the teacher wrote from the training records' openings, `generate`); each
-cross-tokenizer loss from the teacher's cache; and, for reference, the same-tokenizer
-student (weights/student) trained with plain CE and distilled the usual way (the default
-run). Runs go to runs/xtok/NAME (the same-tokenizer ones share runs/default and
+cross-tokenizer loss from the teacher's cache, and the settings that pair them with CE or a
+temperature as their references do; a control (the same-tokenizer student through the
+cross-tokenizer path, its tokenizer's fingerprint changed and nothing else); and, for
+reference, the same-tokenizer student (weights/student) trained with plain CE and distilled
+the usual way (the default run). `--markdown` rewrites results/xtok.md from the JSON. Runs go to runs/xtok/NAME (the same-tokenizer ones share runs/default and
 runs/default-ce with scripts/ablate.py); results/xtok.json is rewritten after every row,
 results/xtok.md at the end.
 
@@ -54,13 +56,10 @@ ROWS = {
     "hybrid": ("exact-string KL + ULD in the tail (GOLD)", {"loss.xtok": "hybrid"}),
     "chunk": ("chunk likelihood (ALM)", {"loss.xtok": "chunk", "cache.next_logprob": True,
                                           "cache.dir": "caches/default-logprob"}),
-    "mapped_alpha05": ("exact-string KL + tail, 50 % CE", {"loss.xtok": "mapped",
-                                                           "loss.alpha": 0.5}),
+    "mapped_alpha05": ("exact-string KL + tail, 50 % CE (what `auto` trains)",
+                       {"loss.xtok": "mapped", "loss.alpha": 0.5}),
     "uld_alpha05": ("ULD, 50 % CE (as the ULD paper pairs it)", {"loss.xtok": "uld",
                                                                 "loss.alpha": 0.5}),
-    "chunk_t100": ("chunk likelihood, T = 100 (tokenkit's recipes)",
-                   {"loss.xtok": "chunk", "loss.temperature": 100.0,
-                    "cache.next_logprob": True, "cache.dir": "caches/default-logprob"}),
     "control": ("control: weights/student through the cross-tokenizer path (mapped)",
                 {"student.model": os.path.join(OUT, "student-control"), "loss.xtok": "mapped"}),
     "same_ce": ("same tokenizer (weights/student): plain CE",
@@ -221,13 +220,15 @@ def markdown(out: dict) -> str:
         b = any_x["before"]
         lines.append(f"| student-xtok before training | {b['bpb']:.3f} | {b['byte_agree']:.3f} | "
                      f"{b['byte_kl']:.3f} | - | - | - |")
-    for name, r in rows.items():
+    for name, r in sorted(rows.items(), key=lambda kv: list(ROWS).index(kv[0])
+                          if kv[0] in ROWS else len(ROWS)):
         a = r["after"]
         ratio = steps.get({"same_kd": "same"}.get(name, name), {}).get("ratio")
         cache_b = f"{r['cache_bytes_per_token']:g}" + (
             f" + {r['aligned_bytes_per_token']:g} aligned" if r["aligned_bytes_per_token"]
             else "")
-        lines.append(f"| {r['label']} | {a['bpb']:.3f} | {a['byte_agree']:.3f} | "
+        label = ROWS[name][0] if name in ROWS else r["label"]
+        lines.append(f"| {label} | {a['bpb']:.3f} | {a['byte_agree']:.3f} | "
                      f"{a['byte_kl']:.3f} | {r['step_ms']:.0f} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}x'} | {cache_b} |")
     return "\n".join(lines) + "\n"
@@ -242,9 +243,11 @@ def main() -> None:
                     help="only the in-process step-time comparison")
     ap.add_argument("--steps", type=int, default=10, help="steps per turn (step times)")
     ap.add_argument("--rounds", type=int, default=3, help="turns per variant (step times)")
+    ap.add_argument("--markdown", action="store_true",
+                    help="only rewrite results/xtok.md from results/xtok.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    names = [] if args.steps_only else args.only.split(",") if args.only else list(ROWS)
+    names = [] if args.steps_only or args.markdown else args.only.split(",") if args.only else list(ROWS)
     path = os.path.join(RESULTS, "xtok.json")
     out = json.load(open(path)) if os.path.isfile(path) else {"rows": {}}
     out["overrides"] = args.overrides
@@ -265,7 +268,7 @@ def main() -> None:
               f"  {r['step_ms']} ms/step", flush=True)
     if args.fit_only:
         return
-    if args.steps_only or not args.only:
+    if args.steps_only or not (args.only or args.markdown):
         out["step_times"] = step_times(args.overrides, args.steps, args.rounds)
         out["step_times_setup"] = {"steps": args.steps, "rounds": args.rounds}
         files.atomic_json(path, out)

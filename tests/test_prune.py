@@ -1,0 +1,213 @@
+"""`mlxdistill prune`: a student cut from the teacher loads in mlx_lm, keeps grouped-query
+attention and tied embeddings valid, equals the teacher when nothing is cut, drops the block
+that does nothing, and trains from the teacher's cache."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlxdistill  # noqa: F401  (OpenBLAS before mlx)
+
+import mlx.core as mx
+import pytest
+from conftest import make_tokenizer, tiny_overrides
+from mlx.utils import tree_flatten
+from test_cli import assert_one_line_error, invoke
+
+from mlxdistill import api
+
+QUIET = dict(log=lambda m: None)
+
+
+def make_teacher(path: str, model_type: str = "llama", dim: int = 32, layers: int = 3,
+                 heads: int = 4, kv: int = 2, tied: bool = True, seed: int = 0,
+                 identity_block: int | None = None) -> str:
+    """A random llama-like model folder; `identity_block`'s o_proj and down_proj zeroed, so
+    that block passes its input through unchanged."""
+    from mlx_lm.utils import _get_classes, save_config, save_model
+
+    os.makedirs(path, exist_ok=True)
+    cfg = dict(model_type=model_type, hidden_size=dim, num_hidden_layers=layers,
+               intermediate_size=2 * dim, num_attention_heads=heads, num_key_value_heads=kv,
+               rms_norm_eps=1e-5, vocab_size=64, tie_word_embeddings=tied,
+               max_position_embeddings=512, rope_theta=10000.0)
+    model_cls, args_cls = _get_classes(cfg)
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(cfg))
+    if identity_block is not None:
+        block = model.model.layers[identity_block]
+        block.self_attn.o_proj.weight = mx.zeros_like(block.self_attn.o_proj.weight)
+        block.mlp.down_proj.weight = mx.zeros_like(block.mlp.down_proj.weight)
+    mx.eval(model.parameters())
+    save_model(path, model)
+    save_config(cfg, os.path.join(path, "config.json"))
+    if model_type == "qwen2":
+        from test_families import make_bpe_tokenizer
+
+        make_bpe_tokenizer(path)
+    else:
+        make_tokenizer(path)
+    return path
+
+
+def prune(tiny, tmp_path, teacher, out="student", **sizes):
+    ov = tiny_overrides(tiny, tmp_path, **{"teacher.model": teacher, "prune.rows": 8,
+                                          **{f"prune.{k}": v for k, v in sizes.items()}})
+    out = str(tmp_path / out)
+    return api.prune(api.load_config(None, ov), out, **QUIET), out
+
+
+def logits(path: str, ids=((1, 5, 9, 12, 7, 3, 20, 2),)):
+    from mlx_lm import load
+
+    model, _ = load(path)
+    return model(mx.array(ids))
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_full_shape_keeps_the_teacher_exactly(tiny, tmp_path, family):
+    teacher = make_teacher(str(tmp_path / "t"), family)
+    rep, out = prune(tiny, tmp_path, teacher)
+    assert rep["kept_blocks"] == [0, 1, 2] and rep["params_after"] == rep["params_before"]
+    assert mx.array_equal(logits(out), logits(teacher)).item()
+    with open(os.path.join(teacher, "config.json")) as f, \
+            open(os.path.join(out, "config.json")) as g:
+        assert json.load(f) == json.load(g)
+
+
+def test_gqa_pruned_shapes_load_and_run(tiny, tmp_path):
+    teacher = make_teacher(str(tmp_path / "t"))  # 3 x 32, 4 heads of 8 in 2 kv groups
+    rep, out = prune(tiny, tmp_path, teacher, num_hidden_layers=2, hidden_size=16,
+                     intermediate_size=24, num_attention_heads=2, num_key_value_heads=1)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
+            cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (2, 16, 24, 2, 1)
+    assert "head_dim" not in cfg  # 16 / 2 heads = the teacher's 8
+    w = mx.load(os.path.join(out, "model.safetensors"))
+    assert w["model.layers.0.self_attn.q_proj.weight"].shape == (16, 16)
+    assert w["model.layers.0.self_attn.k_proj.weight"].shape == (8, 16)
+    assert w["model.layers.1.mlp.down_proj.weight"].shape == (16, 24)
+    assert "lm_head.weight" not in w and cfg["tie_word_embeddings"]  # tied stays tied
+    for q, kv in zip(rep["kept_heads"], rep["kept_kv_heads"]):
+        assert len(kv) == 1 and [h // 2 for h in q] == kv * 2  # both from the kept group
+    assert rep["params_after"] == sum(v.size for v in w.values())
+    # each kept weight is the teacher's at the kept indices: o_proj's rows are embedding
+    # channels, its columns the kept heads' 8 dimensions each
+    t = mx.load(os.path.join(teacher, "model.safetensors"))
+    b, d = rep["kept_blocks"][1], mx.array(rep["kept_hidden"])
+    cols = mx.array([h * 8 + k for h in rep["kept_heads"][1] for k in range(8)])
+    want = t[f"model.layers.{b}.self_attn.o_proj.weight"][d][:, cols]
+    assert mx.array_equal(w["model.layers.1.self_attn.o_proj.weight"], want).item()
+    want = t[f"model.layers.{b}.mlp.gate_proj.weight"][mx.array(rep["kept_mlp"][1])][:, d]
+    assert mx.array_equal(w["model.layers.1.mlp.gate_proj.weight"], want).item()
+    assert logits(out).shape == (1, 8, 64)
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "prune.json")) as f:
+        assert json.load(f)["kept_blocks"] == rep["kept_blocks"]
+
+
+def test_head_dim_kept_explicit_and_untied_head_cut(tiny, tmp_path):
+    teacher = make_teacher(str(tmp_path / "t"), tied=False)
+    _, out = prune(tiny, tmp_path, teacher, hidden_size=24, num_attention_heads=2)
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["head_dim"] == 8 and cfg["num_key_value_heads"] == 1  # 2 heads per kv kept
+    assert not cfg["tie_word_embeddings"]
+    w = mx.load(os.path.join(out, "model.safetensors"))
+    assert w["lm_head.weight"].shape == (64, 24)
+    assert w["model.layers.0.self_attn.o_proj.weight"].shape == (24, 16)
+    assert logits(out).shape == (1, 8, 64)
+
+
+def test_qwen2_biases(tiny, tmp_path):
+    teacher = make_teacher(str(tmp_path / "t"), "qwen2")
+    rep, out = prune(tiny, tmp_path, teacher)
+    assert mx.array_equal(logits(out), logits(teacher)).item()
+    _, out = prune(tiny, tmp_path, teacher, "small", hidden_size=16, num_attention_heads=2,
+                   num_key_value_heads=1)
+    w = mx.load(os.path.join(out, "model.safetensors"))
+    assert w["model.layers.0.self_attn.q_proj.bias"].shape == (16,)
+    assert w["model.layers.0.self_attn.k_proj.bias"].shape == (8,)
+    assert logits(out).shape == (1, 8, 64)
+
+
+def test_identity_block_has_least_influence_and_goes(tiny, tmp_path):
+    teacher = make_teacher(str(tmp_path / "t"), identity_block=1)
+    rep, _ = prune(tiny, tmp_path, teacher, num_hidden_layers=2)
+    bi = rep["block_influence"]
+    assert bi[1] < 1e-5 < min(bi[0], bi[2])
+    assert rep["kept_blocks"] == [0, 2]
+
+
+def test_random_differs_with_the_same_shape(tiny, tmp_path):
+    teacher = make_teacher(str(tmp_path / "t"), layers=4)
+    sizes = dict(num_hidden_layers=2, hidden_size=16, intermediate_size=24,
+                 num_attention_heads=2, num_key_value_heads=1)
+    act, a = prune(tiny, tmp_path, teacher, "a", **sizes)
+    rnd, r = prune(tiny, tmp_path, teacher, "r", **sizes, method="random")
+    assert rnd["shape_after"] == act["shape_after"]
+    assert rnd["params_after"] == act["params_after"]
+    assert (rnd["kept_hidden"], rnd["kept_mlp"]) != (act["kept_hidden"], act["kept_mlp"])
+    assert rnd["block_influence"] is None and act["block_influence"] is not None
+    wa, wr = (dict(tree_flatten(mx.load(os.path.join(p, "model.safetensors"))))
+              for p in (a, r))
+    assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in wr.items()}
+
+
+@pytest.mark.parametrize("sizes,needles", [
+    ({"hidden_size": 64}, ["prune.hidden_size=64", "larger than the teacher's 32"]),
+    ({"num_attention_heads": 3, "num_key_value_heads": 2},
+     ["prune.num_key_value_heads=2", "does not divide"]),
+    ({"num_attention_heads": 4, "num_key_value_heads": 1},
+     ["query heads per kv head", "the teacher has 2"]),
+    ({"num_attention_heads": 3}, ["prune.num_attention_heads=3", "not a multiple"]),
+    ({"num_hidden_layers": 0}, ["prune.num_hidden_layers=0", "positive integer"]),
+    ({"method": "magnitude"}, ["prune.method='magnitude'", "activation, random"]),
+])
+def test_invalid_shapes_refused_in_one_line(tiny, tmp_path, sizes, needles):
+    teacher = make_teacher(str(tmp_path / "t"))
+    ov = tiny_overrides(tiny, tmp_path, **{"teacher.model": teacher,
+                                          **{f"prune.{k}": v for k, v in sizes.items()}})
+    assert_one_line_error(invoke("prune", "-o", str(tmp_path / "s"), *ov), *needles)
+    assert not os.path.exists(tmp_path / "s")
+
+
+def test_unsupported_family_qwen2_head_dim_and_busy_output_refused(tiny, tmp_path):
+    teacher = make_teacher(str(tmp_path / "t"))
+    with open(os.path.join(teacher, "config.json")) as f:
+        cfg = json.load(f)
+    other = tmp_path / "phi"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "phi3"}))
+    ov = tiny_overrides(tiny, tmp_path, **{"teacher.model": str(other)})
+    assert_one_line_error(invoke("prune", "-o", str(tmp_path / "s"), *ov), "'phi3'",
+                          "prune supports llama, mistral, qwen2")
+    qwen = make_teacher(str(tmp_path / "q"), "qwen2")
+    ov = tiny_overrides(tiny, tmp_path, **{"teacher.model": qwen,
+                                          "prune.num_attention_heads": 2})
+    assert_one_line_error(invoke("prune", "-o", str(tmp_path / "s"), *ov),
+                          "prune.num_attention_heads=2", "prune.hidden_size=16")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    ov = tiny_overrides(tiny, tmp_path, **{"teacher.model": teacher})
+    assert_one_line_error(invoke("prune", "-o", str(busy), *ov), "--force")
+    assert (busy / "keep.txt").exists()
+
+
+def test_cli_prints_and_the_pruned_student_trains(tiny, tmp_path):
+    out = str(tmp_path / "pruned")
+    ov = tiny_overrides(tiny, tmp_path, **{"prune.rows": 8, "prune.num_hidden_layers": 1,
+                                          "prune.hidden_size": 24,
+                                          "prune.intermediate_size": 48,
+                                          "prune.num_attention_heads": 1})
+    res = invoke("prune", "-q", "-o", out, *ov)
+    assert res.exit_code == 0, res.output
+    assert "M params" in res.output and f"student.model={out}" in res.output
+    ov = tiny_overrides(tiny, tmp_path, **{"student.model": out, "train.iters": 3,
+                                          "train.final_eval": "false"})
+    res = invoke("train", "-q", *ov)
+    assert res.exit_code == 0, res.output
+    assert os.path.isdir(tmp_path / "run" / "model")
