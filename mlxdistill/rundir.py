@@ -24,12 +24,15 @@ from . import data as data_mod
 from . import files, models, saving
 from .config import Config, ConfigError, from_dict, save_config
 from .resume import refuse_changed
+from .sections import PruneConfig
 
 # Keys that may change between a run and its resume without changing what is computed.
 RESUMABLE_CHANGES = {("train", "iters"), ("train", "save_every"), ("train", "eval_every"),
                      ("train", "report_every"), ("train", "keep_checkpoints"),
                      ("train", "nonfinite_skips"), ("run", "dist_timeout"),
-                     ("train", "final_eval"), ("train", "report_to"), ("data", "test_records")}
+                     ("train", "final_eval"), ("train", "report_to"), ("data", "test_records"),
+                     # how `mlxdistill prune` cuts a student; a training run never reads them
+                     *(("prune", f.name) for f in dataclasses.fields(PruneConfig))}
 
 
 class RunDir:
