@@ -131,11 +131,10 @@ def step_ms(run_dir: str, batch: int, width: int) -> float:
 def aligned(cfg) -> tuple[int, float | None]:
     """(row width the student trains on, bytes per cached teacher token of the aligned
     shards kept beside the cache); (data.seq_len, None) for a same-tokenizer run."""
-    sides = [d for d in os.listdir(cfg.cache.dir) if d.startswith("xtok-")] \
-        if cfg.student.model == XTOK else []
-    if not sides:
+    _, stok = models.load_meta(cfg.student.model, "student")
+    side = xtok.side_dir(cfg.cache.dir, models.vocab_fingerprint(stok))
+    if not os.path.isdir(side):  # a student of the teacher's tokenizer
         return cfg.data.seq_len, None
-    side = os.path.join(cfg.cache.dir, sides[0])
     with open(os.path.join(side, "manifest.json")) as f:
         shards = json.load(f)["shards"].values()
     size = sum(os.path.getsize(os.path.join(side, s["file"])) for s in shards)
