@@ -8,11 +8,12 @@ schedule and seed, evaluated on held-out Hamlet (data.test) in bits per byte.
 
 Rows: the byte-level student before training; plain CE on the training text; sequence-level
 KD (CE on text the teacher wrote from the training records' openings, `generate`); each
-cross-tokenizer loss from the teacher's cache, and the settings that pair them with CE or a
-temperature as their references do; a control (the same-tokenizer student through the
+cross-tokenizer loss from the teacher's cache, and with 50 % CE where that is how their
+references pair them (or the default picks it); a control (the same-tokenizer student through the
 cross-tokenizer path, its tokenizer's fingerprint changed and nothing else); and, for
 reference, the same-tokenizer student (weights/student) trained with plain CE and distilled
-the usual way (the default run). `--markdown` rewrites results/xtok.md from the JSON. Runs go to runs/xtok/NAME (the same-tokenizer ones share runs/default and
+the usual way (the default run). `--markdown` rewrites results/xtok.md from the JSON.
+Runs go to runs/xtok/NAME (the same-tokenizer ones share runs/default and
 runs/default-ce with scripts/ablate.py); results/xtok.json is rewritten after every row,
 results/xtok.md at the end.
 
@@ -246,7 +247,8 @@ def main() -> None:
                     help="only rewrite results/xtok.md from results/xtok.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    names = [] if args.steps_only or args.markdown else args.only.split(",") if args.only else list(ROWS)
+    names = ([] if args.steps_only or args.markdown else
+             args.only.split(",") if args.only else list(ROWS))
     path = os.path.join(RESULTS, "xtok.json")
     out = json.load(open(path)) if os.path.isfile(path) else {"rows": {}}
     out["overrides"] = args.overrides

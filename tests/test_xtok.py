@@ -262,7 +262,8 @@ def test_batches_carry_the_teachers_targets_at_the_paired_positions(tmp_path, vo
     aligned = xtok.AlignedReader(reader, a, chunks=False)
     plain = next(reader.batches(4, seed=3, start_step=2))
     got = next(aligned.batches(4, seed=3, start_step=2))
-    assert got.input_ids.shape == (4, aligned.width) and got.targets["ids"].shape[1] == aligned.width
+    assert got.input_ids.shape == (4, aligned.width)
+    assert got.targets["ids"].shape[1] == aligned.width
     specials = align.special_map(tv, sv)
     for j in range(4):  # the same rows as the cache's batch, in the student's tokens
         row = xtok.aligned_row(plain.input_ids[j], plain.loss_mask[j], tv, sv, specials)
