@@ -31,7 +31,7 @@ from . import files, models, saving
 from .errors import Error
 from .progress import Progress
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
               "num_key_value_heads")
 
@@ -242,6 +242,8 @@ _BLOCK_AXES = {
     "self_attn.k_proj.weight": ("kv", "d"), "self_attn.k_proj.bias": ("kv",),
     "self_attn.v_proj.weight": ("kv", "d"), "self_attn.v_proj.bias": ("kv",),
     "self_attn.o_proj.weight": ("d", "q"), "self_attn.o_proj.bias": ("d",),
+    # qwen3's per-head norms act within a head (head_dim wide): kept heads keep them whole
+    "self_attn.q_norm.weight": (None,), "self_attn.k_norm.weight": (None,),
     "mlp.gate_proj.weight": ("m", "d"), "mlp.gate_proj.bias": ("m",),
     "mlp.up_proj.weight": ("m", "d"), "mlp.up_proj.bias": ("m",),
     "mlp.down_proj.weight": ("d", "m"), "mlp.down_proj.bias": ("d",),

@@ -32,6 +32,8 @@ def make_teacher(path: str, model_type: str = "llama", dim: int = 32, layers: in
                intermediate_size=2 * dim, num_attention_heads=heads, num_key_value_heads=kv,
                rms_norm_eps=1e-5, vocab_size=64, tie_word_embeddings=tied,
                max_position_embeddings=512, rope_theta=10000.0)
+    if model_type == "qwen3":  # its config names head_dim explicitly
+        cfg["head_dim"] = dim // heads
     model_cls, args_cls = _get_classes(cfg)
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(cfg))
@@ -42,7 +44,7 @@ def make_teacher(path: str, model_type: str = "llama", dim: int = 32, layers: in
     mx.eval(model.parameters())
     save_model(path, model)
     save_config(cfg, os.path.join(path, "config.json"))
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         from test_families import make_bpe_tokenizer
 
         make_bpe_tokenizer(path)
@@ -65,7 +67,7 @@ def logits(path: str, ids=((1, 5, 9, 12, 7, 3, 20, 2),)):
     return model(mx.array(ids))
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
 def test_full_shape_keeps_the_teacher_exactly(tiny, tmp_path, family):
     teacher = make_teacher(str(tmp_path / "t"), family)
     rep, out = prune(tiny, tmp_path, teacher)
@@ -133,6 +135,16 @@ def test_qwen2_biases(tiny, tmp_path):
     assert logits(out).shape == (1, 8, 64)
 
 
+def test_qwen3_per_head_norms_stay_whole(tiny, tmp_path):
+    teacher = make_teacher(str(tmp_path / "t"), "qwen3")
+    _, out = prune(tiny, tmp_path, teacher, hidden_size=16, num_attention_heads=2,
+                   num_key_value_heads=1, intermediate_size=24)
+    w = mx.load(os.path.join(out, "model.safetensors"))
+    assert w["model.layers.0.self_attn.q_norm.weight"].shape == (8,)
+    assert w["model.layers.0.self_attn.q_proj.weight"].shape == (16, 16)
+    assert logits(out).shape == (1, 8, 64)
+
+
 def test_identity_block_has_least_influence_and_goes(tiny, tmp_path):
     teacher = make_teacher(str(tmp_path / "t"), identity_block=1)
     rep, _ = prune(tiny, tmp_path, teacher, num_hidden_layers=2)
@@ -183,7 +195,7 @@ def test_unsupported_family_qwen2_head_dim_and_busy_output_refused(tiny, tmp_pat
     (other / "config.json").write_text(json.dumps({**cfg, "model_type": "phi3"}))
     ov = tiny_overrides(tiny, tmp_path, **{"teacher.model": str(other)})
     assert_one_line_error(invoke("prune", "-o", str(tmp_path / "s"), *ov), "'phi3'",
-                          "prune supports llama, mistral, qwen2")
+                          "prune supports llama, mistral, qwen2, qwen3")
     qwen = make_teacher(str(tmp_path / "q"), "qwen2")
     ov = tiny_overrides(tiny, tmp_path, **{"teacher.model": qwen,
                                           "prune.num_attention_heads": 2})
