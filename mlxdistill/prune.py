@@ -65,12 +65,60 @@ def check_teacher(tcfg: dict, what: str) -> None:
                          "(prune the unquantized model, quantize the student after training)")
 
 
+def count_params(tcfg: dict, shape: dict) -> int:
+    """Exact parameters of a student of `shape` (plan.model_shape: the mlx_lm class built
+    lazily from its config, nothing allocated)."""
+    from .plan import model_shape  # plan imports the trainer's modules; only this needs it
+
+    cfg = student_config(tcfg, shape, list(range(shape["num_hidden_layers"])))
+    return model_shape(cfg, "the pruned student").params
+
+
+def fit_shape(tcfg: dict, budget: float) -> dict:
+    """The largest shape within `budget` parameters (prune.target_params). Width is cut as
+    whole heads, with the embedding and MLP channels in the same proportion, and depth as
+    whole blocks; of the shapes within 15 % of the largest that fits, the one whose depth and
+    width keep the most similar fractions of the teacher's (neither cut far more than the
+    other: Minitron found both kinds of cut worth making). The window is wide because a
+    small model's embedding is much of it: at ~10x fewer parameters the largest fit is often
+    a single block."""
+    t = teacher_shape(tcfg)
+    group = t["num_attention_heads"] // t["num_key_value_heads"]
+    fits = []
+    for h in range(t["num_attention_heads"], 0, -1):
+        kv = -(-h // group)  # the fewest kv heads that serve h query heads
+        if h % kv:  # grouped-query attention needs as many query heads per kv head
+            continue
+        w = h / t["num_attention_heads"]
+        d = h * t["head_dim"] if tcfg["model_type"] == "qwen2" else round(t["hidden_size"] * w)
+        shape = {"hidden_size": min(d, t["hidden_size"]), "num_attention_heads": h,
+                 "num_key_value_heads": kv, "head_dim": t["head_dim"],
+                 "intermediate_size": max(1, round(t["intermediate_size"] * w))}
+        for n in range(t["num_hidden_layers"], 0, -1):
+            shape = {**shape, "num_hidden_layers": n}
+            params = count_params(tcfg, shape)
+            if params <= budget:  # fewer blocks only shrink it further
+                fits.append((params, abs(n / t["num_hidden_layers"] - w), shape))
+                break
+    if not fits:
+        raise PruneError(f"prune.target_params={budget:g} is below the smallest shape this "
+                         "teacher can be cut to (one block, one head); raise it")
+    most = max(f[0] for f in fits)
+    return min((f for f in fits if f[0] >= 0.85 * most), key=lambda f: (f[1], -f[0]))[2]
+
+
 def target_shape(tcfg: dict, p) -> dict:
     """The student's sizes from `p` (a PruneConfig; null keeps the teacher's), checked
     against the teacher's. num_key_value_heads null keeps the teacher's query heads per kv
     head. Heads need not divide hidden_size: head_dim stays the teacher's, written
     explicitly, except for qwen2, whose code derives head_dim from hidden_size."""
     t = teacher_shape(tcfg)
+    if p.target_params is not None:
+        given = [k for k in SHAPE_KEYS if getattr(p, k) is not None]
+        if given:
+            raise PruneError(f"prune.target_params and prune.{given[0]} are both set; give "
+                             "a parameter budget or the sizes, not both")
+        return fit_shape(tcfg, p.target_params)
     s = {k: getattr(p, k) if getattr(p, k) is not None else t[k] for k in SHAPE_KEYS}
     group = t["num_attention_heads"] // t["num_key_value_heads"]
     if p.num_key_value_heads is None and p.num_attention_heads is not None:
@@ -339,6 +387,10 @@ def prune(cfg, out: str, force: bool = False, quiet: bool = False, log=print) ->
     check_teacher(tcfg, f"teacher {cfg.teacher.model}")
     t = teacher_shape(tcfg)
     s = target_shape(tcfg, p)
+    if p.target_params is not None:
+        log(f"prune.target_params={p.target_params:g}: {_shape_text(s)}, "
+            f"{count_params(tcfg, s):,} params (the largest shape within it, depth and width "
+            "cut alike)")
     _check_out(out, folder, force)
     files.check_dir(out, "-o")
     models.check_seq_len(cfg.data.seq_len, tcfg, "teacher")
@@ -372,6 +424,7 @@ def prune(cfg, out: str, force: bool = False, quiet: bool = False, log=print) ->
     mx.eval(student.parameters())
     report = {
         "method": p.method, "teacher": cfg.teacher.model, "seed": seed,
+        "target_params": p.target_params,
         "rows": len(ids), "tokens": imp["tokens"] if imp else 0,
         "shape_before": t, "shape_after": s,
         "params_before": _params(weights), "params_after": _params(cut_weights),

@@ -384,6 +384,9 @@ class PruneConfig:
                        "`run.seed`: the control)")
     rows: int = _key(64, "`prune`: packed rows of data.train (data.seq_len tokens each) the "
                      "teacher reads to measure importance")
+    target_params: Optional[float] = _key(None, "`prune`: a parameter budget instead of the "
+                                          "sizes (e.g. 1300000): the largest shape within it, "
+                                          "depth and width cut alike (null: the sizes decide)")
 
     def __post_init__(self):
         for key in ("num_hidden_layers", "hidden_size", "intermediate_size",
@@ -394,6 +397,11 @@ class PruneConfig:
         _one_of("prune.method", self.method, PRUNE_METHODS)
         check(isinstance(self.rows, int) and not isinstance(self.rows, bool) and self.rows >= 1,
               f"prune.rows={self.rows!r} must be a positive integer")
+        check(self.target_params is None or (isinstance(self.target_params, (int, float))
+                                              and not isinstance(self.target_params, bool)
+                                              and self.target_params >= 1),
+              f"prune.target_params={self.target_params!r} must be a number of parameters "
+              "(e.g. 1300000) or null")
 
 
 @dataclass(frozen=True)

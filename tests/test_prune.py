@@ -145,6 +145,29 @@ def test_qwen3_per_head_norms_stay_whole(tiny, tmp_path):
     assert logits(out).shape == (1, 8, 64)
 
 
+def test_a_parameter_budget_picks_the_shape(tiny, tmp_path):
+    from mlxdistill import prune as prune_mod
+
+    teacher = make_teacher(str(tmp_path / "t"), layers=4)
+    with open(os.path.join(teacher, "config.json")) as f:
+        tcfg = json.load(f)
+    full = prune_mod.count_params(tcfg, prune_mod.teacher_shape(tcfg))
+    rep, out = prune(tiny, tmp_path, teacher, target_params=full // 2)
+    assert rep["params_after"] <= full // 2 and rep["target_params"] == full // 2
+    # a shape within the budget, as large as the search allows, and its count exact
+    assert rep["params_after"] == prune_mod.count_params(tcfg, rep["shape_after"])
+    # as deep as the budget allows at the width it chose
+    s = rep["shape_after"]
+    if s["num_hidden_layers"] < 4:
+        deeper = {**s, "num_hidden_layers": s["num_hidden_layers"] + 1}
+        assert prune_mod.count_params(tcfg, deeper) > full // 2
+    assert logits(out).shape == (1, 8, 64)
+    with pytest.raises(prune_mod.PruneError, match="both set"):
+        prune(tiny, tmp_path, teacher, "b", target_params=full // 2, hidden_size=16)
+    with pytest.raises(prune_mod.PruneError, match="below the smallest shape"):
+        prune(tiny, tmp_path, teacher, "c", target_params=10)
+
+
 def test_identity_block_has_least_influence_and_goes(tiny, tmp_path):
     teacher = make_teacher(str(tmp_path / "t"), identity_block=1)
     rep, _ = prune(tiny, tmp_path, teacher, num_hidden_layers=2)
