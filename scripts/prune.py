@@ -8,7 +8,9 @@ Hamlet against the live teacher.
     python scripts/prune.py --only random
 
 Rows: the two pruned students and the shipped student (briefly CE-pretrained from scratch:
-the default run, runs/default). Columns: held-out CE, KL to the teacher, top-1 agreement and
+the default run, runs/default); at half the teacher's parameters (prune.target_params), the
+pruned student and one of its shape from scratch with the shipped student's pre-training
+(scripts/build_weights.py's recipe). Columns: held-out CE, KL to the teacher, top-1 agreement and
 next-token accuracy retention, before and after distillation, and the wall time of pruning
 plus training (equal steps; the shipped student's own pretraining is not counted). Results
 go to results/prune.json after every row and the table to results/prune.md.
@@ -19,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))  # build_weights, for the from-scratch students
 import mlxdistill  # noqa: E402,F401  (OpenBLAS before mlx)
 from mlxdistill import api, files  # noqa: E402
 from mlxdistill.config import load_config  # noqa: E402
@@ -32,12 +36,44 @@ RESULTS = "results"
 SHAPE = {"prune.num_hidden_layers": 4, "prune.hidden_size": 128,
          "prune.intermediate_size": 320, "prune.num_attention_heads": 2,
          "prune.num_key_value_heads": 2}
+HALF = {"prune.target_params": 6_100_000}  # half the teacher's 12.19 M
 ROWS = {
     "activation": "teacher pruned to the student's shape by its activations (Minitron, "
                   "ShortGPT)",
     "random": "teacher pruned to the student's shape at random (control)",
     "shipped": "shipped student (CE-pretrained from scratch), the default run",
+    "activation_2x": "teacher pruned to half its parameters (prune.target_params) by its "
+                     "activations",
+    "scratch_2x": "the same shape from scratch, CE-pretrained as the shipped student",
 }
+PRUNED = {"activation": {**SHAPE, "prune.method": "activation"},
+          "random": {**SHAPE, "prune.method": "random"},
+          "activation_2x": {**HALF, "prune.method": "activation"}}
+
+
+def scratch_student(name: str, like: str) -> str:
+    """A student of the pruned folder `like`'s shape, from scratch, with the shipped
+    student's brief CE pre-training (scripts/build_weights.py: MODELS["student"]'s steps,
+    learning rate, warm-up and seed; the student's tokenizer)."""
+    import build_weights as bw
+
+    dest = os.path.join(OUT, name)
+    if os.path.isfile(os.path.join(dest, "config.json")):
+        return dest
+    tok_dir = os.path.join(OUT, "tokenizer")
+    if not os.path.isdir(tok_dir):
+        with files.atomic_dir(tok_dir) as tmp:
+            for f in os.listdir("weights/student"):
+                if f.startswith("tokenizer"):
+                    shutil.copy(os.path.join("weights/student", f), tmp)
+    with open(os.path.join(like, "config.json")) as f:
+        shape = {k: v for k, v in json.load(f).items() if k in (
+            "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads")}
+    spec = {**bw.MODELS["student"], **shape}
+    model = bw.train_model(name, spec, bw.token_stream(tok_dir, "data/train.jsonl"), None,
+                           os.path.join(OUT, "work"))
+    bw.export(name, spec, model, tok_dir, OUT)
+    return dest
 
 
 def overrides(d: dict) -> list[str]:
@@ -45,29 +81,32 @@ def overrides(d: dict) -> list[str]:
 
 
 def row(name: str, extra: list[str]) -> dict:
-    prune_s = 0.0
+    prune_s, pruned = 0.0, None
     if name == "shipped":
-        cfg = load_config("configs/default.yaml", ["run.dir=runs/default", *extra])
-        pruned = None
+        student, run_dir = "weights/student", "runs/default"
+    elif name.startswith("scratch"):
+        student = scratch_student(f"student-{name}", os.path.join(
+            OUT, "student-" + name.replace("scratch", "activation")))
+        run_dir = os.path.join(OUT, name)
     else:
-        folder = os.path.join(OUT, f"student-{name}")
-        pcfg = load_config("configs/default.yaml", overrides(
-            {**SHAPE, "prune.method": name}) + extra)
-        if not os.path.isfile(os.path.join(folder, "prune.json")):
+        student = os.path.join(OUT, f"student-{name}")
+        pcfg = load_config("configs/default.yaml", overrides(PRUNED[name]) + extra)
+        if not os.path.isfile(os.path.join(student, "prune.json")):
             t0 = time.time()
-            api.prune(pcfg, folder, force=True, quiet=True, log=lambda m: None)
+            api.prune(pcfg, student, force=True, quiet=True, log=lambda m: None)
             prune_s = time.time() - t0
-        with open(os.path.join(folder, "prune.json")) as f:
+        with open(os.path.join(student, "prune.json")) as f:
             pruned = json.load(f)
-        cfg = load_config("configs/default.yaml", [f"student.model={folder}",
-                                                   f"run.dir={os.path.join(OUT, name)}",
-                                                   *extra])
+        run_dir = os.path.join(OUT, name)
+    cfg = load_config("configs/default.yaml", [f"student.model={student}",
+                                               f"run.dir={run_dir}", *extra])
     t0 = time.time()
     res = api.train(cfg, quiet=True, log=lambda m: None)
     train_s = time.time() - t0
     return {"label": ROWS[name], "student": cfg.student.model, "iters": cfg.train.iters,
             "prune_s": round(prune_s, 1), "train_and_eval_s": round(train_s, 1),
             "params": pruned["params_after"] if pruned else None,
+            "shape": pruned["shape_after"] if pruned else None,
             "kept_blocks": pruned.get("kept_blocks") if pruned else None,
             "teacher": res["teacher"], "before": res["student_before"],
             "after": res["student_after"], "retention": res["retention"]}
