@@ -98,7 +98,9 @@ def fit_shape(tcfg: dict, budget: float) -> dict:
             shape = {**shape, "num_hidden_layers": n}
             params = count_params(tcfg, shape)
             if params <= budget:  # fewer blocks only shrink it further
-                fits.append((params, abs(n / t["num_hidden_layers"] - w), shape))
+                # rounded: 2/6 against 4/6 and 5/6 against 3/6 are the same imbalance, and
+                # the tie must go to the larger shape, not to float rounding
+                fits.append((params, round(abs(n / t["num_hidden_layers"] - w), 9), shape))
                 break
     if not fits:
         raise PruneError(f"prune.target_params={budget:g} is below the smallest shape this "

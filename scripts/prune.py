@@ -8,8 +8,8 @@ Hamlet against the live teacher.
     python scripts/prune.py --only random
 
 Rows: the two pruned students and the shipped student (briefly CE-pretrained from scratch:
-the default run, runs/default); at half the teacher's parameters (prune.target_params), the
-pruned student and one of its shape from scratch with the shipped student's pre-training
+the default run, runs/default); at half and a quarter of the teacher's parameters
+(prune.target_params), the pruned student and one of its shape from scratch with the shipped student's pre-training
 (scripts/build_weights.py's recipe). Columns: held-out CE, KL to the teacher, top-1 agreement and
 next-token accuracy retention, before and after distillation, and the wall time of pruning
 plus training (equal steps; the shipped student's own pretraining is not counted). Results
@@ -37,6 +37,7 @@ SHAPE = {"prune.num_hidden_layers": 4, "prune.hidden_size": 128,
          "prune.intermediate_size": 320, "prune.num_attention_heads": 2,
          "prune.num_key_value_heads": 2}
 HALF = {"prune.target_params": 6_100_000}  # half the teacher's 12.19 M
+QUARTER = {"prune.target_params": 3_050_000}
 ROWS = {
     "activation": "teacher pruned to the student's shape by its activations (Minitron, "
                   "ShortGPT)",
@@ -45,10 +46,13 @@ ROWS = {
     "activation_2x": "teacher pruned to half its parameters (prune.target_params) by its "
                      "activations",
     "scratch_2x": "the same shape from scratch, CE-pretrained as the shipped student",
+    "activation_4x": "teacher pruned to a quarter of its parameters by its activations",
+    "scratch_4x": "the same shape from scratch, CE-pretrained as the shipped student",
 }
 PRUNED = {"activation": {**SHAPE, "prune.method": "activation"},
           "random": {**SHAPE, "prune.method": "random"},
-          "activation_2x": {**HALF, "prune.method": "activation"}}
+          "activation_2x": {**HALF, "prune.method": "activation"},
+          "activation_4x": {**QUARTER, "prune.method": "activation"}}
 
 
 def scratch_student(name: str, like: str) -> str:
