@@ -306,11 +306,18 @@ def check_cache_pair(teacher_tok, teacher_cfg: dict, student_tok, student_cfg: d
     check_alignable(teacher_tok, student_tok)
     check_seq_len(seq_len, teacher_cfg, "teacher")
     check_seq_len(seq_len, student_cfg, "student")
-    size, ntok = logits_size(teacher_cfg), len(teacher_tok.get_vocab())
+    return VocabMatch(vocab_fingerprint(teacher_tok), own_logits_size(teacher_tok, teacher_cfg,
+                                                                      "teacher"))
+
+
+def own_logits_size(tok, config: dict, what: str) -> int:
+    """A model's logits columns when it is read with its own tokenizer (a pair of two
+    tokenizers shares no vocabulary), refused when fewer than the tokenizer's ids."""
+    size, ntok = logits_size(config), len(tok.get_vocab())
     if size < ntok:
-        raise ModelError(f"teacher vocab_size {size} is smaller than its tokenizer's {ntok} "
-                         "tokens")
-    return VocabMatch(vocab_fingerprint(teacher_tok), size)
+        raise ModelError(f"{what} model vocab_size {size} is smaller than its tokenizer's "
+                         f"{ntok} tokens")
+    return size
 
 
 def check_student(student_tok, student_cfg: dict, fingerprint: str, vocab: int, seq_len: int,

@@ -34,6 +34,11 @@ def _key(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
 
+def _whole(value: Any, least: int = 1) -> bool:
+    """An int (not a bool, which is one to Python) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = ok and (value >= 0 if allow_zero else value > 0)
@@ -119,9 +124,7 @@ class DataConfig:
         if self.max_rows is not None:
             check(isinstance(self.max_rows, int) and self.max_rows > 0,
                   f"data.max_rows={self.max_rows!r} must be a positive integer or null")
-        check(self.test_records is None or (isinstance(self.test_records, int)
-                                              and not isinstance(self.test_records, bool)
-                                              and self.test_records > 0),
+        check(self.test_records is None or _whole(self.test_records),
               f"data.test_records={self.test_records!r} must be a positive integer or null")
 
 
@@ -392,10 +395,10 @@ class PruneConfig:
         for key in ("num_hidden_layers", "hidden_size", "intermediate_size",
                     "num_attention_heads", "num_key_value_heads"):
             v = getattr(self, key)
-            check(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+            check(v is None or _whole(v),
                   f"prune.{key}={v!r} must be a positive integer or null (the teacher's)")
         _one_of("prune.method", self.method, PRUNE_METHODS)
-        check(isinstance(self.rows, int) and not isinstance(self.rows, bool) and self.rows >= 1,
+        check(_whole(self.rows),
               f"prune.rows={self.rows!r} must be a positive integer")
         check(self.target_params is None or (isinstance(self.target_params, (int, float))
                                               and not isinstance(self.target_params, bool)
