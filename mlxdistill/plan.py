@@ -12,6 +12,7 @@ to check the memory model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -24,11 +25,12 @@ import numpy as np
 
 from . import data as data_mod
 from . import models
+from . import prune_families as fams
 from . import xtok as xtok_mod
 from .config import Config
 from .hubmeta import hub_config
 from .models import ModelError
-from .probe import probe_teacher, probe_training  # the measured side of --probe
+from .probe import add_measured  # the measured side of --probe
 from .shards import id_dtype
 
 GB = 1 << 30
@@ -57,10 +59,28 @@ def config_and_note(path: str, what: str) -> tuple[dict, Optional[str]]:
     return hub_config(path, what)
 
 
+def pruned_student(cfg: Config, tconf: dict) -> Optional[tuple[dict, dict]]:
+    """(config.json, shape) of the student `mlxdistill prune` would cut by cfg.prune, the same
+    shape from the teacher's config.json alone; None when prune.* sets no size and no
+    target_params. Which blocks are kept is measured: the first ones stand in (same widths)."""
+    from . import prune as pr  # here, not above: prune.count_params imports this module
+
+    p = cfg.prune
+    if p.target_params is None and all(getattr(p, k) is None for k in pr.SHAPE_KEYS):
+        return None
+    pr.check_teacher(tconf, f"teacher {cfg.teacher.model}")
+    # a Gemma-3 checkpoint without a head is tied by mlx_lm: only a local folder says so
+    tied = (fams.tied_by_weights(tconf, cfg.teacher.model)
+            if os.path.isdir(cfg.teacher.model) else None)
+    shape = pr.target_shape(tconf, p, tied)
+    return pr.student_config(tconf, shape, list(range(shape["num_hidden_layers"]))), shape
+
+
 def lazy_model(config: dict, what: str):
     """The model built from its config without evaluating any weight."""
     model_cls, args_cls = models.model_classes(config, what)
-    return model_cls(args_cls.from_dict(config))
+    # a copy: some mlx_lm classes (Gemma-3's text model) fill in their config dicts
+    return model_cls(args_cls.from_dict(copy.deepcopy(config)))
 
 
 @dataclass(frozen=True)
@@ -237,7 +257,6 @@ def estimate_training(cfg: Config, s: ModelShape, xtok: str = "") -> dict:
     full = t.mode == "full"
     micro = t.batch_size // t.grad_accum
     tokens = micro * cfg.data.seq_len
-    act = s.float_bytes
     if full:
         trainable = s.params
         # AdamW's moments take the weights' dtype; accumulating micro-batches keeps one more
@@ -249,9 +268,8 @@ def estimate_training(cfg: Config, s: ModelShape, xtok: str = "") -> dict:
         # LoRA weights, their gradients and AdamW's two moments, all float32
         state = trainable * 4 * 4
     parts = {
-        "weights": s.weight_bytes,
-        "trainable_state": int(state),
-        "activations": int(tokens * act * train_activation_floats(
+        "weights": s.weight_bytes, "trainable_state": int(state),
+        "activations": int(tokens * s.float_bytes * train_activation_floats(
             s, cfg.data.seq_len, full, t.grad_checkpoint)),
         "logits": int(tokens * s.vocab * 4 * train_logit_copies(cfg, xtok)),
         "targets": int(tokens * target_floats(cfg) * 4),
@@ -266,12 +284,9 @@ def estimate_teacher(cfg: Config, s: ModelShape, vocab: Optional[int] = None) ->
     have the teacher's width, every later copy only the shared one."""
     tokens = cfg.cache.batch_size * cfg.data.seq_len
     copies = TEACHER_LOGIT_COPIES["metal" if s.metal else "cpu"]
-    parts = {
-        "weights": s.weight_bytes,
-        "activations": int(tokens * teacher_activation_floats(s, cfg.data.seq_len)
-                           * s.float_bytes),
-        "logits": int(tokens * 4 * (s.vocab + (copies - 1) * (vocab or s.vocab))),
-    }
+    act = tokens * teacher_activation_floats(s, cfg.data.seq_len) * s.float_bytes
+    parts = {"weights": s.weight_bytes, "activations": int(act),
+             "logits": int(tokens * 4 * (s.vocab + (copies - 1) * (vocab or s.vocab)))}
     return {"parts": parts, "peak_bytes": sum(parts.values())}
 
 
@@ -382,10 +397,13 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
     """The whole estimate for a config; `probe` also measures both passes here. `metal`
     plans for a Mac GPU (True) or a CPU (False) instead of this machine."""
     tconf, tnote = config_and_note(cfg.teacher.model, "teacher")
-    sconf, snote = config_and_note(cfg.student.model, "student")
+    pruned = pruned_student(cfg, tconf)  # planned when prune.* is set, not student.model
+    sconf, snote = (pruned[0], None) if pruned else config_and_note(cfg.student.model, "student")
     ts = model_shape(tconf, f"teacher model {cfg.teacher.model}", metal=metal)
-    ss = model_shape(sconf, f"student model {cfg.student.model}", metal=metal)
-    xtok = xtok_mod.cross_tokenizer(cfg) if cfg.teacher.mode == "cache" else ""
+    ss = model_shape(sconf, "the pruned student" if pruned else
+                     f"student model {cfg.student.model}", metal=metal)
+    # a pruned student keeps the teacher's tokenizer
+    xtok = xtok_mod.cross_tokenizer(cfg) if cfg.teacher.mode == "cache" and not pruned else ""
     vocab = ts.vocab if xtok else min(ts.vocab, ss.vocab)  # the cache's: the teacher's own
     bpt = cache_bytes_per_token(cfg, vocab, ts.hidden)
     abpt = xtok_mod.aligned_bytes_per_token(xtok)
@@ -406,8 +424,10 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
 
     out = {
         "teacher": model_entry(cfg.teacher.model, ts),
-        "student": {**model_entry(cfg.student.model, ss), "mode": cfg.train.mode,
-                    "trainable_params": train_est["trainable_params"]},
+        "student": {**model_entry(None if pruned else cfg.student.model, ss),
+                    "mode": cfg.train.mode, "trainable_params": train_est["trainable_params"],
+                    "pruned": {"shape": pruned[1], "target_params": cfg.prune.target_params}
+                    if pruned else None},
         "vocab_size": vocab,
         "training": train_est,
         "teacher_pass": teacher_est,
@@ -434,23 +454,12 @@ def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
                 "a 4-bit teacher (mlx_lm.convert --quantize --q-bits 4, or an mlx-community "
                 f"4-bit repo): weights {q4.weight_bytes / GB:.1f} GB")
     if probe:
-        if cfg.teacher.mode == "cache":
-            tp = probe_teacher(cfg)
-            teacher_est["measured_peak_bytes"] = tp["peak_bytes"]
-            teacher_est["tok_per_s"] = round(tp["tok_per_s"], 1)
-            if rows:
-                teacher_est["seconds"] = round(rows * cfg.data.seq_len / tp["tok_per_s"], 1)
-        sp = probe_training(cfg, teacher_config=tconf, xtok=xtok)
-        train_est["measured_peak_bytes"] = sp["peak_bytes"]
-        train_est["step_s"] = round(sp["step_s"], 4)
-        train_est["seconds"] = round(cfg.train.iters * sp["step_s"], 1)
+        add_measured(cfg, teacher_est, train_est, rows, tconf, xtok, sconf if pruned else None)
     return out
 
 
 def _gb(b: Optional[float]) -> str:
-    if b is None:
-        return "?"
-    return f"{b / GB:.2f} GB" if b >= GB / 4 else f"{b / (1 << 20):.1f} MB"
+    return "?" if b is None else f"{b / GB:.2f} GB" if b >= GB / 4 else f"{b / (1 << 20):.1f} MB"
 
 
 def _parts(est: dict) -> str:
@@ -460,14 +469,20 @@ def _parts(est: dict) -> str:
 def format_plan(p: dict) -> str:
     t, s, c, m = p["teacher"], p["student"], p["cache"], p["machine"]
 
-    def model_line(d):
+    def model_line(d, note=""):
         prec = f"{d['bits']}-bit" if d["bits"] else "full precision"
-        return (f"{d['model']} ({d['model_type']}, {d['params'] / 1e6:,.1f} M params, {prec}, "
-                f"{_gb(d['weight_bytes'])})")
+        return (f"{d['model']} ({d['model_type']}, {d['params'] / 1e6:,.2f} M params, {prec}, "
+                f"{_gb(d['weight_bytes'])}{note})")
 
+    pr = s.get("pruned")
+    if pr:  # not written yet: named by its shape, in prune's words
+        from .prune import _shape_text
+
+        by = "*" if pr["target_params"] is None else f"target_params={pr['target_params']:.0f}"
+        s = {**s, "model": f"pruned from {t['model']} by prune.{by}: {_shape_text(pr['shape'])}"}
     lines = [f"teacher:  {model_line(t)}",
-             f"student:  {model_line(s)}; {s['mode']}: {s['trainable_params'] / 1e6:,.2f} M "
-             "trainable",
+             f"student:  {model_line(s, '; run `mlxdistill prune` first' if pr else '')}; "
+             f"{s['mode']}: {s['trainable_params'] / 1e6:,.2f} M trainable",
              f"machine:  {_gb(m['memory_bytes'])} ({m['memory']}); planned for a "
              f"{m['planned_for']}"]
     shipped = p.get("shipped_configs", {})
@@ -483,8 +498,7 @@ def format_plan(p: dict) -> str:
             line += (f"; MLX arrays estimated {_gb(est['mlx_bytes'])}, measured here "
                      f"{_gb(est['measured_peak_bytes'])}")
         lines.append(line)
-        for k in est.get("knobs") or []:
-            lines.append(f"    to fit: {k}")
+        lines += [f"    to fit: {k}" for k in est.get("knobs") or []]
         if not est["fits"] and not est.get("knobs"):
             lines.append("    no single setting makes it fit; use a smaller model or a larger "
                          "machine")

@@ -51,16 +51,20 @@ def _cross_targets(targets: dict, batch: int, L: int) -> dict:
 
 
 def probe_training(cfg: Config, steps: int = 2, teacher_config: Optional[dict] = None,
-                   xtok: str = "") -> dict:
+                   xtok: str = "", student_config: Optional[dict] = None) -> dict:
     """Load the student as `train` does and run `steps` optimizer steps of the configured
     micro-batch on random tokens, the step and its objective built as the trainer builds
     them (the hidden-state term included when the cache holds teacher states; their width
     and depth come from `teacher_config`; the cross-tokenizer loss `xtok` for a student of
     another tokenizer): peak MLX memory (weights included) and seconds per step after the
-    first (compiled) one, under the trainer's loop memory setup."""
+    first (compiled) one, under the trainer's loop memory setup. `student_config`: a student
+    not written yet (one `prune` would cut), built from it at random weights."""
     t = cfg.train
     base = baseline()
-    model, _, scfg = models.load(cfg.student.model, "student")
+    if student_config is None:
+        model, _, scfg = models.load(cfg.student.model, "student")
+    else:
+        model, scfg = _random_model(student_config), student_config
     vocab = models.logits_size(scfg)
     surgery.setup_training(model, t.mode, t.lora_rank, t.lora_layers, t.lora_scale,
                            t.lora_dropout)
@@ -105,6 +109,34 @@ def probe_training(cfg: Config, steps: int = 2, teacher_config: Optional[dict] =
         restore_memory()
     return {"peak_bytes": int(peak), "step_s": float(np.median(times[1:] or times)),
             "tokens_per_step": t.batch_size * L}
+
+
+def add_measured(cfg: Config, teacher_est: Optional[dict], train_est: dict,
+                 rows: Optional[int], teacher_config: dict, xtok: str,
+                 student_config: Optional[dict]) -> None:
+    """`plan --probe`: the peaks measured here added to plan's estimates of the teacher pass
+    (None for an online teacher) and training, with the time each will take (`rows` rows)."""
+    if teacher_est is not None:
+        tp = probe_teacher(cfg)
+        teacher_est.update(measured_peak_bytes=tp["peak_bytes"],
+                           tok_per_s=round(tp["tok_per_s"], 1))
+        if rows:
+            teacher_est["seconds"] = round(rows * cfg.data.seq_len / tp["tok_per_s"], 1)
+    sp = probe_training(cfg, teacher_config=teacher_config, xtok=xtok,
+                        student_config=student_config)
+    train_est.update(measured_peak_bytes=sp["peak_bytes"], step_s=round(sp["step_s"], 4),
+                     seconds=round(cfg.train.iters * sp["step_s"], 1))
+
+
+def _random_model(config: dict):
+    """The mlx_lm model of `config` at random weights, in the dtype `models.load` would give
+    its checkpoint (config.json's torch_dtype on a Mac GPU): a step's memory and time do not
+    depend on the weights' values."""
+    model_cls, args_cls = models.model_classes(config, "the pruned student")
+    model = model_cls(args_cls.from_dict(config))
+    dt = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    model.set_dtype(models.compute_dtype() or getattr(mx, dt, mx.bfloat16))
+    return model
 
 
 def probe_teacher(cfg: Config, batches: int = 2) -> dict:

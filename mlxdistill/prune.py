@@ -5,22 +5,22 @@ data.train, then written as an ordinary mlx_lm folder to distil into.
 Width follows Minitron (Muralidharan et al., 2024): MLP channels ranked by the mean |value|
 of the MLP's hidden activation (gate * up, the input of down_proj), attention heads by the
 L2 norm of each head's output before o_proj, embedding channels by the mean |output| of
-every RMSNorm (the residual stream as each block reads it). Depth follows ShortGPT (Men et
-al., 2024): a block's influence is 1 - cosine(its input, its output), averaged over tokens,
+every RMSNorm that reads the residual stream (the stream as each block reads it). Depth
+follows ShortGPT (Men et al., 2024): a block's influence is 1 - cosine(its input, its output), averaged over tokens,
 and the least influential blocks go. `random` keeps as many of each, drawn at random: the
 control that shows what the measurement is worth.
 
 Grouped-query attention stays valid by keeping heads per kv group: the kv groups whose query
 heads matter most are kept, each with the same number of its best query heads. Heads are
 kept whole, so head_dim stays the teacher's (written into config.json when hidden_size /
-num_attention_heads no longer gives it)."""
+num_attention_heads no longer gives it). What differs by family (fused projections, extra
+norms, Gemma's embedding scale and sliding-window pattern) is prune_families.py's."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
-import re
 
 import mlx.core as mx
 import numpy as np
@@ -28,10 +28,11 @@ from mlx.utils import tree_flatten
 
 from . import data as data_mod
 from . import files, models, saving
+from . import prune_families as fams
 from .errors import Error
 from .progress import Progress
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = fams.SUPPORTED
 SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
               "num_key_value_heads")
 
@@ -44,14 +45,13 @@ class PruneError(Error):
 
 
 def teacher_shape(tcfg: dict) -> dict:
-    """The five prunable sizes of a config.json, and its head_dim."""
-    heads = int(tcfg["num_attention_heads"])
-    return {"num_hidden_layers": int(tcfg["num_hidden_layers"]),
-            "hidden_size": int(tcfg["hidden_size"]),
-            "intermediate_size": int(tcfg["intermediate_size"]),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(tcfg.get("num_key_value_heads") or heads),
-            "head_dim": int(tcfg.get("head_dim") or tcfg["hidden_size"] // heads)}
+    """The five prunable sizes of a config.json, and its head_dim, as mlx_lm reads them."""
+    a = fams.text_args(tcfg)
+    heads = int(a.num_attention_heads)
+    return {"num_hidden_layers": int(a.num_hidden_layers), "hidden_size": int(a.hidden_size),
+            "intermediate_size": int(a.intermediate_size), "num_attention_heads": heads,
+            "num_key_value_heads": int(getattr(a, "num_key_value_heads", None) or heads),
+            "head_dim": int(getattr(a, "head_dim", None) or a.hidden_size // heads)}
 
 
 def check_teacher(tcfg: dict, what: str) -> None:
@@ -60,21 +60,26 @@ def check_teacher(tcfg: dict, what: str) -> None:
     if mt not in SUPPORTED:
         raise PruneError(f"{what} has model_type {mt!r}; prune supports "
                          f"{', '.join(SUPPORTED)} so far; use a teacher of those families")
-    if tcfg.get("quantization") or tcfg.get("quantization_config"):
+    if any(c.get("quantization") or c.get("quantization_config")
+           for c in (tcfg, fams.text_config(tcfg))):
         raise PruneError(f"{what} is quantized; prune needs the teacher's float weights "
                          "(prune the unquantized model, quantize the student after training)")
 
 
-def count_params(tcfg: dict, shape: dict) -> int:
+def count_params(tcfg: dict, shape: dict, tied: bool = None) -> int:
     """Exact parameters of a student of `shape` (plan.model_shape: the mlx_lm class built
-    lazily from its config, nothing allocated)."""
+    lazily from its config, nothing allocated). `tied`: prune_families.tied_by_weights, for
+    a family whose mlx_lm class builds an lm_head until it sees the weights (Gemma-3)."""
     from .plan import model_shape  # plan imports the trainer's modules; only this needs it
 
     cfg = student_config(tcfg, shape, list(range(shape["num_hidden_layers"])))
-    return model_shape(cfg, "the pruned student").params
+    params = model_shape(cfg, "the pruned student").params
+    if tied:
+        params -= int(fams.text_args(tcfg).vocab_size) * shape["hidden_size"]
+    return params
 
 
-def fit_shape(tcfg: dict, budget: float) -> dict:
+def fit_shape(tcfg: dict, budget: float, tied: bool = None) -> dict:
     """The largest shape within `budget` parameters (prune.target_params). Width is cut as
     whole heads, with the embedding and MLP channels in the same proportion, and depth as
     whole blocks; of the shapes within 15 % of the largest that fits, the one whose depth and
@@ -83,6 +88,7 @@ def fit_shape(tcfg: dict, budget: float) -> dict:
     small model's embedding is much of it: at ~10x fewer parameters the largest fit is often
     a single block."""
     t = teacher_shape(tcfg)
+    derived = fams.derives_head_dim(fams.text_args(tcfg))
     group = t["num_attention_heads"] // t["num_key_value_heads"]
     fits = []
     for h in range(t["num_attention_heads"], 0, -1):
@@ -90,13 +96,13 @@ def fit_shape(tcfg: dict, budget: float) -> dict:
         if h % kv:  # grouped-query attention needs as many query heads per kv head
             continue
         w = h / t["num_attention_heads"]
-        d = h * t["head_dim"] if tcfg["model_type"] == "qwen2" else round(t["hidden_size"] * w)
+        d = h * t["head_dim"] if derived else round(t["hidden_size"] * w)
         shape = {"hidden_size": min(d, t["hidden_size"]), "num_attention_heads": h,
                  "num_key_value_heads": kv, "head_dim": t["head_dim"],
                  "intermediate_size": max(1, round(t["intermediate_size"] * w))}
         for n in range(t["num_hidden_layers"], 0, -1):
             shape = {**shape, "num_hidden_layers": n}
-            params = count_params(tcfg, shape)
+            params = count_params(tcfg, shape, tied)
             if params <= budget:  # fewer blocks only shrink it further
                 # rounded: 2/6 against 4/6 and 5/6 against 3/6 are the same imbalance, and
                 # the tie must go to the larger shape, not to float rounding
@@ -109,18 +115,18 @@ def fit_shape(tcfg: dict, budget: float) -> dict:
     return min((f for f in fits if f[0] >= 0.85 * most), key=lambda f: (f[1], -f[0]))[2]
 
 
-def target_shape(tcfg: dict, p) -> dict:
+def target_shape(tcfg: dict, p, tied: bool = None) -> dict:
     """The student's sizes from `p` (a PruneConfig; null keeps the teacher's), checked
     against the teacher's. num_key_value_heads null keeps the teacher's query heads per kv
     head. Heads need not divide hidden_size: head_dim stays the teacher's, written
-    explicitly, except for qwen2, whose code derives head_dim from hidden_size."""
+    explicitly, except for qwen2 and phi3, whose code derives head_dim from hidden_size."""
     t = teacher_shape(tcfg)
     if p.target_params is not None:
         given = [k for k in SHAPE_KEYS if getattr(p, k) is not None]
         if given:
             raise PruneError(f"prune.target_params and prune.{given[0]} are both set; give "
                              "a parameter budget or the sizes, not both")
-        return fit_shape(tcfg, p.target_params)
+        return fit_shape(tcfg, p.target_params, tied)
     s = {k: getattr(p, k) if getattr(p, k) is not None else t[k] for k in SHAPE_KEYS}
     group = t["num_attention_heads"] // t["num_key_value_heads"]
     if p.num_key_value_heads is None and p.num_attention_heads is not None:
@@ -143,23 +149,35 @@ def target_shape(tcfg: dict, p) -> dict:
                          f"needs {h // kv} query heads per kv head, the teacher has {group}; "
                          f"keep at least {-(-h // group)} kv heads")
     s["head_dim"] = t["head_dim"]
-    if tcfg["model_type"] == "qwen2" and h * t["head_dim"] != s["hidden_size"]:
-        raise PruneError(f"prune.num_attention_heads={h}: qwen2 takes head_dim from "
-                         f"hidden_size / num_attention_heads, so {h} heads of "
+    if fams.derives_head_dim(fams.text_args(tcfg)) and h * t["head_dim"] != s["hidden_size"]:
+        raise PruneError(f"prune.num_attention_heads={h}: {tcfg['model_type']} takes head_dim "
+                         f"from hidden_size / num_attention_heads, so {h} heads of "
                          f"{t['head_dim']} need prune.hidden_size={h * t['head_dim']}")
     return s
 
 
 def student_config(tcfg: dict, shape: dict, kept_blocks: list) -> dict:
-    """The teacher's config.json with only the pruned sizes changed."""
+    """The teacher's config.json with only the pruned sizes changed (in text_config for a
+    multimodal wrapper), and Gemma-3's sliding_window_pattern fitted to the kept blocks (see
+    prune_families.window_pattern; plan() keeps blocks whose kinds it reproduces)."""
     out = dict(tcfg)
+    src = fams.text_config(tcfg)
+    sub = dict(src)
     for k in SHAPE_KEYS:
-        out[k] = shape[k]
-    if "head_dim" in tcfg or shape["hidden_size"] != shape["num_attention_heads"] * \
+        sub[k] = shape[k]
+    if "head_dim" in src or shape["hidden_size"] != shape["num_attention_heads"] * \
             shape["head_dim"]:
-        out["head_dim"] = shape["head_dim"]
-    if isinstance(tcfg.get("layer_types"), list):  # per-block settings follow their blocks
-        out["layer_types"] = [tcfg["layer_types"][i] for i in kept_blocks]
+        sub["head_dim"] = shape["head_dim"]
+    if isinstance(src.get("layer_types"), list):  # per-block settings follow their blocks
+        sub["layer_types"] = [src["layer_types"][i] for i in kept_blocks]
+    pattern = fams.window_pattern(tcfg, len(kept_blocks))
+    if pattern is not None and ("sliding_window_pattern" in src or
+                                pattern != fams.text_args(tcfg).sliding_window_pattern):
+        sub["sliding_window_pattern"] = pattern
+    if fams.family(tcfg).nested:
+        out[fams.family(tcfg).nested] = sub
+    else:
+        out = sub
     return out
 
 
@@ -180,12 +198,13 @@ def _record(module, fn) -> None:
     module.__class__ = type(f"Measured{cls.__name__}", (cls,), {"__call__": call})
 
 
-def measure(model, batches, head_dim: int) -> dict:
+def measure(model, batches, head_dim: int, tcfg: dict) -> dict:
     """Importance of every prunable unit over `batches` ([B, L] token arrays), forward only:
     per block its query heads ("heads", [H]), MLP channels ("mlp", [I]) and Block Influence
-    ("influence"); over all norms the embedding channels ("hidden", [D]). Sums over tokens,
-    divided by the token count at the end."""
-    layers = model.model.layers
+    ("influence"); over the norms that read the residual stream the embedding channels
+    ("hidden", [D]). Sums over tokens, divided by the token count at the end."""
+    text = fams.text_model(model)
+    layers = text.layers
     n = len(layers)
     st = {"heads": [0.0] * n, "mlp": [0.0] * n, "influence": [0.0] * n, "hidden": 0.0}
 
@@ -219,10 +238,10 @@ def measure(model, batches, head_dim: int) -> dict:
 
         _record(layer.self_attn.o_proj, heads)
         _record(layer.mlp.down_proj, mlp)
-        _record(layer.input_layernorm, hidden)
-        _record(layer.post_attention_layernorm, hidden)
+        for norm in fams.family(tcfg).reading_norms:
+            _record(getattr(layer, norm), hidden)
         _record(layer, block)
-    _record(model.model.norm, hidden)
+    _record(text.norm, hidden)
     tokens = 0
     for x in batches:
         model(x)
@@ -255,15 +274,27 @@ def choose_heads(scores, n_kv: int, kv: int, h: int) -> tuple:
     return q, groups
 
 
-def plan(t: dict, s: dict, method: str, seed: int, imp=None) -> dict:
+def plan(t: dict, s: dict, method: str, seed: int, imp=None, kinds=None) -> dict:
     """Which teacher units the student keeps: blocks (teacher indices, in order), and per
     kept block its query heads, kv heads and MLP channels; the embedding channels.
-    `imp` (measure()'s result) under `activation`; drawn from `seed` under `random`."""
+    `imp` (measure()'s result) under `activation`; drawn from `seed` under `random`.
+    `kinds`: (the teacher's, the student's) kind of attention per block where it differs
+    by block (Gemma-3); the blocks kept are then those that reproduce the student's."""
     n, group = t["num_hidden_layers"], t["num_attention_heads"] // t["num_key_value_heads"]
+
+    def blocks_by(scores):
+        kept = fams.keep_kinds(scores, *kinds) if kinds else _top(scores, s["num_hidden_layers"])
+        if kept is None:
+            raise PruneError(f"prune.num_hidden_layers={s['num_hidden_layers']}: the teacher "
+                             "has no blocks in the student's order of sliding and global "
+                             "attention; check its sliding_window_pattern")
+        return kept
+
     if method == "random":
         rng = random.Random(seed)
         draw = lambda size, k: sorted(rng.sample(range(size), k))  # noqa: E731
-        blocks = draw(n, s["num_hidden_layers"])
+        blocks = (blocks_by([rng.random() for _ in range(n)]) if kinds
+                  else draw(n, s["num_hidden_layers"]))
         hidden = draw(t["hidden_size"], s["hidden_size"])
         per = {}
         for b in blocks:
@@ -272,7 +303,7 @@ def plan(t: dict, s: dict, method: str, seed: int, imp=None) -> dict:
                  for j in draw(group, s["num_attention_heads"] // s["num_key_value_heads"])]
             per[b] = (q, kvs, draw(t["intermediate_size"], s["intermediate_size"]))
     else:
-        blocks = _top(imp["influence"], s["num_hidden_layers"])
+        blocks = blocks_by(imp["influence"])
         hidden = _top(imp["hidden"], s["hidden_size"])
         per = {b: (*choose_heads(imp["heads"][b], t["num_key_value_heads"],
                                  s["num_key_value_heads"], s["num_attention_heads"]),
@@ -284,55 +315,44 @@ def plan(t: dict, s: dict, method: str, seed: int, imp=None) -> dict:
 
 # ------------------------------------------------------------------ cutting
 
-# Which index set each axis of a weight is cut by: "d" the embedding channels, "q" / "kv"
-# the rows of the kept query / kv heads, "m" the MLP channels, None left whole.
-_BLOCK_AXES = {
-    "input_layernorm.weight": ("d",), "post_attention_layernorm.weight": ("d",),
-    "self_attn.q_proj.weight": ("q", "d"), "self_attn.q_proj.bias": ("q",),
-    "self_attn.k_proj.weight": ("kv", "d"), "self_attn.k_proj.bias": ("kv",),
-    "self_attn.v_proj.weight": ("kv", "d"), "self_attn.v_proj.bias": ("kv",),
-    "self_attn.o_proj.weight": ("d", "q"), "self_attn.o_proj.bias": ("d",),
-    # qwen3's per-head norms act within a head (head_dim wide): kept heads keep them whole
-    "self_attn.q_norm.weight": (None,), "self_attn.k_norm.weight": (None,),
-    "mlp.gate_proj.weight": ("m", "d"), "mlp.gate_proj.bias": ("m",),
-    "mlp.up_proj.weight": ("m", "d"), "mlp.up_proj.bias": ("m",),
-    "mlp.down_proj.weight": ("d", "m"), "mlp.down_proj.bias": ("d",),
-}
-_TOP_AXES = {"model.embed_tokens.weight": (None, "d"), "model.norm.weight": ("d",),
-             "lm_head.weight": (None, "d")}
-_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
-
-
 def _rows(heads: list, head_dim: int) -> list:
     return [h * head_dim + j for h in heads for j in range(head_dim)]
 
 
-def cut(weights: dict, p: dict, head_dim: int, model_type: str) -> dict:
-    """The teacher's weights (flat mlx names) cut to plan `p`; blocks renumbered in order.
-    A weight this table does not know is refused rather than copied at the wrong shape."""
+def cut(weights: dict, p: dict, t: dict, tcfg: dict) -> dict:
+    """The teacher's weights (flat mlx names) cut to plan `p` (prune_families says which
+    index set cuts each axis); blocks renumbered in order. A weight the family's table does
+    not know is refused rather than copied at the wrong shape. Where the forward scales the
+    embedding by sqrt(hidden_size) (Gemma), the cut embedding is multiplied by the teacher's
+    factor over the student's (√(D/D')), so the student's scaled embedding is the teacher's on
+    the kept channels. A tied head sees it √(D/D') larger too, which offsets the final
+    RMSNorm now averaging over D' channels instead of D: where the dropped channels are zero,
+    the logits stay the teacher's."""
     new_index = {b: j for j, b in enumerate(p["blocks"])}
+    hd, q_all, kv_all = t["head_dim"], t["num_attention_heads"], t["num_key_value_heads"]
     out = {}
     for name, w in weights.items():
-        m = _BLOCK.fullmatch(name)
-        if m:
-            b, axes = int(m.group(1)), _BLOCK_AXES.get(m.group(2))
-        else:
-            b, axes = None, _TOP_AXES.get(name)
+        b, axes, inner = fams.split_name(tcfg, name)
         if axes is None:
-            raise PruneError(f"the teacher ({model_type}) has weight {name}, which prune does "
-                             f"not know how to cut; prune supports {', '.join(SUPPORTED)} "
-                             "so far")
+            raise PruneError(f"the teacher ({tcfg['model_type']}) has weight {name}, which "
+                             f"prune does not know how to cut; prune supports "
+                             f"{', '.join(SUPPORTED)} so far")
         sets = {"d": p["hidden"]}
         if b is not None:
             if b not in new_index:
                 continue
             j = new_index[b]
-            sets.update(m=p["mlp"][j], q=_rows(p["heads"][j], head_dim),
-                        kv=_rows(p["kv_heads"][j], head_dim))
-            name = f"model.layers.{j}.{m.group(2)}"
+            q, kv, m = _rows(p["heads"][j], hd), _rows(p["kv_heads"][j], hd), p["mlp"][j]
+            k0, v0 = q_all * hd, (q_all + kv_all) * hd  # where phi3's fused k and v rows start
+            sets.update(m=m, q=q, kv=kv, qkv=q + [k0 + r for r in kv] + [v0 + r for r in kv],
+                        gu=m + [t["intermediate_size"] + c for c in m])
+            name = fams.block_name(tcfg, j, inner)
         for axis, key in enumerate(axes):
             if key is not None:
                 w = mx.take(w, mx.array(sets[key], dtype=mx.int32), axis=axis)
+        if inner == "model.embed_tokens.weight":
+            factor = fams.embed_factor(tcfg, t["hidden_size"], len(p["hidden"]))
+            w = w * factor if factor != 1.0 else w
         out[name] = w
     return out
 
@@ -388,11 +408,12 @@ def prune(cfg, out: str, force: bool = False, quiet: bool = False, log=print) ->
     folder, tcfg = _read_config(cfg.teacher.model, "teacher")
     check_teacher(tcfg, f"teacher {cfg.teacher.model}")
     t = teacher_shape(tcfg)
-    s = target_shape(tcfg, p)
+    tied = fams.tied_by_weights(tcfg, folder)
+    s = target_shape(tcfg, p, tied)
     if p.target_params is not None:
         log(f"prune.target_params={p.target_params:g}: {_shape_text(s)}, "
-            f"{count_params(tcfg, s):,} params (the largest shape within it, depth and width "
-            "cut alike)")
+            f"{count_params(tcfg, s, tied):,} params (the largest shape within it, depth and "
+            "width cut alike)")
     _check_out(out, folder, force)
     files.check_dir(out, "-o")
     models.check_seq_len(cfg.data.seq_len, tcfg, "teacher")
@@ -412,14 +433,17 @@ def prune(cfg, out: str, force: bool = False, quiet: bool = False, log=print) ->
                 yield mx.array(ids[i:i + bs])
                 bar.update(len(ids[i:i + bs]), ids[i:i + bs].size)  # after its forward
 
-        imp = measure(model, batches(), t["head_dim"])
+        imp = measure(model, batches(), t["head_dim"], tcfg)
         bar.close()
     weights = dict(tree_flatten(model.parameters()))
-    chosen = plan(t, s, p.method, seed, imp)
-    cut_weights = cut(weights, chosen, t["head_dim"], tcfg["model_type"])
+    kinds = fams.attention_kinds(tcfg, t["num_hidden_layers"], s["num_hidden_layers"])
+    chosen = plan(t, s, p.method, seed, imp, kinds)
+    cut_weights = cut(weights, chosen, t, tcfg)
     scfg = student_config(tcfg, s, chosen["blocks"])
     model_cls, args_cls = models.model_classes(scfg, "the pruned student")
-    student = model_cls(args_cls.from_dict(scfg))
+    student = model_cls(args_cls.from_dict(json.loads(json.dumps(scfg))))  # it edits scfg
+    if hasattr(student, "sanitize"):  # as mlx_lm.load does: Gemma-3 drops a tied lm_head here
+        cut_weights = student.sanitize(cut_weights)
     # strict: every weight of the student's architecture, each at its shape
     student.load_weights(list(cut_weights.items()), strict=True)
     student.set_dtype(_file_dtype(folder))

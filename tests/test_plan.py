@@ -1,6 +1,7 @@
 """`mlxdistill plan`: the memory estimate made from config.json alone agrees with the peak MLX
 memory measured around a real training step and teacher batch, on the embedded pair and on
-every family of the matrix; cache size and the fits / does-not-fit advice."""
+every family of the matrix; cache size and the fits / does-not-fit advice; a student still to
+be pruned (prune.*) planned exactly as the folder `mlxdistill prune` then writes."""
 
 import json
 import os
@@ -81,7 +82,7 @@ def test_embedded_pair_estimate_matches_real_trainer_step(tmp_path, monkeypatch)
     est = plan.training_total(cfg, s, plan.cache_bytes_per_token(cfg, s.vocab, 0))
     assert_close(est["mlx_bytes"], measured, "embedded trainer step")
     monkeypatch.undo()
-    assert abs(plan.probe_training(cfg)["peak_bytes"] / measured - 1) < 0.05
+    assert abs(probe.probe_training(cfg)["peak_bytes"] / measured - 1) < 0.05
 
 
 @pytest.mark.parametrize("knob", ["train.grad_checkpoint=true", "train.loss_chunk=32"])
@@ -91,14 +92,14 @@ def test_memory_knobs_estimate_matches_measured_peak(knob):
     est = plan.training_total(cfg, s, plan.cache_bytes_per_token(cfg, s.vocab, 0))
     plain = plan.training_total(load_config(None, ["data.seq_len=128"]), s, 53)
     assert est["mlx_bytes"] < 0.9 * plain["mlx_bytes"]  # the knob is worth suggesting
-    assert_close(est["mlx_bytes"], plan.probe_training(cfg)["peak_bytes"], knob)
+    assert_close(est["mlx_bytes"], probe.probe_training(cfg)["peak_bytes"], knob)
 
 
 def test_embedded_pair_lora_estimate_matches_measured_peak():
     cfg = load_config(None, ["data.seq_len=128", "train.mode=lora"])
     s = plan.model_shape(plan.read_config(cfg.student.model, "student"), "student")
     est = plan.training_total(cfg, s, plan.cache_bytes_per_token(cfg, s.vocab, 0))
-    assert_close(est["mlx_bytes"], plan.probe_training(cfg)["peak_bytes"], "embedded lora")
+    assert_close(est["mlx_bytes"], probe.probe_training(cfg)["peak_bytes"], "embedded lora")
 
 
 @pytest.mark.parametrize("case,family,tkw,skw,mode", CASES, ids=[c[0] for c in CASES])
@@ -114,11 +115,11 @@ def test_family_estimates_match_measured_peak(case, family, tkw, skw, mode, tmp_
     # The teacher probe first: a compiled training step's buffers are released some time
     # after it returns, and would otherwise sit in the teacher probe's baseline.
     assert_close(plan.teacher_total(cfg, ts, bpt, None, min(ts.vocab, ss.vocab))["mlx_bytes"],
-                 plan.probe_teacher(cfg, batches=4)["peak_bytes"], f"{case} teacher pass")
+                 probe.probe_teacher(cfg, batches=4)["peak_bytes"], f"{case} teacher pass")
     # The peak of a tiny step varies with how MLX's scheduler frees buffers (about +-6 %
     # run to run); the largest of several steps is the peak a run reaches.
     assert_close(plan.training_total(cfg, ss, bpt)["mlx_bytes"],
-                 plan.probe_training(cfg, steps=6)["peak_bytes"], f"{case} training")
+                 probe.probe_training(cfg, steps=6)["peak_bytes"], f"{case} training")
 
 
 def test_parameter_count_and_quantized_size_from_config_alone(tmp_path):
@@ -354,3 +355,80 @@ def test_grad_checkpoint_changes_only_its_model():
     assert mx.allclose(a(x), ref).item() and mx.allclose(b(x), ref).item()
     assert set(dict(tree_flatten(a.parameters()))) == \
         set(dict(tree_flatten(b.parameters())))
+
+
+# ---------------------------------------------------------------- a student still to be pruned
+
+SHAPE = ["prune.num_hidden_layers=2", "prune.hidden_size=128", "prune.intermediate_size=320",
+         "prune.num_attention_heads=2"]
+
+
+def small(tmp_path) -> list[str]:
+    """The embedded pair on a few short rows, student.model a folder that does not exist."""
+    return ["data.seq_len=64", "data.max_rows=4", "prune.rows=2", "train.batch_size=4",
+            f"cache.dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}",
+            f"student.model={tmp_path / 'not-pruned-yet'}"]
+
+
+def test_pruned_student_is_planned_as_the_folder_prune_writes(tmp_path):
+    """With prune.* set, plan estimates from the teacher's config.json exactly what it
+    estimates for the folder `mlxdistill prune` then writes, --probe included."""
+    from mlxdistill import api
+    from mlxdistill import prune as prune_mod
+
+    cfg = load_config(None, small(tmp_path) + SHAPE)
+    before = plan.plan(cfg)
+    out = str(tmp_path / "pruned")
+    rep = api.prune(cfg, out, log=lambda m: None)
+    done = load_config(None, small(tmp_path) + [f"student.model={out}"])
+    after = plan.plan(done)
+    for key in ("training", "teacher_pass", "cache", "vocab_size", "cross_tokenizer"):
+        assert before[key] == after[key], key
+    s, a = before["student"], after["student"]
+    assert s["params"] == a["params"] == rep["params_after"]
+    assert (s["weight_bytes"], s["trainable_params"]) == (a["weight_bytes"], a["trainable_params"])
+    assert s["pruned"] == {"shape": rep["shape_after"], "target_params": None}
+    assert s["model"] is None and a["pruned"] is None
+    res = CliRunner().invoke(main, ["plan", *small(tmp_path), *SHAPE])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if x.startswith("student:"))
+    shape = prune_mod._shape_text(rep["shape_after"])  # "2 × 128, 2 heads (2 kv) of 64, ..."
+    assert f"pruned from {cfg.teacher.model} by prune.*: {shape} (llama, 0.90 M params" in line
+    assert "; run `mlxdistill prune` first); full: 0.90 M trainable" in line
+    # --probe builds the student from its config at random weights: the step's memory is
+    # the written folder's
+    p = plan.plan(cfg, probe=True)
+    assert p["training"]["seconds"] > 0 and p["teacher_pass"]["seconds"] > 0
+    measured = p["training"]["measured_peak_bytes"]
+    assert_close(p["training"]["mlx_bytes"], measured, "pruned student")
+    assert abs(probe.probe_training(done)["peak_bytes"] / measured - 1) < 0.02
+
+
+def test_pruned_student_by_parameter_budget(tmp_path):
+    """prune.target_params: plan names the shape and count that prune then cuts."""
+    from mlxdistill import api
+
+    budget = ["prune.target_params=1300000"]
+    p = plan.plan(load_config(None, small(tmp_path) + budget))
+    rep = api.prune(load_config(None, small(tmp_path) + budget), str(tmp_path / "pruned"),
+                    log=lambda m: None)
+    s = p["student"]
+    assert s["pruned"] == {"shape": rep["shape_after"], "target_params": 1300000}
+    assert s["params"] == rep["params_after"] <= 1300000
+    res = CliRunner().invoke(main, ["plan", *small(tmp_path), *budget])
+    assert res.exit_code == 0, res.output
+    assert " by prune.target_params=1300000: " in res.output
+
+
+@pytest.mark.parametrize("setting,needles", [
+    ("prune.hidden_size=512", ["prune.hidden_size=512", "larger than the teacher's 384"]),
+    ("prune.num_key_value_heads=4", ["prune.num_key_value_heads=4", "does not divide"]),
+    ("prune.target_params=1000", ["prune.target_params=1000", "below the smallest shape"]),
+    # prune.* unset: the student is student.model, which must exist, as before
+    ("prune.target_params=null", ["student model folder", "not-pruned-yet", "not found"]),
+])
+def test_pruned_shape_refused_as_prune_refuses_it(tmp_path, setting, needles):
+    from test_cli import assert_one_line_error
+
+    assert_one_line_error(CliRunner().invoke(main, ["plan", *small(tmp_path), setting]),
+                          *needles)

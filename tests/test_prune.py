@@ -1,6 +1,7 @@
 """`mlxdistill prune`: a student cut from the teacher loads in mlx_lm, keeps grouped-query
 attention and tied embeddings valid, equals the teacher when nothing is cut, drops the block
-that does nothing, and trains from the teacher's cache."""
+that does nothing, and trains from the teacher's cache; for every family it supports (phi3's
+fused projections, Gemma's extra norms, embedding scale and sliding-window pattern)."""
 
 from __future__ import annotations
 
@@ -20,25 +21,51 @@ from mlxdistill import api
 QUIET = dict(log=lambda m: None)
 
 
-def make_teacher(path: str, model_type: str = "llama", dim: int = 32, layers: int = 3,
-                 heads: int = 4, kv: int = 2, tied: bool = True, seed: int = 0,
-                 identity_block: int | None = None) -> str:
-    """A random llama-like model folder; `identity_block`'s o_proj and down_proj zeroed, so
-    that block passes its input through unchanged."""
-    from mlx_lm.utils import _get_classes, save_config, save_model
-
-    os.makedirs(path, exist_ok=True)
+def family_config(model_type: str, dim: int, layers: int, heads: int, kv: int,
+                  tied: bool) -> dict:
+    """A config.json of `model_type` with the keys its real checkpoints carry."""
     cfg = dict(model_type=model_type, hidden_size=dim, num_hidden_layers=layers,
                intermediate_size=2 * dim, num_attention_heads=heads, num_key_value_heads=kv,
                rms_norm_eps=1e-5, vocab_size=64, tie_word_embeddings=tied,
                max_position_embeddings=512, rope_theta=10000.0)
-    if model_type == "qwen3":  # its config names head_dim explicitly
-        cfg["head_dim"] = dim // heads
+    gemma = dict(head_dim=dim // heads, query_pre_attn_scalar=dim // heads)
+    cfg.update({
+        "qwen3": dict(head_dim=dim // heads),  # its config names head_dim explicitly
+        "gemma2": dict(gemma, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+        # blocks alternate sliding (window 4) and global attention, each with its RoPE base
+        "gemma3_text": dict(gemma, sliding_window=4, sliding_window_pattern=2,
+                            rope_local_base_freq=10000.0, rope_theta=1000000.0),
+        "phi3": dict(rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3],
+                                   "long_factor": [1.0, 2.0, 3.0, 4.0]},
+                     original_max_position_embeddings=256),
+    }.get(model_type, {}))
+    return cfg
+
+
+def make_teacher(path: str, model_type: str = "llama", dim: int = 32, layers: int = 3,
+                 heads: int = 4, kv: int = 2, tied: bool = True, seed: int = 0,
+                 identity_block: int | None = None, extra: dict | None = None) -> str:
+    """A random model folder of `model_type` ("gemma3": Gemma-3's multimodal config, its
+    text model under language_model); `identity_block`'s o_proj and down_proj zeroed, so
+    that block passes its input through unchanged; `extra` updates the (text) config."""
+    from mlx_lm.utils import _get_classes, save_config, save_model
+
+    os.makedirs(path, exist_ok=True)
+    if model_type == "gemma3":
+        text = {**family_config("gemma3_text", dim, layers, heads, kv, tied), **(extra or {})}
+        del text["vocab_size"]  # the wrapper's vocab_size is the one mlx_lm reads
+        cfg = dict(model_type="gemma3", vocab_size=64, text_config=text)
+    else:
+        cfg = {**family_config(model_type, dim, layers, heads, kv, tied), **(extra or {})}
     model_cls, args_cls = _get_classes(cfg)
     mx.random.seed(seed)
-    model = model_cls(args_cls.from_dict(cfg))
+    model = model_cls(args_cls.from_dict(json.loads(json.dumps(cfg))))  # it edits text_config
+    lm = getattr(model, "language_model", model)
+    if model_type.startswith("gemma3") and tied:  # mlx_lm ties it when lm_head is absent
+        lm.pop("lm_head")
+        lm.tie_word_embeddings = True
     if identity_block is not None:
-        block = model.model.layers[identity_block]
+        block = model.layers[identity_block]
         block.self_attn.o_proj.weight = mx.zeros_like(block.self_attn.o_proj.weight)
         block.mlp.down_proj.weight = mx.zeros_like(block.mlp.down_proj.weight)
     mx.eval(model.parameters())
@@ -67,7 +94,22 @@ def logits(path: str, ids=((1, 5, 9, 12, 7, 3, 20, 2),)):
     return model(mx.array(ids))
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+def weights_of(path: str) -> dict:
+    """A folder's weights, the multimodal wrapper's language_model. prefix dropped."""
+    w = mx.load(os.path.join(path, "model.safetensors"))
+    return {k.removeprefix("language_model."): v for k, v in w.items()}
+
+
+def text_config(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg.get("text_config", cfg)
+
+
+NEW = ["gemma2", "gemma3_text", "gemma3", "phi3"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", *NEW])
 def test_full_shape_keeps_the_teacher_exactly(tiny, tmp_path, family):
     teacher = make_teacher(str(tmp_path / "t"), family)
     rep, out = prune(tiny, tmp_path, teacher)
@@ -145,6 +187,128 @@ def test_qwen3_per_head_norms_stay_whole(tiny, tmp_path):
     assert logits(out).shape == (1, 8, 64)
 
 
+@pytest.mark.parametrize("method", ["activation", "random"])
+@pytest.mark.parametrize("family", NEW)
+def test_new_families_cut_every_weight_consistently(tiny, tmp_path, family, method):
+    # 4 x 32, 4 heads of 8 in 2 kv groups, MLP 64 -> 3 x 16, 2 heads (1 kv), MLP 24
+    teacher = make_teacher(str(tmp_path / "t"), family, layers=4)
+    rep, out = prune(tiny, tmp_path, teacher, num_hidden_layers=3, hidden_size=16,
+                     intermediate_size=24, num_attention_heads=2, num_key_value_heads=1,
+                     method=method)
+    cfg, tcfg = text_config(out), text_config(teacher)
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
+            cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (3, 16, 24, 2, 1)
+    # everything else as the teacher's: head_dim, query_pre_attn_scalar, soft-capping,
+    # sliding window and its pattern (3 blocks hold the teacher's pattern of 2), RoPE scaling
+    assert {k for k in {**cfg, **tcfg} if cfg.get(k) != tcfg.get(k)} == {
+        "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+        "num_key_value_heads"}
+    w, t = weights_of(out), weights_of(teacher)
+    assert "lm_head.weight" not in w and "model.embed_tokens.weight" in w  # tied stays tied
+    assert rep["params_after"] == sum(v.size for v in w.values())
+    d = mx.array(rep["kept_hidden"])
+    for j, b in enumerate(rep["kept_blocks"]):
+        q = [h * 8 + k for h in rep["kept_heads"][j] for k in range(8)]
+        kv = [h * 8 + k for h in rep["kept_kv_heads"][j] for k in range(8)]
+        m = rep["kept_mlp"][j]
+        new, old = f"model.layers.{j}.", f"model.layers.{b}."
+        if family == "phi3":  # fused rows: [4 q heads | 2 k heads | 2 v heads], [gate | up]
+            rows = q + [32 + r for r in kv] + [48 + r for r in kv]
+            pairs = [("self_attn.qkv_proj.weight", rows), ("mlp.gate_up_proj.weight",
+                                                           m + [64 + c for c in m])]
+        else:
+            pairs = [("self_attn.q_proj.weight", q), ("self_attn.v_proj.weight", kv),
+                     ("mlp.up_proj.weight", m)]
+        for name, rows in pairs:
+            want = t[old + name][mx.array(rows)][:, d]
+            assert mx.array_equal(w[new + name], want).item(), name
+        want = t[old + "self_attn.o_proj.weight"][d][:, mx.array(q)]
+        assert mx.array_equal(w[new + "self_attn.o_proj.weight"], want).item()
+        if family.startswith("gemma"):  # four norms on the residual width, all cut alike
+            for norm in ("input_layernorm", "post_attention_layernorm",
+                         "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+                assert mx.array_equal(w[f"{new}{norm}.weight"],
+                                      t[f"{old}{norm}.weight"][d]).item(), norm
+        if family.startswith("gemma3"):  # per-head norms whole; each block keeps its kind
+            assert mx.array_equal(w[new + "self_attn.q_norm.weight"],
+                                  t[old + "self_attn.q_norm.weight"]).item()
+            assert (b + 1) % 2 == (j + 1) % 2  # global at odd indices, as in the teacher
+    emb, temb = w["model.embed_tokens.weight"], t["model.embed_tokens.weight"][:, d]
+    if family.startswith("gemma"):  # the forward's sqrt(hidden_size) is compensated
+        assert mx.allclose(emb * 16 ** 0.5, temb * 32 ** 0.5, rtol=2e-3).item()
+    else:
+        assert mx.array_equal(emb, temb).item()
+    out_logits = logits(out)
+    assert out_logits.shape == (1, 8, 64) and mx.isfinite(out_logits).all().item()
+    if family == "gemma2":
+        assert mx.abs(out_logits).max().item() <= 30.0
+    # the scale of the teacher's logits, not blown up or flattened by the width cut
+    ratio = out_logits.std().item() / logits(teacher).std().item()
+    assert 0.3 < ratio < 3.0, ratio
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma3", "phi3"])
+def test_new_families_untied_head(tiny, tmp_path, family):
+    teacher = make_teacher(str(tmp_path / "t"), family, tied=False)
+    _, full = prune(tiny, tmp_path, teacher, "full")
+    assert mx.array_equal(logits(full), logits(teacher)).item()
+    rep, out = prune(tiny, tmp_path, teacher, hidden_size=16, num_attention_heads=2,
+                     num_key_value_heads=1)
+    w, t = weights_of(out), weights_of(teacher)
+    want = t["lm_head.weight"][:, mx.array(rep["kept_hidden"])]
+    assert mx.array_equal(w["lm_head.weight"], want).item()  # not rescaled: not the embedding
+    assert mx.isfinite(logits(out)).all().item()
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "gemma3"])
+def test_gemma_width_cut_of_dead_channels_keeps_the_logits(tiny, tmp_path, family):
+    """Blocks that pass their input through and embedding channels that are zero: cutting
+    those channels leaves the logits as they were. The student's scaled embedding is the
+    teacher's on the kept channels, and the tied head, √(D/D') larger, offsets the final
+    RMSNorm now averaging over D' channels; without the rescale they would be √(D'/D)."""
+    teacher = make_teacher(str(tmp_path / "t"), family)
+    path = os.path.join(teacher, "model.safetensors")
+    w = mx.load(path)
+    for k in w:
+        if k.endswith(("o_proj.weight", "down_proj.weight")):
+            w[k] = mx.zeros_like(w[k])
+        elif k.endswith("embed_tokens.weight"):
+            w[k] = w[k] * (mx.arange(32) % 2 == 0)
+    mx.save_safetensors(path, w, metadata={"format": "mlx"})
+    rep, out = prune(tiny, tmp_path, teacher, hidden_size=16)
+    assert rep["kept_hidden"] == list(range(0, 32, 2))
+    assert mx.allclose(logits(out), logits(teacher), rtol=1e-3, atol=1e-4).item()
+
+
+def test_gemma3_blocks_keep_their_kind_of_attention(tiny, tmp_path):
+    # sliding, sliding, global, sliding, sliding, global; the first global block does nothing
+    teacher = make_teacher(str(tmp_path / "t"), "gemma3_text", layers=6, identity_block=2,
+                           extra={"sliding_window_pattern": 3})
+    for n, kept_kinds, pattern in [(4, "ssgs", 3), (2, "sg", 2), (1, "g", 1)]:
+        rep, out = prune(tiny, tmp_path, teacher, f"s{n}", num_hidden_layers=n)
+        kinds = "".join("g" if (b + 1) % 3 == 0 else "s" for b in rep["kept_blocks"])
+        assert kinds == kept_kinds and text_config(out)["sliding_window_pattern"] == pattern
+        if n < 4:  # one global block: the one that does something
+            assert rep["kept_blocks"][-1] == 5
+        assert mx.isfinite(logits(out)).all().item()  # mlx_lm runs a pattern beyond n blocks
+    # random draws among the blocks of the kinds the student needs too
+    rep, _ = prune(tiny, tmp_path, teacher, "r", num_hidden_layers=4, method="random")
+    assert "".join("g" if (b + 1) % 3 == 0 else "s" for b in rep["kept_blocks"]) == "ssgs"
+
+
+def test_gemma3_budget_counts_the_tied_head_once(tiny, tmp_path):
+    from mlxdistill import prune as prune_mod
+
+    teacher = make_teacher(str(tmp_path / "t"), "gemma3", layers=4)
+    with open(os.path.join(teacher, "config.json")) as f:
+        tcfg = json.load(f)
+    full = prune_mod.count_params(tcfg, prune_mod.teacher_shape(tcfg), tied=True)
+    assert full == sum(v.size for v in weights_of(teacher).values())
+    rep, out = prune(tiny, tmp_path, teacher, target_params=full // 2)
+    assert rep["params_after"] == prune_mod.count_params(tcfg, rep["shape_after"], tied=True)
+    assert rep["params_after"] <= full // 2
+    assert mx.isfinite(logits(out)).all().item()
+
+
 def test_a_parameter_budget_picks_the_shape(tiny, tmp_path):
     from mlxdistill import prune as prune_mod
 
@@ -209,21 +373,24 @@ def test_invalid_shapes_refused_in_one_line(tiny, tmp_path, sizes, needles):
     assert not os.path.exists(tmp_path / "s")
 
 
-def test_unsupported_family_qwen2_head_dim_and_busy_output_refused(tiny, tmp_path):
+def test_unsupported_family_derived_head_dim_and_busy_output_refused(tiny, tmp_path):
     teacher = make_teacher(str(tmp_path / "t"))
     with open(os.path.join(teacher, "config.json")) as f:
         cfg = json.load(f)
     other = tmp_path / "phi"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "phi3"}))
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "starcoder2"}))
     ov = tiny_overrides(tiny, tmp_path, **{"teacher.model": str(other)})
-    assert_one_line_error(invoke("prune", "-o", str(tmp_path / "s"), *ov), "'phi3'",
-                          "prune supports llama, mistral, qwen2, qwen3")
-    qwen = make_teacher(str(tmp_path / "q"), "qwen2")
-    ov = tiny_overrides(tiny, tmp_path, **{"teacher.model": qwen,
-                                          "prune.num_attention_heads": 2})
-    assert_one_line_error(invoke("prune", "-o", str(tmp_path / "s"), *ov),
-                          "prune.num_attention_heads=2", "prune.hidden_size=16")
+    assert_one_line_error(invoke("prune", "-o", str(tmp_path / "s"), *ov), "'starcoder2'",
+                          "prune supports llama, mistral, qwen2, qwen3, phi3, gemma2, "
+                          "gemma3_text, gemma3")
+    for family in ("qwen2", "phi3"):  # both derive head_dim from hidden_size
+        derived = make_teacher(str(tmp_path / family), family)
+        ov = tiny_overrides(tiny, tmp_path, **{"teacher.model": derived,
+                                              "prune.num_attention_heads": 2})
+        assert_one_line_error(invoke("prune", "-o", str(tmp_path / "s"), *ov),
+                              "prune.num_attention_heads=2", f"{family} takes head_dim",
+                              "prune.hidden_size=16")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
