@@ -23,6 +23,7 @@ from . import plan as plan_mod
 from . import profile as profile_mod
 from . import prune as prune_mod
 from . import recipes as recipes_mod
+from . import remote
 from . import trainer
 from .config import DATA_SPLITS, Config, ConfigError
 from .config import load_config  # noqa: F401  (part of the API)
@@ -42,6 +43,7 @@ def train(cfg: Config, quiet: bool = False, log=print) -> Optional[dict]:
     With train.final_eval false nothing is evaluated and None is returned. A run already
     trained and evaluated is neither trained nor evaluated again (evaluation takes minutes
     on real data): its eval.json is returned; `evaluate` (`mlxdistill eval`) redoes it."""
+    remote.need_local(cfg.teacher.model, "train")
     run = RunDir(cfg.run.dir)
     # Decided before fit, after which the run is finished either way: an existing eval.json
     # is this run's result only if this call trains nothing.
@@ -85,11 +87,13 @@ def outputs(run: RunDir) -> str:
 
 def fit(cfg: Config, quiet: bool = False, log=print) -> bool:
     """Train only (no final evaluation); True on rank 0."""
+    remote.need_local(cfg.teacher.model, "train")
     return trainer.fit(cfg, quiet, log)
 
 
 def build_cache(cfg: Config, quiet: bool = False, log=print) -> dict:
     """The teacher pass over data.train -> cache.dir (resumes a killed pass); the manifest."""
+    remote.need_local(cfg.teacher.model, "cache")
     world = World(cfg.run.dist_timeout)
     log = log if world.main else (lambda m: None)  # rank 0 reports for all
     log(world.describe())
@@ -113,6 +117,7 @@ def preview_data(cfg: Config, rows: int = 2, split: str = "train", log=print) ->
     path = getattr(cfg.data, split)
     if path is None:
         raise ConfigError(f"data.{split} is null; set it (or data.dir) to preview that split")
+    remote.need_local(cfg.teacher.model, "data")  # rows are in the teacher's tokens
     _, tok = models.load_meta_role(cfg, "teacher")
     d = cfg.data
     # valid and test are packed without long_lines (validation.py, evaluate.py): split
@@ -173,6 +178,7 @@ def profile(model_or_run: str, bits=(16, 8, 4), prompt_tokens: int = 128,
 def plan(cfg: Config, probe: bool = False, memory_bytes: Optional[int] = None,
          metal: Optional[bool] = None) -> dict:
     """Will `cfg` fit? Peak memory of the teacher pass and training, cache size, time."""
+    remote.need_local(cfg.teacher.model, "plan")
     return plan_mod.plan(cfg, probe=probe, memory_bytes=memory_bytes, metal=metal)
 
 
@@ -181,6 +187,7 @@ def prune(cfg: Config, out: str, force: bool = False, quiet: bool = False,
     """A student cut from cfg.teacher.model to the sizes in cfg.prune, written to `out` as an
     mlx_lm folder (the teacher's tokenizer, prune.json: what was kept and why); returns
     prune.json's content. Train it with student.model=OUT."""
+    remote.need_local(cfg.teacher.model, "prune")
     return prune_mod.prune(cfg, out, force=force, quiet=quiet, log=log)
 
 

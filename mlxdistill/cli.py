@@ -267,6 +267,42 @@ def prune(config_path, out, force, quiet, overrides):
 
 
 @main.command()
+@click.argument("run_or_folder")
+@click.option("--fallback", default=None, metavar="URL", help="OpenAI-compatible endpoint "
+              "(…/v1) that answers when the student's confidence is below its measured "
+              "threshold; without it the student answers everything.")
+@click.option("--fallback-model", default=None, help="The 'model' sent to the fallback "
+              "(default: the request's).")
+@click.option("--fallback-key-env", default=None, metavar="VAR", help="Environment variable "
+              "holding the fallback's API key.")
+@click.option("--fallback-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the fallback before the student's answer goes out.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; "
+              "anything but loopback needs an API key.")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--api-key", default=None, help="Key clients must send (Authorization: Bearer); "
+              "default: $MLXDISTILL_API_KEY.")
+@click.option("--max-tokens", type=int, default=1024, show_default=True,
+              help="The most tokens a request may ask for.")
+@click.option("--max-concurrent", type=int, default=8, show_default=True,
+              help="Generations running or waiting; more get 429.")
+@click.option("--max-body", type=int, default=1 << 20, show_default=True,
+              help="Largest request body in bytes; larger get 413.")
+@guarded
+def serve(run_or_folder, fallback, fallback_model, fallback_key_env, fallback_timeout, host,
+          port, api_key, max_tokens, max_concurrent, max_body):
+    """Serve RUN_OR_FOLDER's student over an OpenAI-compatible API, deferring to --fallback
+    when the student is not confident enough (the rule measured by eval / export)."""
+    from . import serve as serve_mod
+
+    serve_mod.serve(run_or_folder, serve_mod.Options(
+        host=host, port=port, fallback=fallback, fallback_model=fallback_model,
+        fallback_key_env=fallback_key_env, fallback_timeout=fallback_timeout,
+        api_key=api_key, max_tokens=max_tokens, max_concurrent=max_concurrent,
+        max_body=max_body), log=click.echo)
+
+
+@main.command()
 @click.argument("model_or_run")
 @click.option("--bits", default="16,8,4", show_default=True,
               help="Precisions to profile (of 32,16,8,4); the first is the fidelity reference.")

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from .files import atomic_path
+from .remote import is_url, redact
 from .sections import SECTIONS, Config, ConfigError, check
 
 # The embedded recipes, weights and data live inside the package so that a wheel carries
@@ -185,6 +186,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                      if str(e).startswith(i.partition("=")[0] + "=")), None)
         if item is None:
             raise
+        key, _, value = item.partition("=")
+        if is_url(value):  # credentials a URL may carry stay out of the message
+            item = f"{key}={redact(value)}"
         raise ConfigError(f"{e} ({item} on the command line)") from None
     if os.path.dirname(os.path.realpath(path)) == os.path.realpath(CONFIGS_DIR):
         cfg = _anchor_embedded_paths(cfg)

@@ -9,6 +9,7 @@ teacher on next-byte distributions (xeval), which every evaluation reports.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Optional
@@ -17,15 +18,16 @@ import mlx.core as mx
 import numpy as np
 
 from . import data as data_mod
-from . import align, fallback, files, losses, models, xeval
+from . import align, confidence, fallback, files, losses, models, xeval
 from .config import Config, ConfigError
 from .plots import plot_deferral
 from .progress import Progress
 from .rundir import RunDir
-from .task import task_accuracy
+from .task import answer_sheet, task_accuracy, task_prompts
 from .validation import EVAL_BATCH, score
 
 ECE_BINS = 15
+_log = logging.getLogger(__name__)
 
 
 def _accumulate(stats: dict, key: str, value: mx.array) -> None:
@@ -207,31 +209,92 @@ def example_rows(path: str, tokenizer, seq_len: int, mask_prompt: bool,
 
 
 def per_example(teacher, student, ids: np.ndarray, trained: np.ndarray, vocab: int) -> dict:
-    """Per record: the student's confidence signals and both models' next-token accuracy."""
+    """Per record: the student's confidence signals (confidence.TEXT_SIGNALS) and both
+    models' next-token accuracy."""
     t_fwd, s_fwd = models.logits_fn(teacher, vocab), models.logits_fn(student, vocab)
-    out: dict = {k: [] for k in (*fallback.SIGNALS, "student", "teacher", "tokens")}
+    out: dict = {k: [] for k in (*confidence.TEXT_SIGNALS, "student", "teacher", "tokens")}
     for b in range(0, ids.shape[0], EVAL_BATCH):
         x = mx.array(ids[b:b + EVAL_BATCH, :-1])
         labels = mx.array(ids[b:b + EVAL_BATCH, 1:])
         m = mx.array(trained[b:b + EVAL_BATCH, 1:]).astype(mx.float32)
         n = m.sum(-1)
         lp_s = losses.log_softmax(s_fwd(x))
-        top2 = mx.sort(mx.topk(lp_s, 2, axis=-1), axis=-1)  # [..., 1] is the top-1
-        per = {"confidence": top2[..., 1], "margin": top2[..., 1] - top2[..., 0],
-               "student": (mx.argmax(lp_s, -1) == labels).astype(mx.float32),
-               "teacher": (mx.argmax(t_fwd(x), -1) == labels).astype(mx.float32)}
+        per = confidence.text_signals(lp_s, m)
+        for k, lp in (("student", lp_s), ("teacher", t_fwd(x))):
+            per[k] = ((mx.argmax(lp, -1) == labels) * m).sum(-1) / n
         for k, v in per.items():
-            out[k] += np.array((v * m).sum(-1) / n).round(6).tolist()
+            out[k] += np.array(v).round(6).tolist()
         out["tokens"] += np.array(n).astype(int).tolist()
     return out
 
 
-def fallback_summary(teacher, student, path: str, tokenizer, cfg, vocab: int,
-                     max_records: Optional[int] = None) -> dict:
-    ids, trained = example_rows(path, tokenizer, cfg.data.seq_len, cfg.data.mask_prompt,
-                                max_records)
-    res = fallback.summarize(per_example(teacher, student, ids, trained, vocab))
-    res["data"] = path
+def _fit_path(valid: Optional[str], path: str) -> tuple[Optional[str], Optional[str]]:
+    """(data.valid, None), or (None, why it cannot fit the rule): fitting on the very file
+    the rule is reported on would score the threshold on the examples that chose it."""
+    if not valid:
+        return None, "no data.valid"
+    if os.path.abspath(valid) == os.path.abspath(path) or (
+            os.path.exists(valid) and os.path.exists(path) and os.path.samefile(valid, path)):
+        return None, f"data.valid is {path} itself"
+    return valid, None
+
+
+def fallback_summary(teacher, student, tok, cfg, vocab: Optional[int], path: str,
+                     max_records: Optional[int] = None, answers: Optional[dict] = None,
+                     teacher_tok=None, targets=fallback.TARGETS) -> Optional[dict]:
+    """The cloud-fallback rule of `student` (fallback.summarize): signal and threshold
+    fitted on data.valid's examples, every figure reported on `path`'s (both: of their first
+    `max_records` records).
+
+    Records with a reference answer (the first generate.eval_prompts of each file): quality
+    is task accuracy, the signals the student's confidence in its own greedy answer, one
+    forward pass each (`answers`: {"teacher", "student"} answer sheets task.task_accuracy
+    already made on `path`, reused). Otherwise: next-token accuracy on each record's first
+    seq_len tokens with per-position signals, which needs one tokenizer (None when
+    `teacher_tok`, the teacher's own tokenizer, is another)."""
+    g = cfg.generate
+    ttok = teacher_tok or tok
+    fit_path, why = _fit_path(cfg.data.valid, path)
+    prompts = task_prompts(path, g.eval_prompts, max_records) if g.eval_prompts else []
+    if prompts:
+        def examples(ps: list, sheets: dict) -> dict:
+            t = sheets.get("teacher") or answer_sheet(teacher, ttok, ps, g)
+            s = sheets.get("student") or answer_sheet(student, tok, ps, g)
+            pairs = list(zip(s["prompt_ids"], s["ids"]))
+            return {**confidence.answer_signals_batch(student, pairs, vocab),
+                    "student": [float(c) for c in s["correct"]],
+                    "teacher": [float(c) for c in t["correct"]],
+                    "tokens": [len(a) for a in s["ids"]]}
+
+        test = examples(prompts, answers or {})
+        fit_prompts = task_prompts(fit_path, g.eval_prompts, max_records) if fit_path else []
+        if fit_path and not fit_prompts:
+            why = f"data.valid ({fit_path}) has no record with an answer"
+        fit = examples(fit_prompts, {}) if fit_prompts else None
+        quality, signals = fallback.task_quality(g.verifier), confidence.ANSWER_SIGNALS
+    else:
+        if teacher_tok is not None and \
+                models.vocab_fingerprint(teacher_tok) != models.vocab_fingerprint(tok):
+            return None  # next-token accuracies over two tokenizers' tokens do not compare
+
+        def examples(p: str) -> dict:
+            ids, trained = example_rows(p, tok, cfg.data.seq_len, cfg.data.mask_prompt,
+                                        max_records)
+            return per_example(teacher, student, ids, trained, vocab)
+
+        test, fit = examples(path), examples(fit_path) if fit_path else None
+        quality, signals = fallback.NEXT_TOKEN, confidence.TEXT_SIGNALS
+    res = fallback.summarize(test, fit, quality, signals,
+                             {"fit": fit_path, "report": path, "records": max_records},
+                             targets, why)
+    if "rule" in res:
+        res["rule"]["vocab"] = vocab
+    res["computed_by"] = (
+        "mlxdistill.confidence.answer_signals(student, prompt_ids, answer_ids, vocab) on the "
+        "student's own greedy answer" if prompts else
+        "mlxdistill.confidence.text_signals over the record's scored positions")
+    for w in res["warnings"]:
+        _log.warning("cloud fallback: %s", w)
     return res
 
 
@@ -259,8 +322,9 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
                  records: Optional[int] = None) -> dict:
     """Teacher, student before and student after on `data_path` (default: the run's
     data.test), its first `records` records (default: data.test_records; None: all): the
-    table, task accuracy when the records carry answers, and the cloud-fallback curve (not
-    for a student of another tokenizer: `compare_cross`); written to eval.json unless
+    table (`compare_cross` for a student of another tokenizer), task accuracy when the
+    records carry answers, and the cloud-fallback rule (fallback_summary; for a student of
+    another tokenizer only when graded by task accuracy); written to eval.json unless
     `write` is False. `cfg` and `teacher` let `train` pass what it already holds (its
     config, a teacher it kept in memory)."""
     run = RunDir(run_dir)
@@ -306,17 +370,21 @@ def evaluate_run(run_dir: str, data_path: Optional[str] = None, quiet: bool = Fa
         res["records"] = packed.records  # the first ones only (absent: every record)
     # Task accuracy: when the records carry reference answers, each model answers greedily,
     # reading the prompt and writing its answer in its own tokens.
+    sheets: dict = {}
     task = task_accuracy({"teacher": teacher, **students}, ttok, path, cfg.generate, cap,
                          toks={"student_before": stok, "student_after": stok} if cross
-                         else None)
+                         else None, details=sheets)
     if task is not None:
         res["task"] = task
-    # Cloud fallback: per-query confidence of the trained student and the deferral curve.
-    # It compares the student's and the teacher's accuracy per query on the same token ids;
-    # with two tokenizers those are accuracies over different tokens, so it is left out.
-    if not cross:
-        res["fallback"] = fallback_summary(teacher, after, path, ttok, cfg, match.vocab_size,
-                                           cap)
+    # Cloud fallback: when the trained student should hand a query to the teacher. Graded
+    # by task accuracy it reuses the answers above; graded by next-token accuracy it needs
+    # one tokenizer (accuracies over two tokenizers' tokens do not compare).
+    fb = fallback_summary(teacher, after, stok if cross else ttok, cfg,
+                          s_size if cross else match.vocab_size, path, cap,
+                          {"teacher": sheets.get("teacher"),
+                           "student": sheets.get("student_after")}, teacher_tok=ttok)
+    if fb is not None:
+        res["fallback"] = fb
     if write:
         files.atomic_json(run.eval_json, res)
         if "fallback" in res:
@@ -394,13 +462,6 @@ def format_table(res: dict) -> str:
     if "student_tokens" in res:
         lines.append("(cross-entropy, perplexity and accuracy are per each model's own token; "
                      "bits per byte and the next-byte rows compare on one scale)")
-    fb = res.get("fallback")
-    if fb:
-        lines.append(f"cloud fallback ({fb['examples']} examples, {fb['quality']}): student "
-                     f"{fb['student_quality']:.3f}, teacher {fb['teacher_quality']:.3f}; "
-                     "curve above random deferral: " + ", ".join(
-                         f"{s} {c['gain_over_random']:+.4f}" for s, c in fb["curves"].items()))
-        for frac, t in fb["thresholds"].items():
-            lines.append(f"  {float(frac):.0%} of the teacher: defer "
-                         f"{t['deferred_fraction']:.0%} of queries ({t['rule']})")
+    if res.get("fallback"):
+        lines += fallback.describe(res["fallback"])
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from .fallback import TARGET_QUALITY
 from . import gguf as gguf_mod
 from .cache import ShardReader
 from .config import ConfigError
-from .evaluate import example_rows, per_example
+from .evaluate import fallback_summary
 from .rundir import RunDir
 from .shards import CacheError
 from .step import to_arrays
@@ -241,32 +241,28 @@ def model_card(run_dir: str, teacher: str, student: str, bits: int, rt: dict,
                          f"{r['decode_tok_s']['median']:.1f} | {r['ttft_s']['median'] * 1e3:.1f} |")
         lines.append("")
     if fb:
-        lines += ["## Cloud fallback", "",
-                  f"Confidence = {fb['signal_meaning']}. Quality = {fb['quality']}. On "
-                  f"`{fb['data']}` ({fb['examples']} examples) this model scores "
-                  f"{fb['student_quality']}, the teacher {fb['teacher_quality']}.", "",
-                  f"To keep {fb['target_fraction_of_teacher']:.0%} of the teacher's quality: "
-                  f"**{fb['rule']}** — {fb['deferred_fraction']:.0%} of these queries go to the "
-                  f"teacher, combined quality {fb['expected_quality']}"
-                  + ("" if fb["reached"] else " (target not reachable)") + ".", ""]
+        lines += fallback.card_section(fb)
     return "\n".join(lines)
 
 
 def _fallback(cfg, folder: str, tok, vocab: int, target: float) -> Optional[dict]:
-    """The cloud-fallback threshold measured on the exported model itself: its confidence
-    is what the app will compare with the threshold, and quantization shifts it."""
+    """The cloud-fallback rule measured on the exported model itself: its confidence is
+    what the app will compare with the threshold, and quantization shifts it. Fitted on
+    data.valid and reported on data.test as `eval` does (evaluate.fallback_summary), for
+    this one target."""
     from mlx_lm.utils import load as mlx_load
 
     held = cfg.data.test or cfg.data.valid
     if not held:
         return None
     shipped = as_evaluated(mlx_load(folder)[0])
-    teacher = models.load_role(cfg, "teacher")[0]
-    ids, trained = example_rows(held, tok, cfg.data.seq_len, cfg.data.mask_prompt,
-                                cfg.data.test_records)
-    summary = fallback.summarize(per_example(teacher, shipped, ids, trained, vocab))
+    teacher, ttok, _ = models.load_role(cfg, "teacher")
+    summary = fallback_summary(teacher, shipped, tok, cfg, vocab, held, cfg.data.test_records,
+                               teacher_tok=ttok, targets=(target,))
     res = fallback.threshold_for(summary, target)
-    res["data"], res["examples"] = held, summary["examples"]
+    if res is not None:
+        # what an app needs to compute the same signal (confidence.answer_signals's vocab)
+        res["vocab"] = res["rule"]["vocab"] = vocab
     return res
 
 
@@ -360,8 +356,11 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
         f"round trip: top-1 agreement {rt['top1_agreement']}, max |Δlogit| "
         f"{rt['max_abs_logit_diff']}")
     if fb:
-        log(f"cloud fallback for {target_quality:.0%} of the teacher's quality: "
-            f"{fb['rule']} ({fb['deferred_fraction']:.0%} of held-out queries deferred)")
+        t = fb["test"]
+        log(f"cloud fallback for {target_quality:.0%} of the teacher's quality (fitted on "
+            f"{fb['data']['fit']}): {fb['rule_text']}; on {fb['data']['report']} "
+            f"{t['deferred_fraction']:.0%} of queries deferred, "
+            f"{t['gain_at_rate']:+.3f} {fb['quality']} over random deferral of that share")
     return report
 
 

@@ -28,11 +28,11 @@ import json
 import os
 import re
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
-from . import files, models
+from . import files, models, remote, remote_teacher
 from .config import Config, ConfigError
 from .data import (NO_TEMPLATE, DataError, chat_template_sha256, has_chat_template,
                    prompt_ids, read_jsonl)
@@ -158,37 +158,60 @@ def small_weights_sha256(path: str) -> Optional[str]:
 _atomic_json = files.atomic_json  # a module name of its own: tests cut a run off here
 
 
+def local_identity(cfg: Config) -> dict:
+    """What makes a local teacher's output what it is (with the settings common to both)."""
+    identity = {"teacher": cfg.teacher.model,
+                "teacher_fingerprint": models.model_fingerprint(cfg.teacher.model)}
+    weights_sha = small_weights_sha256(cfg.teacher.model)
+    if weights_sha is not None:
+        identity["teacher_weights_sha256"] = weights_sha
+    return identity
+
+
+def common_identity(cfg: Config) -> dict:
+    g = cfg.generate
+    # the prompts' content too: an edited file at the same path is not "done"
+    return {"prompts": g.prompts, "prompts_sha256": files.sha256_file(g.prompts), "n": g.n,
+            "max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p,
+            "verifier": g.verifier, "system": g.system, "batch_size": g.batch_size,
+            "seed": g.seed}
+
+
 def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = None) -> dict:
     """Teacher answers for every prompt -> g.out. Under `mlx.launch` each round of the loop
     gives rank r the r-th batch of prompts; rank 0 gathers the answers and writes them in
     prompt order. A batch's seed depends only on its position, so the file is the same for
-    any number of ranks, and a resume may even use another number."""
-    # mlx_lm here, not at the top: it takes about a second to import (transformers)
-    from mlx_lm.generate import batch_generate
-    from mlx_lm.sample_utils import make_sampler
-
+    any number of ranks, and a resume may even use another number. An HTTP teacher
+    (teacher.model a URL) is asked by rank 0 alone, `teacher.concurrency` requests at once;
+    its batches are written in the same order and resume the same way."""
     g = cfg.generate
     world = world or World(cfg.run.dist_timeout)
+    http = remote.is_url(cfg.teacher.model)
+    if http and world.size > 1:
+        raise ConfigError(f"teacher.model={cfg.teacher.model} is an HTTP endpoint: run "
+                          "`generate` as one process (teacher.concurrency sets the requests "
+                          "in flight), not under mlx.launch")
     if not world.main:
         quiet, log = True, (lambda m: None)  # rank 0 reports and writes for all
     log(world.describe())
     files.check_file(g.out, "generate.out")  # before the teacher's work, not at its end
     prompts = read_prompts(g.prompts)
     verify = load_verifier(g.verifier)
-    identity = {"teacher": cfg.teacher.model,
-                "teacher_fingerprint": models.model_fingerprint(cfg.teacher.model),
-                # the prompts' content too: an edited file at the same path is not "done"
-                "prompts": g.prompts, "prompts_sha256": files.sha256_file(g.prompts), "n": g.n,
-                "max_tokens": g.max_tokens, "temperature": g.temperature, "top_p": g.top_p,
-                "verifier": g.verifier, "system": g.system, "batch_size": g.batch_size,
-                "seed": g.seed}
-    weights_sha = small_weights_sha256(cfg.teacher.model)
-    if weights_sha is not None:
-        identity["teacher_weights_sha256"] = weights_sha
     tmpl = reasoning_parts(g.reasoning)
+    client = None
+    if http:
+        t = cfg.teacher
+        client = remote.Client(t.model, t.api_key_env, t.timeout, t.max_retries, t.concurrency)
+        identity = remote_teacher.identity(client, t)
+        if cfg.data.chat_template is not None:
+            log("data.chat_template is not sent to the endpoint, which renders prompts with "
+                "its own template; training renders the written records with it")
+    else:
+        identity = local_identity(cfg)
+    identity.update(common_identity(cfg))
     if tmpl is not None:  # only then, so files written before the key existed still resume
         identity["reasoning"] = g.reasoning
-    if cfg.data.chat_template is not None:  # likewise: it changes what the teacher reads
+    if cfg.data.chat_template is not None and not http:  # it changes what the teacher reads
         identity["chat_template_sha256"] = chat_template_sha256(cfg.data.chat_template)
     partial, ppath = g.out + ".partial", g.out + ".progress.json"
     mpath = g.out + ".manifest.json"
@@ -205,9 +228,9 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
             if os.path.exists(ppath) and os.path.exists(partial):
                 with open(ppath) as f:
                     old = json.load(f)
-                refuse_changed(old.get("settings"), identity, message=lambda *_: (
-                    f"{partial} was started with other settings; delete it and {ppath} or "
-                    "restore the settings"))
+                refuse_changed(old.get("settings"), identity, message=lambda key, was, now: (
+                    f"{partial} was started with other settings ({key}: {was!r} then, "
+                    f"{now!r} now); delete it and {ppath} or restore the settings"))
                 prog = old
                 log(f"resuming {g.out}: {prog['done']}/{len(prompts)} prompts done")
             os.makedirs(os.path.dirname(os.path.abspath(g.out)), exist_ok=True)
@@ -218,36 +241,17 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
         log(f"{g.out} is complete ({finished['lines']} lines); nothing to do")
         return finished
 
-    teacher, tok, _ = models.load_role(cfg, "teacher")
-    if not has_chat_template(tok):  # refused now, not when the batch holding it comes up
-        chat = next((i for i, r in enumerate(prompts, 1) if "messages" in r), None)
-        if chat is not None:
-            raise DataError(f"{g.prompts}: record {chat}: {NO_TEMPLATE}")
-    sampler = make_sampler(temp=g.temperature, top_p=g.top_p if g.top_p < 1.0 else 0.0)
+    if http:
+        batches = remote_teacher.batches(client, identity["api_model"], cfg, prompts, first,
+                                         tmpl)
+    else:
+        batches = _local_batches(cfg, prompts, first, world, tmpl)
     bar = Progress(len(prompts), "generate", "tok", quiet)
     bar.done = first
     t0, ntok = time.time(), 0
-    per_round = g.batch_size * world.size
     out = open(partial, "ab") if world.main else None
     try:
-        for start in range(first, len(prompts), per_round):
-            mine = start + world.rank * g.batch_size
-            batch = prompts[mine:mine + g.batch_size]
-            texts, gen_tokens = [], 0
-            if batch:
-                # One seed per batch, from its position: a resumed run, or another number of
-                # ranks, regenerates every batch identically.
-                mx.random.seed(g.seed * 1_000_003 + mine)
-                toks = [prompt_tokens(tok, rec, g.system, tmpl[0] if tmpl else "")
-                        for rec in batch for _ in range(g.n)]
-                resp = batch_generate(teacher, tok, toks, max_tokens=g.max_tokens,
-                                      sampler=sampler)
-                texts, gen_tokens = list(resp.texts), resp.stats.generation_tokens
-            parts = world.gather([texts, gen_tokens], f"generating prompts from {start}")
-            if not world.main:
-                continue
-            texts = [text for part in parts for text in part[0]]  # rank order = prompt order
-            records = prompts[start:start + per_round]
+        for start, records, texts, round_tokens in batches:
             lines = []
             for i, text in enumerate(texts):
                 rec = records[i // g.n]
@@ -268,10 +272,14 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
             prog["done"] = start + len(records)
             prog["bytes"] = out.tell()
             _atomic_json(ppath, prog)
-            round_tokens = sum(part[1] for part in parts)
             ntok += round_tokens
             bar.update(len(records), units=round_tokens)
+    except remote.RemoteError as e:
+        raise remote.RemoteError(f"{e} ({prog['done']}/{len(prompts)} prompts are written "
+                                 "and kept: run the same command again to resume)") from None
     finally:
+        if client is not None:
+            client.close()
         if out is not None:
             out.close()
         bar.close()
@@ -292,3 +300,39 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
            if prog["verifier_errors"] else "")
         + (f", {ntok / dt:,.0f} tok/s" if ntok and dt > 0 else ""))
     return world.bcast(manifest, "sharing the generate manifest")
+
+
+def _local_batches(cfg: Config, prompts: list[dict], first: int, world: World,
+                   tmpl: Optional[tuple[str, str, str]]) -> Iterator[tuple]:
+    """(first prompt, its records, texts n per record, generated tokens) per round, on rank
+    0; the other ranks generate their share and yield nothing."""
+    # mlx_lm here, not at the top: it takes about a second to import (transformers)
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    g = cfg.generate
+    teacher, tok, _ = models.load_role(cfg, "teacher")
+    if not has_chat_template(tok):  # refused now, not when the batch holding it comes up
+        chat = next((i for i, r in enumerate(prompts, 1) if "messages" in r), None)
+        if chat is not None:
+            raise DataError(f"{g.prompts}: record {chat}: {NO_TEMPLATE}")
+    sampler = make_sampler(temp=g.temperature, top_p=g.top_p if g.top_p < 1.0 else 0.0)
+    per_round = g.batch_size * world.size
+    for start in range(first, len(prompts), per_round):
+        mine = start + world.rank * g.batch_size
+        batch = prompts[mine:mine + g.batch_size]
+        texts, gen_tokens = [], 0
+        if batch:
+            # One seed per batch, from its position: a resumed run, or another number of
+            # ranks, regenerates every batch identically.
+            mx.random.seed(g.seed * 1_000_003 + mine)
+            toks = [prompt_tokens(tok, rec, g.system, tmpl[0] if tmpl else "")
+                    for rec in batch for _ in range(g.n)]
+            resp = batch_generate(teacher, tok, toks, max_tokens=g.max_tokens,
+                                  sampler=sampler)
+            texts, gen_tokens = list(resp.texts), resp.stats.generation_tokens
+        parts = world.gather([texts, gen_tokens], f"generating prompts from {start}")
+        if world.main:
+            yield (start, prompts[start:start + per_round],
+                   [text for part in parts for text in part[0]],  # rank order = prompt order
+                   sum(part[1] for part in parts))

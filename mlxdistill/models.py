@@ -16,7 +16,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import data as data_mod
-from . import align, files
+from . import align, files, remote
 from .config import ConfigError
 from .errors import Error
 
@@ -73,6 +73,10 @@ def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = 
     `trust_remote_code` (the config's teacher/student.trust_remote_code) is set."""
     from mlx_lm.utils import load as mlx_load
 
+    if remote.is_url(path):  # every command but generate comes here for its models
+        raise ModelError(f"{what}.model={remote.redact(path)} is an HTTP endpoint; only "
+                         f"`mlxdistill generate` asks one (its teacher); here the {what} "
+                         "must be a local mlx_lm model folder or a hub id")
     if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
         if not os.path.isdir(path):
             raise ModelError(f"{what} model folder {path} not found; set {what}.model to an "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 from . import files
 
@@ -74,22 +75,41 @@ def metric_figures(recs: list[dict]) -> list[tuple]:
     return out
 
 
-def plot_deferral(fb: dict, path: str) -> str:
-    """Combined student + teacher quality against the fraction of queries deferred."""
+def plot_deferral(fb: dict, path: str) -> Optional[str]:
+    """The report split's deferral curves (the chosen signal bold), random deferral, and
+    where each fitted threshold lands on that split (with its intervals); None without a
+    rule."""
+    if not fb.get("thresholds"):
+        return None
     import matplotlib  # here, not at the top: see metric_figures
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for sig, curve in fb["curves"].items():
-        ax.plot([100 * d for d in curve["deferred"]], curve["quality"], label=f"by {sig}")
-    ax.plot([0, 100], [fb["student_quality"], fb["teacher_quality"]], color="black", lw=0.8,
-            ls="-.", label="random deferral")
-    ax.axhline(fb["teacher_quality"], color="grey", ls=":", label="teacher alone")
-    ax.axhline(fb["student_quality"], color="grey", ls="--", label="student alone")
+    test = fb["test"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for sig, curve in test["curves"].items():
+        chosen = sig == fb["signal"]
+        ax.plot([100 * d for d in curve["deferred"]], curve["quality"],
+                lw=2.0 if chosen else 0.9, alpha=1.0 if chosen else 0.6,
+                label=f"by {sig}" + (" (chosen)" if chosen else ""))
+    ax.plot([0, 100], [test["student_quality"], test["teacher_quality"]], color="black",
+            lw=0.8, ls="-.", label="random deferral")
+    ax.axhline(test["teacher_quality"], color="grey", ls=":", label="teacher alone")
+    ax.axhline(test["student_quality"], color="grey", ls="--", label="student alone")
+    for frac, r in fb["thresholds"].items():
+        t = r["test"]
+        x, y = 100 * t["deferred_fraction"], t["quality"]
+        lo, hi = t["deferred_fraction_ci"]
+        xerr = [[x - 100 * lo], [100 * hi - x]]
+        yerr = None if not t["quality_ci"] else [[y - t["quality_ci"][0]],
+                                                 [t["quality_ci"][1] - y]]
+        ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", ms=4, capsize=2,
+                    label=f"rule for {float(frac):.0%} of teacher")
+    ax.set_title(f"report split ({test['examples']} examples); rule fitted on the fit split",
+                 fontsize=8)
     ax.set_xlabel("% of queries deferred to the teacher")
-    ax.set_ylabel("next-token accuracy")
+    ax.set_ylabel(fb["quality"], fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import remote
 from .errors import Error
 from .losses import DIVERGENCES
 
@@ -47,16 +48,57 @@ def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    model: str = _key("weights/teacher", "mlx_lm model folder or hub id")
+    model: str = _key("weights/teacher", "mlx_lm model folder or hub id; for `generate` also "
+                      "the base URL of an OpenAI-compatible endpoint (`http(s)://HOST/v1`: "
+                      "mlx_lm.server, vLLM, llama.cpp's server, a cloud API), which the "
+                      "`teacher.api_*` keys and `concurrency`, `max_retries`, `timeout` "
+                      "configure (docs/sequence-level.md)")
     mode: str = _key("cache", "`cache` (train from `cache.dir`) or `online` (the teacher stays "
                      "in memory and gives dense targets each step)")
     trust_remote_code: bool = _key(False, "run the model folder's own Python (`model_file` in "
                                    "its config.json); never by default")
+    api_model: Optional[str] = _key(None, "HTTP teacher: the `model` sent with each request "
+                                    "(null: the one model the endpoint's /models lists)")
+    api_key_env: Optional[str] = _key(None, "HTTP teacher: the name of the environment "
+                                      "variable holding the API key, sent as `Authorization: "
+                                      "Bearer` and never written anywhere (null: no key)")
+    api_endpoint: str = _key("chat", "HTTP teacher, `prompt` records: `chat` (one user "
+                             "message to /chat/completions) or `completions` (the raw text, "
+                             "with the reasoning opener, to /completions); `messages` records "
+                             "always go to /chat/completions")
+    api_n: bool = _key(True, "HTTP teacher: ask for `generate.n` answers in one request (the "
+                       "API's `n`; an endpoint that answers fewer is asked again for the "
+                       "rest, one that refuses `n` gets one request per answer); false: one "
+                       "request per answer from the start")
+    concurrency: int = _key(8, "HTTP teacher: requests in flight at once")
+    max_retries: int = _key(6, "HTTP teacher: retries of a request after a 408, 429 or 5xx, a "
+                            "timeout, a dropped connection or a broken answer, with exponential "
+                            "backoff and jitter (or the server's Retry-After)")
+    timeout: float = _key(300.0, "HTTP teacher: seconds to wait for an answer (a request "
+                          "queued behind others on a busy server counts)")
 
     def __post_init__(self):
         _one_of("teacher.mode", self.mode, ("cache", "online"))
         check(isinstance(self.trust_remote_code, bool),
               f"teacher.trust_remote_code={self.trust_remote_code!r} must be true or false")
+        if remote.is_url(self.model):
+            problem = remote.url_problem(self.model)
+            check(problem is None, f"teacher.model={remote.redact(self.model)}: {problem}")
+        for key in ("api_model", "api_key_env"):
+            v = getattr(self, key)
+            check(v is None or (isinstance(v, str) and v.strip() != ""),
+                  f"teacher.{key}={v!r} must be a string or null")
+        check(self.api_key_env is None or remote.ENV_NAME.match(self.api_key_env) is not None,
+              f"teacher.api_key_env must name an environment variable (e.g. OPENAI_API_KEY), "
+              "not hold the key itself")
+        _one_of("teacher.api_endpoint", self.api_endpoint, ("chat", "completions"))
+        check(isinstance(self.api_n, bool),
+              f"teacher.api_n={self.api_n!r} must be true or false")
+        check(_whole(self.concurrency),
+              f"teacher.concurrency={self.concurrency!r} must be a positive integer")
+        check(_whole(self.max_retries, 0),
+              f"teacher.max_retries={self.max_retries!r} must be an integer >= 0")
+        _positive("teacher.timeout", self.timeout)
 
 
 @dataclass(frozen=True)
@@ -85,8 +127,9 @@ class DataConfig:
                               "valid or test is noted and left null")
     test_records: Optional[int] = _key(None, "records of the held-out data that evaluation "
                                        "reads (after training, `eval`, export's fallback "
-                                       "threshold), the first ones (null: all): bounds its "
-                                       "time on a large test set")
+                                       "threshold), the first ones (null: all), of data.test "
+                                       "and of data.valid where the fallback rule is fitted: "
+                                       "bounds its time on a large test set")
     seq_len: int = _key(256, "tokens per packed row; must fit both models' context")
     max_rows: Optional[int] = _key(None, "cap on packed training rows (null: all): sizes the "
                                    "teacher pass to what a run uses; a cache built for more "
@@ -332,14 +375,19 @@ class GenerateConfig:
     top_p: float = _key(1.0, "nucleus sampling mass")
     verifier: Optional[str] = _key(None, "keep only answers that pass: null (all), `exact`, "
                                    "`regex:PATTERN` or `module:function`")
-    system: Optional[str] = _key(None, "system prompt for chat prompts")
-    batch_size: int = _key(8, "prompts per batched generation call")
-    seed: int = _key(0, "sampling seed")
+    system: Optional[str] = _key(None, "system prompt for chat prompts (HTTP teacher: the "
+                                 "system message of every chat request; for /completions, "
+                                 "text before the prompt)")
+    batch_size: int = _key(8, "prompts per batched generation call (HTTP teacher: prompts per "
+                           "written batch); a batch is the unit of resume")
+    seed: int = _key(0, "sampling seed (HTTP teacher: each request gets one derived from it and "
+                     "the prompt's position, sent when `temperature` > 0)")
     reasoning: Optional[str] = _key(None, "where the final answer starts: null (the whole "
                                     "answer), `think`, or `\"TEXT{reasoning}TEXT{answer}TEXT\"`; "
                                     "the verifier and task accuracy see the final answer only")
     eval_prompts: int = _key(200, "test records with an `answer` that `eval` scores for task "
-                             "accuracy (0: off)")
+                             "accuracy and grades the fallback rule on, and as many of "
+                             "data.valid's that fit the rule (0: off)")
 
     def __post_init__(self):
         check(self.reasoning is None or self.reasoning == "think"

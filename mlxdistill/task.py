@@ -8,6 +8,7 @@ where the reasoning ends and the final answer starts, `generate.verifier` how it
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 from . import generate as gen_mod
@@ -40,35 +41,57 @@ def task_prompts(path: str, limit: int, max_records: Optional[int] = None) -> li
 
 def greedy_answers(model, tok, prompts: list[dict], g) -> list[str]:
     """Greedy completions (the model's most likely answer, so the score is reproducible)."""
+    return greedy_generations(model, tok, prompts, g)["texts"]
+
+
+def greedy_generations(model, tok, prompts: list[dict], g) -> dict:
+    """Greedy completions with what the model read and wrote: {"texts", "prompt_ids",
+    "ids"} (the generated token ids, without the stop token), the inputs of
+    confidence.answer_signals."""
     # mlx_lm here, not at the top: it takes about a second to import (transformers)
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
     tmpl = gen_mod.reasoning_parts(g.reasoning)
     opener = tmpl[0] if tmpl else ""
-    texts: list[str] = []
+    out: dict = {"texts": [], "prompt_ids": [], "ids": []}
+    extra = ({"return_token_ids": True}
+             if "return_token_ids" in inspect.signature(batch_generate).parameters else {})
     for b in range(0, len(prompts), GEN_BATCH):
         toks = [gen_mod.prompt_tokens(tok, rec, g.system, opener)
                 for rec in prompts[b:b + GEN_BATCH]]
         resp = batch_generate(model, tok, toks, max_tokens=g.max_tokens,
-                              sampler=make_sampler(temp=0.0))
-        texts.extend(resp.texts)
-    return texts
+                              sampler=make_sampler(temp=0.0), **extra)
+        # an mlx_lm without return_token_ids: the text's own tokens
+        ids = resp.token_ids if extra else [tok.encode(t, add_special_tokens=False)
+                                            for t in resp.texts]
+        out["texts"].extend(resp.texts)
+        out["prompt_ids"].extend(toks)
+        out["ids"].extend([list(map(int, i)) for i in ids])
+    return out
+
+
+def verdicts(prompts: list[dict], texts: list[str], g) -> tuple[list[bool], int]:
+    """Per answer, whether it is right; and how many times the verifier raised (a verifier
+    that raises counts the answer as wrong)."""
+    verify = gen_mod.load_verifier(g.verifier or "exact")
+    tmpl = gen_mod.reasoning_parts(g.reasoning)
+    right, errors = [], 0
+    for rec, text in zip(prompts, texts):
+        try:
+            right.append(bool(verify(rec, gen_mod.split_answer(tmpl, text)[1])))
+        except Exception:
+            right.append(False)
+            errors += 1
+    return right, errors
 
 
 def score(prompts: list[dict], texts: list[str], g) -> dict:
     """Correct answers among `texts`; a verifier that raises counts the answer as wrong and
     the error is reported."""
-    verify = gen_mod.load_verifier(g.verifier or "exact")
-    tmpl = gen_mod.reasoning_parts(g.reasoning)
-    correct = errors = 0
-    for rec, text in zip(prompts, texts):
-        try:
-            correct += bool(verify(rec, gen_mod.split_answer(tmpl, text)[1]))
-        except Exception:
-            errors += 1
+    right, errors = verdicts(prompts, texts, g)
     n = len(prompts)
-    return {"accuracy": round(correct / max(n, 1), 4), "correct": correct,
+    return {"accuracy": round(sum(right) / max(n, 1), 4), "correct": sum(right),
             "verifier_errors": errors}
 
 
@@ -82,16 +105,32 @@ def retention(res: dict) -> dict:
 
 def task_accuracy(named_models: dict, tok, path: str, g,
                   max_records: Optional[int] = None,
-                  toks: Optional[dict] = None) -> Optional[dict]:
+                  toks: Optional[dict] = None,
+                  details: Optional[dict] = None) -> Optional[dict]:
     """{"prompts", per model {"accuracy", "correct", "verifier_errors"}, "retention"} on the
     first g.eval_prompts answered records of `path` (of its first `max_records`); None when
     there are none. `toks` names the models with a tokenizer of their own (a student of
     another tokenizer): each model reads the prompt and writes its answer in its own tokens,
-    and answers are compared as text."""
+    and answers are compared as text. `details`, a dict, receives per model its
+    `answer_sheet` (the cloud-fallback rule reuses the answers instead of generating
+    them again)."""
     prompts = task_prompts(path, g.eval_prompts, max_records) if g.eval_prompts else []
     if not prompts:
         return None
     toks = toks or {}
-    res = {name: score(prompts, greedy_answers(m, toks.get(name, tok), prompts, g), g)
-           for name, m in named_models.items()}
+    res = {}
+    for name, m in named_models.items():
+        sheet = answer_sheet(m, toks.get(name, tok), prompts, g)
+        res[name] = {"accuracy": round(sum(sheet["correct"]) / len(prompts), 4),
+                     "correct": sum(sheet["correct"]), "verifier_errors": sheet["errors"]}
+        if details is not None:
+            details[name] = sheet
     return {"prompts": len(prompts), **res, "retention": retention(res)}
+
+
+def answer_sheet(model, tok, prompts: list[dict], g) -> dict:
+    """A model's greedy answers to `prompts` (greedy_generations) with, per prompt,
+    whether it is right ("correct") and the verifier's errors ("errors")."""
+    sheet = greedy_generations(model, tok, prompts, g)
+    sheet["correct"], sheet["errors"] = verdicts(prompts, sheet["texts"], g)
+    return sheet

@@ -43,7 +43,7 @@ def main() -> None:
             "quantization": cfg.get("quantization"), "round_trip": rt, "fallback": fb}
         rows.append(f"| {bits} | {len(rep['files'])} | {rep['size_bytes'] / 1e6:.2f} | "
                     f"{rt['positions']} | {rt['max_abs_logit_diff']:.4f} | "
-                    f"{rt['top1_agreement']:.4f} | {rt['check']} | {fb['rule'] if fb else '-'} |")
+                    f"{rt['top1_agreement']:.4f} | {rt['check']} | {fb['rule_text'] if fb else '-'} |")
     out["table"] = "\n".join(rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:

@@ -141,6 +141,76 @@ def make(seed: int, sizes: dict, max_digits: int, fmt: str = "hints") -> dict:
     return out
 
 
+# Harder problems, for measuring a student that hands some queries to its teacher: kinds
+# rare or absent in `problem`'s draws (a has 2 to 4 digits, b 1 to 4, each digit count
+# equally likely, so both operands four digits is one problem in nine, b = 0 and a one-digit
+# a never occur). Each kind is drawn from operands 0..9999 until its condition holds.
+HARD_KINDS = {
+    "carry_out": "a + b > 9999: the carry out of the thousands makes a fifth digit",
+    "carry_chain": "addition where a carry passes through 3 or more columns (9999+0001)",
+    "borrow_chain": "subtraction where a borrow passes through 3 or more columns (1000-0999)",
+    "near_equal": "a - b < 100 with a four-digit a: the answer drops two or more leading zeros",
+    "single_digit": "both operands one digit (a never has fewer than two in training)",
+    "zero": "b = 0 (never in training)",
+}
+
+
+def passes(a: int, op: str, b: int) -> int:
+    """Columns a carry or borrow passes through: one comes in and one goes out."""
+    return sum(1 for _, _, c, _, out in columns(a, op, b, len(TAGS))[0] if c and out)
+
+
+def hard_problem(rng: random.Random, kind: str) -> tuple[int, str, int]:
+    """One problem of a HARD_KINDS kind, (a, op, b) with a >= b for subtraction."""
+    if kind == "near_equal":
+        a = rng.randint(1000, 9999)
+        return a, "-", a - rng.randint(0, 99)
+    if kind == "zero":
+        return rng.randint(0, 9999), rng.choice("+-"), 0
+    top = 9 if kind == "single_digit" else 9999
+    op = {"carry_out": "+", "carry_chain": "+", "borrow_chain": "-"}.get(kind) \
+        or rng.choice("+-")
+    while True:  # the chains hold for about one draw in ten: a few draws each
+        a, b = rng.randint(0, top), rng.randint(0, top)
+        if op == "-" and b > a:
+            a, b = b, a
+        if kind == "single_digit" or (kind == "carry_out" and a + b > 9999) \
+                or (kind in ("carry_chain", "borrow_chain") and passes(a, op, b) >= 3):
+            return a, op, b
+
+
+def hard_records(seed: int, n: int, kinds, exclude: set) -> list[dict]:
+    """`n` distinct problems (index-hint format), the kinds in turn, none whose prompt is in
+    `exclude` (those of the usual splits): held out from training by construction."""
+    if not kinds or any(k not in HARD_KINDS for k in kinds):
+        raise ValueError(f"kinds must be among {', '.join(HARD_KINDS)}; got {list(kinds)}")
+    rng, seen, out = random.Random(seed), set(exclude), []
+    while len(out) < n:
+        kind = kinds[len(out) % len(kinds)]
+        rec = record(*hard_problem(rng, kind), hints=len(TAGS))
+        if rec["prompt"] not in seen:
+            seen.add(rec["prompt"])
+            out.append({**rec, "kind": kind})
+    return out
+
+
+def hybrid_splits(splits: dict, seed: int, sizes: dict, kinds) -> dict:
+    """hybrid_valid / hybrid_test: per split, the first half of the usual held-out records
+    ("kind": "usual") and as many harder ones (hard_records, seed `seed`), shuffled."""
+    exclude = {r["prompt"] for recs in splits.values() for r in recs}
+    out, rng = {}, random.Random(seed)
+    for split, n in sizes.items():
+        half = n // 2
+        if half > len(splits[split]):
+            raise ValueError(f"{split} has {len(splits[split])} records; {half} needed")
+        hard = hard_records(seed + len(out) + 1, n - half, kinds, exclude)
+        exclude |= {r["prompt"] for r in hard}
+        recs = [{**r, "kind": "usual"} for r in splits[split][:half]] + hard
+        rng.shuffle(recs)
+        out[f"hybrid_{split}"] = recs
+    return out
+
+
 def write_jsonl(path: str, recs: list[dict]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

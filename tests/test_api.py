@@ -123,7 +123,8 @@ def test_test_records_evaluates_the_first_records_only(tiny, tmp_path):
     assert capped["tokens"] == on_file["tokens"]
     for name in ("teacher", "student_before", "student_after"):
         assert capped[name] == on_file[name]
-    assert capped["fallback"]["examples"] == on_file["fallback"]["examples"] == 3
+    assert capped["fallback"]["test"]["examples"] == on_file["fallback"]["test"]["examples"] == 3
+    assert capped["fallback"]["fit"]["examples"] == 3  # data.valid is capped alike
     assert "first 3 records" in evaluate.format_table(capped)
     # the command line's --records is the same cap
     res = CliRunner().invoke(main, ["eval", cfg.run.dir, "--records", "3", "--json"])

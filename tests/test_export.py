@@ -42,7 +42,10 @@ def test_export_round_trip_and_file_set(lora_run, bits):
     assert report["fused_layers"] > 0
     if bits == "16":
         assert "quantization" not in cfg
-        assert rt["top1_agreement"] == 1.0 and rt["max_abs_logit_diff"] < 0.05
+        # float16 storage rounds each weight to ~3 significant digits: the distributions
+        # must match (KL), single logits of a sharp model may move by a few hundredths
+        assert rt["top1_agreement"] == 1.0 and rt["kl_reference_to_export"] < 1e-4
+        assert rt["max_abs_logit_diff"] < 0.25
     else:
         assert cfg["quantization"]["bits"] == int(bits)
         assert cfg["quantization"]["group_size"] == 32
@@ -445,14 +448,17 @@ def test_export_writes_fallback_threshold(lora_run):
         assert res.exit_code == 0, res.output
         reports[target] = json.load(open(out / "export.json"))["fallback"]
         card = (out / "README.md").read_text()
-        assert "## Cloud fallback" in card and reports[target]["rule"] in card
+        assert "## Cloud fallback" in card and reports[target]["rule_text"] in card
     lo, hi = reports["0.5"], reports["1.0"]
-    for fb in (lo, hi):
-        assert fb["signal"] == "confidence" and fb["examples"] == 10
-        assert fb["expected_quality"] >= fb["target"] - 1e-6
-        assert fb["target"] == pytest.approx(fb["target_fraction_of_teacher"]
-                                             * fb["teacher_quality"], abs=1e-6)
-    assert hi["deferred_fraction"] >= lo["deferred_fraction"]
+    for target, fb in (("0.5", lo), ("1.0", hi)):
+        assert fb["signal"] in ("confidence", "margin") and fb["defer_when"] == "below"
+        assert fb["target"] == float(target) and fb["quality"].startswith("next-token")
+        assert fb["fit"]["examples"] == fb["test"]["examples"] == 10  # data.valid, data.test
+        assert fb["fit"]["reached"] == (fb["fit"]["quality"] >= float(target)
+                                        * fb["fit"]["teacher_quality"] - 1e-6)
+        t = fb["test"]
+        assert t["gain_at_rate"] == pytest.approx(t["quality"] - t["random_quality"], abs=1e-5)
+    assert hi["fit"]["deferred_fraction"] >= lo["fit"]["deferred_fraction"]
 
 
 def test_model_card_front_matter_as_the_hub_reads_it(lora_run, tiny):

@@ -119,7 +119,8 @@ def test_score_and_retention_math(monkeypatch):
     assert task.score(prompts, texts, g) == {"accuracy": 0.75, "correct": 3,
                                              "verifier_errors": 0}
     answers = {"teacher": right, "student_before": ["x"] * 4, "student_after": right[:3] + ["5"]}
-    monkeypatch.setattr(task, "greedy_answers", lambda m, tok, p, g: answers[m][:len(p)])
+    monkeypatch.setattr(task, "greedy_generations", lambda m, tok, p, g: {
+        "texts": answers[m][:len(p)], "prompt_ids": [], "ids": []})
     monkeypatch.setattr(task, "task_prompts",
                         lambda path, limit, max_records=None: prompts[:limit])
     res = task.task_accuracy({k: k for k in answers}, None, "unused", g)
