@@ -376,6 +376,13 @@ class Handler(BaseHTTPRequestHandler):
             self._error(e.status, str(e))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away
+        except Exception as e:  # noqa: BLE001  a failed generation answers 500, and says why
+            self.server.log(f"{kind}: error: {type(e).__name__}: {e}")
+            try:
+                self._error(500, f"the student failed on this request: {type(e).__name__}: "
+                                 f"{str(e)[:200]}")
+            except OSError:
+                pass
 
     def _complete(self, kind: str, body: dict) -> None:
         srv, t0 = self.server, time.time()

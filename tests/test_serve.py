@@ -185,6 +185,19 @@ def test_bad_requests_get_clear_4xx(tmp_path):
         assert status == 400 and "context is 40 tokens" in res["error"]["message"]
 
 
+def test_a_failed_generation_is_a_500_and_the_server_goes_on(tmp_path, monkeypatch):
+    def boom(student, req):
+        raise RuntimeError("out of memory")
+
+    with Running(folder_with_rule(tmp_path, -1e9)) as s:
+        monkeypatch.setattr(serve, "student_answer", boom)
+        status, _, res = s.ask()
+        assert status == 500 and "out of memory" in res["error"]["message"]
+        assert "error: RuntimeError" in s.lines[-1]
+        monkeypatch.undo()
+        assert s.ask()[0] == 200
+
+
 def test_concurrent_requests_and_the_limit(tmp_path):
     with Running(folder_with_rule(tmp_path, -1e9), max_concurrent=3) as s:
         results = []
