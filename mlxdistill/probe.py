@@ -38,6 +38,7 @@ def baseline() -> int:
     """MLX memory already held by the process (unreachable arrays collected first), which a
     probe's peak must not count."""
     gc.collect()
+    mx.synchronize()  # buffers of work still in flight are released once it finishes
     return mx.get_active_memory()
 
 

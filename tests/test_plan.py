@@ -113,9 +113,13 @@ def test_family_estimates_match_measured_peak(case, family, tkw, skw, mode, tmp_
     assert (ts.bits, ss.bits) == (tkw.get("bits"), skw.get("bits"))
     bpt = plan.cache_bytes_per_token(cfg, min(ts.vocab, ss.vocab), ts.hidden)
     # The teacher probe first: a compiled training step's buffers are released some time
-    # after it returns, and would otherwise sit in the teacher probe's baseline.
+    # after it returns, and would otherwise sit in the teacher probe's baseline. A tiny
+    # teacher's peak lands in one of two modes, call by call, ~25 % apart (how MLX's
+    # scheduler orders and frees the batch's buffers); the plan must cover the higher one,
+    # so the largest of several probes is the peak to compare with.
+    measured = max(probe.probe_teacher(cfg, batches=4)["peak_bytes"] for _ in range(5))
     assert_close(plan.teacher_total(cfg, ts, bpt, None, min(ts.vocab, ss.vocab))["mlx_bytes"],
-                 probe.probe_teacher(cfg, batches=4)["peak_bytes"], f"{case} teacher pass")
+                 measured, f"{case} teacher pass")
     # The peak of a tiny step varies with how MLX's scheduler frees buffers (about +-6 %
     # run to run); the largest of several steps is the peak a run reaches.
     assert_close(plan.training_total(cfg, ss, bpt)["mlx_bytes"],
