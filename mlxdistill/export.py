@@ -19,6 +19,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 import yaml
 from mlx.utils import tree_unflatten
 
@@ -86,10 +87,31 @@ def round_trip(ref_logits: mx.array, out: str, rows: mx.array, vocab: int) -> di
     reloaded = as_evaluated(mlx_load(out)[0])
     a, b = ref_logits, _logits(reloaded, rows, vocab)
     kl = losses.dense_kl_pos(losses.log_softmax(b), losses.log_softmax(a)).mean()
+    delta = mx.abs(a - b)
+    diff = delta.max().item()
+    flips = mx.argmax(a, -1) != mx.argmax(b, -1)
+    # A position whose top two reference logits are closer than rounding moves a logit can
+    # change its top-1 under any rounding; elsewhere a flip means the weights are wrong. The
+    # rounding's size: the 99.9th percentile of the changes (one wrong logit does not set it).
+    noise = float(np.quantile(np.array(delta).ravel(), 0.999))
+    top2 = mx.topk(a, 2, axis=-1)
+    gap = mx.abs(top2[..., 1] - top2[..., 0])
     return {"rows": int(rows.shape[0]), "positions": int(rows.size),
-            "max_abs_logit_diff": round(mx.abs(a - b).max().item(), 6),
-            "top1_agreement": round((mx.argmax(a, -1) == mx.argmax(b, -1)).mean().item(), 6),
+            "max_abs_logit_diff": round(diff, 6),
+            "top1_agreement": round(1 - flips.mean().item(), 6),
+            "top1_flips": int(flips.sum().item()),
+            "flips_at_near_ties": int((flips & (gap <= 2 * noise)).sum().item()),
             "kl_reference_to_export": round(kl.item(), 8)}
+
+
+def round_trip_check(rt: dict, bits: int) -> str:
+    """16-bit: "pass" when the top-1 token is the float32 model's at every position but
+    near-ties (top-2 gap within twice the rounding's size) and those are rare (agreement
+    >= 0.99), else "FAIL"; quantized: "reported" (its agreement is the measurement)."""
+    if bits != 16:
+        return "reported"
+    ok = rt["top1_flips"] == rt["flips_at_near_ties"] and rt["top1_agreement"] >= 0.99
+    return "pass" if ok else "FAIL"
 
 
 def _tunable(m) -> bool:
@@ -230,7 +252,9 @@ def model_card(run_dir: str, teacher: str, student: str, bits: int, rt: dict,
     lines += ["## Round-trip check", "",
               f"Reloaded with `mlx_lm.load` and compared with the evaluated model on "
               f"{rt['positions']} positions: max |Δlogit| {rt['max_abs_logit_diff']}, "
-              f"top-1 agreement {rt['top1_agreement']}.", ""]
+              f"top-1 agreement {rt['top1_agreement']}"
+              + (f" ({rt['top1_flips']} positions differ, {rt['flips_at_near_ties']} of them "
+                 "near-ties of the reference)" if rt.get("top1_flips") else "") + ".", ""]
     if prof:
         lines += ["## Profile", "", f"Measured by `mlxdistill profile` on the "
                   f"{prof[0]['backend']} backend (figures from a Linux CPU do not transfer "
@@ -333,10 +357,8 @@ def export_run(run_dir: str, out: str, bits: int = 16, group_size: int = 64,
         gguf_rep = gguf_mod.write(model, config, tok, tmp) if gguf else None
 
         # Round trip against the float32 reference, before the folder takes its final name.
-        # 16-bit must give the same top-1 at every position; quantized agreement is reported.
         rt = round_trip(ref_logits, tmp, rows, vocab)
-        rt["check"] = ("pass" if rt["top1_agreement"] == 1.0 else "FAIL") if bits == 16 \
-            else "reported"
+        rt["check"] = round_trip_check(rt, bits)
         fb = _fallback(cfg, tmp, tok, vocab, target_quality)
         ev = json.load(open(run.eval_json)) if os.path.exists(run.eval_json) else None
         prof = _profile_rows(run_dir, bits)

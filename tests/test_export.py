@@ -492,3 +492,43 @@ def test_model_card_front_matter_as_the_hub_reads_it(lora_run, tiny):
     assert meta["teacher_model"] == os.path.basename(tiny["teacher"])
     assert "(base_model) is the name of a local folder" in text
     assert str(d) not in text.split("---\n")[1]
+
+
+def test_round_trip_tells_a_near_tie_flip_from_wrong_weights(tmp_path):
+    """16-bit passes when the only top-1 changes are at positions whose two best reference
+    logits are closer than the logits moved; a flip anywhere else fails it."""
+    import mlx.core as mx
+    from mlx_lm.utils import load as mlx_load
+
+    from mlxdistill import export
+
+    import shutil
+
+    src = make_model(str(tmp_path / "m"), dim=32, layers=1, seed=5, sharpen=4.0)
+    folder = str(tmp_path / "m16")  # the same model stored as float16, as export stores it
+    shutil.copytree(src, folder)
+    w = mx.load(os.path.join(src, "model.safetensors"))
+    mx.save_safetensors(os.path.join(folder, "model.safetensors"),
+                        {k: v.astype(mx.float16) for k, v in w.items()})
+    rows = mx.array([[(7 * i + 1) % 64 for i in range(128)]], dtype=mx.int32)
+    ref = export._logits(export.as_evaluated(mlx_load(src)[0]), rows, 64)
+    rt = export.round_trip(ref, folder, rows, 64)
+    assert 0 < rt["max_abs_logit_diff"] < 0.25 and rt["top1_flips"] == 0
+    assert export.round_trip_check(rt, 16) == "pass"
+
+    top2 = mx.topk(ref[0, 3], 2)  # ascending: [second, first]
+    second = int(mx.argmax(mx.where(ref[0, 3] == top2[1], -1e9, ref[0, 3])).item())
+
+    def with_pos3(v):  # the reference with token `second` at position 3 set to v
+        return mx.where((mx.arange(64) == second)[None, None] & (mx.arange(128) == 3)[None, :, None],
+                        v, ref)
+
+    # the reference's runner-up made a hair better: a near-tie the export may flip
+    near = export.round_trip(with_pos3(top2[1].item() + 1e-6), folder, rows, 64)
+    assert near["top1_flips"] == near["flips_at_near_ties"] == 1
+    assert export.round_trip_check(near, 16) == "pass"
+    # made far better: the export disagrees where it should not, which is a failure
+    far = export.round_trip(with_pos3(top2[1].item() + 50.0), folder, rows, 64)
+    assert far["top1_flips"] == 1 and far["flips_at_near_ties"] == 0
+    assert export.round_trip_check(far, 16) == "FAIL"
+    assert export.round_trip_check(far, 4) == "reported"
