@@ -3,6 +3,7 @@ digit with carries and borrows, with a checkable final answer.
 
     python scripts/make_task.py                  # data/task/{train,valid,test,prompts}.jsonl
     python scripts/make_task.py --format plain   # "4821+397=" (the earlier format)
+    python scripts/make_task.py --hybrid         # data/task/hybrid_{valid,test}.jsonl
 
 Each line of train/valid/test is {"prompt", "completion", "answer"}: the prompt is the
 problem, in the default index-hint format with every digit after its place tag and both
@@ -147,8 +148,8 @@ def make(seed: int, sizes: dict, max_digits: int, fmt: str = "hints") -> dict:
 # a never occur). Each kind is drawn from operands 0..9999 until its condition holds.
 HARD_KINDS = {
     "carry_out": "a + b > 9999: the carry out of the thousands makes a fifth digit",
-    "carry_chain": "addition where a carry passes through 3 or more columns (9999+0001)",
-    "borrow_chain": "subtraction where a borrow passes through 3 or more columns (1000-0999)",
+    "carry_chain": "addition where a carry passes through 2 or more columns (0999+0001)",
+    "borrow_chain": "subtraction where a borrow passes through 2 or more columns (1000-0999)",
     "near_equal": "a - b < 100 with a four-digit a: the answer drops two or more leading zeros",
     "single_digit": "both operands one digit (a never has fewer than two in training)",
     "zero": "b = 0 (never in training)",
@@ -156,7 +157,8 @@ HARD_KINDS = {
 
 
 def passes(a: int, op: str, b: int) -> int:
-    """Columns a carry or borrow passes through: one comes in and one goes out."""
+    """Columns a carry or borrow passes through: one comes in and one goes out (at most 3
+    for addition, 2 for subtraction: its top column never borrows)."""
     return sum(1 for _, _, c, _, out in columns(a, op, b, len(TAGS))[0] if c and out)
 
 
@@ -175,7 +177,7 @@ def hard_problem(rng: random.Random, kind: str) -> tuple[int, str, int]:
         if op == "-" and b > a:
             a, b = b, a
         if kind == "single_digit" or (kind == "carry_out" and a + b > 9999) \
-                or (kind in ("carry_chain", "borrow_chain") and passes(a, op, b) >= 3):
+                or (kind in ("carry_chain", "borrow_chain") and passes(a, op, b) >= 2):
             return a, op, b
 
 
@@ -184,13 +186,16 @@ def hard_records(seed: int, n: int, kinds, exclude: set) -> list[dict]:
     `exclude` (those of the usual splits): held out from training by construction."""
     if not kinds or any(k not in HARD_KINDS for k in kinds):
         raise ValueError(f"kinds must be among {', '.join(HARD_KINDS)}; got {list(kinds)}")
-    rng, seen, out = random.Random(seed), set(exclude), []
+    rng, seen, out, misses = random.Random(seed), set(exclude), [], 0
     while len(out) < n:
         kind = kinds[len(out) % len(kinds)]
         rec = record(*hard_problem(rng, kind), hints=len(TAGS))
         if rec["prompt"] not in seen:
             seen.add(rec["prompt"])
             out.append({**rec, "kind": kind})
+            misses = 0
+        elif (misses := misses + 1) > 10000:  # single_digit has only ~150 problems
+            raise ValueError(f"{kind}: fewer distinct problems than {n} asked for")
     return out
 
 
@@ -229,6 +234,12 @@ def main() -> None:
     ap.add_argument("--format", choices=list(FORMATS), default="hints",
                     help="hints: digits tagged by place (worked_hints); plain: '4821+397='; "
                          "pad: zero-padded operands; fixed: padded, lines of one length")
+    ap.add_argument("--hybrid", action="store_true",
+                    help="write only hybrid_valid/hybrid_test.jsonl: half the usual held-out "
+                         "records, half harder ones (--hard-kinds), none seen in any split")
+    ap.add_argument("--hard-kinds", default="carry_out,carry_chain,near_equal",
+                    help="comma-separated, among: " + ", ".join(HARD_KINDS))
+    ap.add_argument("--hybrid-seed", type=int, default=1)
     args = ap.parse_args()
     if args.format == "hints" and not 2 <= args.max_digits <= len(TAGS):
         raise SystemExit(f"error: --max-digits {args.max_digits}: the index-hint format names "
@@ -239,6 +250,19 @@ def main() -> None:
     if len(prompts) != sum(map(len, splits.values())):
         raise SystemExit("error: a problem appears twice; the splits would not be held out")
     os.makedirs(args.out, exist_ok=True)
+    if args.hybrid:  # the usual splits are rebuilt (seeded) to hold the new problems out
+        if args.format != "hints":
+            raise SystemExit("error: --hybrid writes the index-hint format only")
+        try:
+            mixed = hybrid_splits(splits, args.hybrid_seed,
+                                  {"valid": args.valid, "test": args.test},
+                                  [k for k in args.hard_kinds.split(",") if k])
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        for name, recs in mixed.items():
+            write_jsonl(os.path.join(args.out, f"{name}.jsonl"), recs)
+        print(f"wrote {args.out}: " + ", ".join(f"{k} {len(v)}" for k, v in mixed.items()))
+        return
     for split, recs in splits.items():
         write_jsonl(os.path.join(args.out, f"{split}.jsonl"), recs)
     write_jsonl(os.path.join(args.out, "prompts.jsonl"),
