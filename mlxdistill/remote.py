@@ -98,18 +98,28 @@ def need_local(model: str, command: str) -> None:
                           "teacher.model to a local mlx_lm folder or a hub id")
 
 
-def read_key(env: Optional[str]) -> Optional[str]:
-    """The API key from the environment variable `env` (None: no key is sent)."""
+def read_key(env: Optional[str], setting: str = "teacher.api_key_env") -> Optional[str]:
+    """The API key from the environment variable `env` (None: no key is sent); `setting`
+    is what named the variable, for the message."""
     if env is None:
         return None
     if not ENV_NAME.match(env):
-        raise RemoteError("teacher.api_key_env must be the name of an environment variable "
+        raise RemoteError(f"{setting} must be the name of an environment variable "
                           "(e.g. OPENAI_API_KEY), not the key itself")
     key = os.environ.get(env, "").strip()
     if not key:
-        raise RemoteError(f"teacher.api_key_env={env}: the environment variable {env} is not "
+        raise RemoteError(f"{setting}={env}: the environment variable {env} is not "
                           f"set; export {env}=<your key> (it is read only from there)")
     return key
+
+
+def opener(url: str) -> urllib.request.OpenerDirector:
+    """urllib's opener for requests to `url`. A proxy from the environment must not see
+    requests to this machine (nor could it reach them); elsewhere urllib's own proxy
+    settings apply."""
+    host = urllib.parse.urlsplit(url).hostname
+    return urllib.request.build_opener(
+        *([urllib.request.ProxyHandler({})] if host in LOOPBACK else []))
 
 
 def backoff(attempt: int) -> float:
@@ -189,10 +199,7 @@ class Client:
         self.max_tokens_key = "max_tokens"
         self._lock = threading.Lock()
         host = urllib.parse.urlsplit(self.base).hostname
-        # A proxy from the environment must not see requests to this machine (nor could it
-        # reach them); elsewhere urllib's own proxy settings apply.
-        handlers = [urllib.request.ProxyHandler({})] if host in LOOPBACK else []
-        self._opener = urllib.request.build_opener(*handlers)
+        self._opener = opener(self.base)
         if self._key and self.base.lower().startswith("http://") and host not in LOOPBACK:
             _log.warning(f"the key in ${key_env} goes to {host} over plain http, readable on "
                          "the way; use https unless the network is yours")

@@ -24,27 +24,25 @@ sampled answer, which the threshold was not fitted on.
 from __future__ import annotations
 
 import hmac
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 import json
 import os
 import threading
 import time
-import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-from . import confidence, models
+from . import confidence, models, remote
 from .data import has_chat_template
 from .errors import Error
 from .generate import prompt_tokens
 from .rundir import RunDir
 
 API_KEY_ENV = "MLXDISTILL_API_KEY"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class ServeError(Error):
@@ -66,8 +64,9 @@ class Options:
     fallback: Optional[str] = None         # base URL of an OpenAI-compatible endpoint (…/v1)
     fallback_model: Optional[str] = None   # its "model" field (default: the request's)
     fallback_key_env: Optional[str] = None  # environment variable holding its API key
+    fallback_key: Optional[str] = field(default=None, repr=False)  # read from it at start
     fallback_timeout: float = 30.0         # seconds before the student's answer goes out
-    api_key: Optional[str] = None          # required of clients when set
+    api_key: Optional[str] = field(default=None, repr=False)  # required of clients when set
     max_tokens: int = 1024                 # the most a request may ask for
     default_max_tokens: int = 256
     max_body: int = 1 << 20                # bytes
@@ -234,12 +233,14 @@ def ask_fallback(opts: Options, kind: str, body: dict) -> dict:
     if opts.fallback_model:
         out["model"] = opts.fallback_model
     headers = {"Content-Type": "application/json"}
-    key = os.environ.get(opts.fallback_key_env or "")
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
+    if opts.fallback_key:
+        headers["Authorization"] = f"Bearer {opts.fallback_key}"
     req = urllib.request.Request(url, json.dumps(out).encode(), headers, method="POST")
-    with urllib.request.urlopen(req, timeout=opts.fallback_timeout) as resp:
+    with remote.opener(url).open(req, timeout=opts.fallback_timeout) as resp:
         data = json.loads(resp.read())
+    if not isinstance(data, dict):
+        raise ValueError("the fallback's answer is not a JSON object")
+    remote.choices(kind == "chat")(data)  # ValueError naming what is missing
     choice = data["choices"][0]
     text = choice["message"]["content"] if kind == "chat" else choice["text"]
     if not isinstance(text, str):
@@ -440,13 +441,14 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def check_options(opts: Options) -> Options:
-    """The key clients must send: required off the loopback interface."""
+    """The options checked, with the keys read: the one clients must send (required off the
+    loopback interface) and the fallback's, from the variable --fallback-key-env names."""
     key = opts.api_key or os.environ.get(API_KEY_ENV) or None
-    if opts.host not in LOOPBACK and not key:
+    if opts.host not in remote.LOOPBACK and not key:
         raise ServeError(f"--host {opts.host} serves beyond this machine: give --api-key or "
                          f"set {API_KEY_ENV}, which clients then send as 'Authorization: "
                          "Bearer KEY'")
-    if opts.fallback and not opts.fallback.startswith(("http://", "https://")):
+    if opts.fallback and not remote.is_url(opts.fallback):
         raise ServeError(f"--fallback {opts.fallback} is not an http(s) URL; give the "
                          "endpoint's base, e.g. https://api.example.com/v1")
     for name in ("max_tokens", "default_max_tokens", "max_body", "max_concurrent"):
@@ -454,7 +456,8 @@ def check_options(opts: Options) -> Options:
             raise ServeError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.fallback_timeout <= 0:
         raise ServeError("--fallback-timeout must be a positive number of seconds")
-    return Options(**{**opts.__dict__, "api_key": key,
+    fallback_key = remote.read_key(opts.fallback_key_env, "--fallback-key-env")
+    return Options(**{**opts.__dict__, "api_key": key, "fallback_key": fallback_key,
                       "default_max_tokens": min(opts.default_max_tokens, opts.max_tokens)})
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 import mlxdistill  # noqa: F401,E402  (OpenBLAS before mlx)
 import numpy as np  # noqa: E402
 
-from mlxdistill import api, confidence, fallback, task  # noqa: E402
+from mlxdistill import api, confidence, fallback, serve, task  # noqa: E402
 from mlxdistill.files import atomic_json, atomic_path  # noqa: E402
 
 SEED = 0
@@ -154,8 +154,7 @@ def latency(student, stok, teacher, ttok, prompt_ids: list, rule: dict, g) -> di
         t2 = time.perf_counter()
         generate_one(teacher, ttok, ids, g.max_tokens)
         t3 = time.perf_counter()
-        defer = bool(rule["always_defer"]) or (rule["threshold"] is not None
-                                               and sig[rule["signal"]] < rule["threshold"])
+        defer = serve.decide(rule, sig)[0]  # as the server decides
         rows.append({"student": t1 - t0, "signals": t2 - t1, "teacher": t3 - t2,
                      "defer": defer})
     return {"queries": len(rows), "rows": rows}

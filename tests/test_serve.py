@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import mlxdistill  # noqa: F401  (OpenBLAS before mlx)
-from mlxdistill import confidence, serve
+from mlxdistill import confidence, remote, serve
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 STUDENT = os.path.join(ROOT, "weights", "student")
@@ -230,6 +230,15 @@ def test_api_key_and_binding(tmp_path, monkeypatch):
     assert serve.check_options(serve.Options(host="0.0.0.0", api_key="k")).api_key == "k"
     with pytest.raises(serve.ServeError, match="not an http"):
         serve.check_options(serve.Options(fallback="ftp://x"))
+    # the fallback's key: read once at start, from the variable named, never shown
+    monkeypatch.delenv("FALLBACK_KEY", raising=False)
+    with pytest.raises(remote.RemoteError, match="--fallback-key-env=FALLBACK_KEY"):
+        serve.check_options(serve.Options(fallback="http://127.0.0.1:1/v1",
+                                          fallback_key_env="FALLBACK_KEY"))
+    monkeypatch.setenv("FALLBACK_KEY", "fb-sekret")
+    o = serve.check_options(serve.Options(fallback="http://127.0.0.1:1/v1",
+                                          fallback_key_env="FALLBACK_KEY", api_key="k"))
+    assert o.fallback_key == "fb-sekret" and "sekret" not in repr(o) and "'k'" not in repr(o)
     monkeypatch.setenv(serve.API_KEY_ENV, "sekret")
     with Running(path) as s:
         assert s.ask()[0] == 401
