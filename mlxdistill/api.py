@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from . import api_cache
 from . import cache as cache_mod
 from . import data as data_mod
 from . import evaluate as evaluate_mod
@@ -43,7 +44,7 @@ def train(cfg: Config, quiet: bool = False, log=print) -> Optional[dict]:
     With train.final_eval false nothing is evaluated and None is returned. A run already
     trained and evaluated is neither trained nor evaluated again (evaluation takes minutes
     on real data): its eval.json is returned; `evaluate` (`mlxdistill eval`) redoes it."""
-    remote.need_local(cfg.teacher.model, "train")
+    http = need_cache(cfg, "train")
     run = RunDir(cfg.run.dir)
     # Decided before fit, after which the run is finished either way: an existing eval.json
     # is this run's result only if this call trains nothing.
@@ -58,6 +59,10 @@ def train(cfg: Config, quiet: bool = False, log=print) -> Optional[dict]:
             f"`mlxdistill eval {run.path}` evaluates it again")
         if not quiet:
             log(evaluate_mod.format_table(res))
+    elif cfg.train.final_eval and http:
+        log(f"not evaluated: teacher.model={remote.redact(cfg.teacher.model)} is an HTTP "
+            "endpoint, and the comparison runs the teacher's weights; score the student "
+            "with `mlxdistill eval` and a local teacher, or on its task (eval.task)")
     elif cfg.train.final_eval:
         res = evaluate_mod.evaluate_run(cfg.run.dir, quiet=quiet, log=log, cfg=cfg,
                                         teacher=teacher)
@@ -87,13 +92,28 @@ def outputs(run: RunDir) -> str:
 
 def fit(cfg: Config, quiet: bool = False, log=print) -> bool:
     """Train only (no final evaluation); True on rank 0."""
-    remote.need_local(cfg.teacher.model, "train")
+    need_cache(cfg, "train")
     return trainer.fit(cfg, quiet, log)
+
+
+def need_cache(cfg: Config, command: str) -> bool:
+    """Whether the teacher is an HTTP endpoint, which `cache` and `train` take only as the
+    source of a top-k cache built from the log-probabilities `generate` kept (api_cache.py);
+    any other use of an endpoint is refused."""
+    if not remote.is_url(cfg.teacher.model):
+        return False
+    if cfg.teacher.mode == "online":
+        raise ConfigError(f"teacher.mode=online runs the teacher's weights at every step; "
+                          f"teacher.model={remote.redact(cfg.teacher.model)} is an HTTP "
+                          "endpoint: use teacher.mode=cache (a top-k cache from the "
+                          "log-probabilities `generate` kept) or a local teacher")
+    api_cache.check(cfg)
+    return True
 
 
 def build_cache(cfg: Config, quiet: bool = False, log=print) -> dict:
     """The teacher pass over data.train -> cache.dir (resumes a killed pass); the manifest."""
-    remote.need_local(cfg.teacher.model, "cache")
+    need_cache(cfg, "cache")
     world = World(cfg.run.dist_timeout)
     log = log if world.main else (lambda m: None)  # rank 0 reports for all
     log(world.describe())

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from . import data as data_mod
-from . import files, models, surgery
+from . import api_cache, files, models, remote, surgery
 from .config import Config, ConfigError
 from .distributed import World
 from .progress import Progress
@@ -149,6 +149,11 @@ def build(cfg: Config, quiet: bool = False, log=print, world: Optional[World] = 
     (another `cache`, or a `train` that finds the cache missing) is refused at once, naming
     the process that runs the first."""
     world = world or World(cfg.run.dist_timeout)
+    if remote.is_url(cfg.teacher.model):  # no teacher pass: what generate kept of its answers
+        if world.size > 1:
+            raise ConfigError("a cache from an HTTP teacher's log-probabilities is built by one "
+                              "process (it runs no model); run `mlxdistill cache` first")
+        return api_cache.build(cfg, quiet, log)
     files.check_dir(cfg.cache.dir, "cache.dir")  # before the teacher is loaded
     if not world.main:  # rank 0 locks, and reports, for all
         return _build(cfg, True, lambda m: None, world, teacher)

@@ -210,7 +210,8 @@ def _anchor_embedded_paths(cfg: Config) -> Config:
 
     return dataclasses.replace(
         cfg,
-        teacher=dataclasses.replace(cfg.teacher, model=anchor(cfg.teacher.model)),
+        teacher=dataclasses.replace(cfg.teacher, model=anchor(cfg.teacher.model),
+                                    tokenizer=anchor(cfg.teacher.tokenizer)),
         student=dataclasses.replace(cfg.student, model=anchor(cfg.student.model)),
         data=dataclasses.replace(cfg.data, train=anchor(cfg.data.train),
                                  valid=anchor(cfg.data.valid), test=anchor(cfg.data.test)),

@@ -40,6 +40,9 @@ class Packed:
     next_ids: np.ndarray  # int32 [rows]
     records: int = 0
     long_records: int = 0  # records longer than seq_len: split across rows or truncated
+    # Where each record's tokens begin in the flattened rows, and how many it kept: what
+    # ties a position back to its record (api_cache.py).
+    spans: tuple = ()
 
     def long_report(self, seq_len: int, how: str, path: str) -> Optional[str]:
         """The line every pass over a dataset prints when records did not fit a row."""
@@ -230,6 +233,7 @@ def pack(path: str, tokenizer, seq_len: int, mask_prompt: bool = True,
     trained: list[bool] = []
     real: list[bool] = []  # False on the padding that ends a row early
     records = long = 0
+    spans: list[tuple[int, int]] = []
     for i, rec in enumerate(read_records(path)[:max_records]):
         if early_stop and max_rows is not None and len(ids) > max_rows * seq_len:
             break
@@ -255,6 +259,7 @@ def pack(path: str, tokenizer, seq_len: int, mask_prompt: bool = True,
             ids.extend([eos if eos is not None else 0] * room)
             trained.extend([False] * room)
             real.extend([False] * room)
+        spans.append((len(ids), len(r_ids)))
         ids.extend(r_ids)
         trained.extend(r_trained)
         real.extend([True] * len(r_ids))
@@ -278,7 +283,7 @@ def pack(path: str, tokenizer, seq_len: int, mask_prompt: bool = True,
     ok = ends < len(stream)
     next_ids[ok] = stream[ends[ok]]
     return Packed(inp.reshape(rows, seq_len), mask.reshape(rows, seq_len), next_ids, records,
-                  long)
+                  long, tuple(spans))
 
 
 @dataclass

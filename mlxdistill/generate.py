@@ -208,6 +208,9 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
                 "its own template; training renders the written records with it")
     else:
         identity = local_identity(cfg)
+        if cfg.teacher.api_top_logprobs:
+            log("teacher.api_top_logprobs is for an HTTP teacher; a local teacher's top-k "
+                "cache is built from its logits by `cache`, so none are written")
     identity.update(common_identity(cfg))
     if tmpl is not None:  # only then, so files written before the key existed still resume
         identity["reasoning"] = g.reasoning
@@ -251,7 +254,7 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
     t0, ntok = time.time(), 0
     out = open(partial, "ab") if world.main else None
     try:
-        for start, records, texts, round_tokens in batches:
+        for start, records, texts, round_tokens, tops in batches:
             lines = []
             for i, text in enumerate(texts):
                 rec = records[i // g.n]
@@ -264,8 +267,10 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
                         prog["verifier_errors"] += 1
                 prog["kept" if ok else "rejected"] += 1
                 if ok:
-                    lines.append(json.dumps(output_record(rec, text, g.system, tmpl),
-                                            ensure_ascii=False) + "\n")
+                    written = output_record(rec, text, g.system, tmpl)
+                    if tops is not None:  # what `cache` builds an HTTP teacher's top-k from
+                        written["teacher_logprobs"] = tops[i]
+                    lines.append(json.dumps(written, ensure_ascii=False) + "\n")
             out.write("".join(lines).encode("utf-8"))
             out.flush()
             os.fsync(out.fileno())
@@ -304,8 +309,8 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
 
 def _local_batches(cfg: Config, prompts: list[dict], first: int, world: World,
                    tmpl: Optional[tuple[str, str, str]]) -> Iterator[tuple]:
-    """(first prompt, its records, texts n per record, generated tokens) per round, on rank
-    0; the other ranks generate their share and yield nothing."""
+    """(first prompt, its records, texts n per record, generated tokens, None) per round, on
+    rank 0; the other ranks generate their share and yield nothing."""
     # mlx_lm here, not at the top: it takes about a second to import (transformers)
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
@@ -335,4 +340,4 @@ def _local_batches(cfg: Config, prompts: list[dict], first: int, world: World,
         if world.main:
             yield (start, prompts[start:start + per_round],
                    [text for part in parts for text in part[0]],  # rank order = prompt order
-                   sum(part[1] for part in parts))
+                   sum(part[1] for part in parts), None)

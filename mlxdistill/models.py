@@ -75,8 +75,9 @@ def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = 
 
     if remote.is_url(path):  # every command but generate comes here for its models
         raise ModelError(f"{what}.model={remote.redact(path)} is an HTTP endpoint; only "
-                         f"`mlxdistill generate` asks one (its teacher); here the {what} "
-                         "must be a local mlx_lm model folder or a hub id")
+                         f"`mlxdistill generate` asks one (its teacher; `cache` and `train` "
+                         f"read the log-probabilities it kept); here the {what} must be a "
+                         "local mlx_lm model folder or a hub id")
     if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
         if not os.path.isdir(path):
             raise ModelError(f"{what} model folder {path} not found; set {what}.model to an "

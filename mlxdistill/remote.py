@@ -93,9 +93,10 @@ def need_local(model: str, command: str) -> None:
     """Refuse an HTTP teacher in a command that needs the teacher's weights."""
     if is_url(model):
         raise RemoteError(f"teacher.model={redact(model)} is an HTTP endpoint, which only "
-                          f"`mlxdistill generate` uses; `{command}` needs the teacher's "
-                          "weights (its distributions, or the model itself): set "
-                          "teacher.model to a local mlx_lm folder or a hub id")
+                          f"`mlxdistill generate` uses (and `cache`/`train` through the "
+                          f"top-k cache it allows, docs/sequence-level.md); `{command}` needs "
+                          "the teacher's weights (its distributions, or the model itself): "
+                          "set teacher.model to a local mlx_lm folder or a hub id")
 
 
 def read_key(env: Optional[str], setting: str = "teacher.api_key_env") -> Optional[str]:

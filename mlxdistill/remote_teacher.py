@@ -29,12 +29,17 @@ from . import remote
 
 def identity(client: remote.Client, teacher) -> dict:
     """The endpoint's part of generate's identity (the key stays out of it)."""
-    return {"teacher": client.base, "api_model": client.resolve_model(teacher.api_model),
-            "api_endpoint": teacher.api_endpoint}
+    out = {"teacher": client.base, "api_model": client.resolve_model(teacher.api_model),
+           "api_endpoint": teacher.api_endpoint}
+    if teacher.api_top_logprobs:  # only then, so files written before the key still resume
+        out["api_top_logprobs"] = teacher.api_top_logprobs
+    return out
 
 
-def request(rec: dict, g, endpoint: str, model: str, opener: str) -> tuple[str, dict, bool]:
-    """(path, body, is chat) for one record."""
+def request(rec: dict, g, endpoint: str, model: str, opener: str, top: int = 0
+            ) -> tuple[str, dict, bool]:
+    """(path, body, is chat) for one record; `top` > 0 asks for that many top
+    log-probabilities per answer token (the chat form every server shares)."""
     sys_turn = [{"role": "system", "content": g.system}] if g.system else []
     if "messages" in rec or endpoint == "chat":
         msgs = rec["messages"] if "messages" in rec else [{"role": "user",
@@ -47,6 +52,8 @@ def request(rec: dict, g, endpoint: str, model: str, opener: str) -> tuple[str, 
         text = (g.system + "\n\n" if g.system else "") + rec["prompt"] + opener
         path, body, chat = "/completions", {"model": model, "prompt": text}, False
     body.update(max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p)
+    if top:
+        body.update(logprobs=True, top_logprobs=top)
     return path, body, chat
 
 
@@ -70,6 +77,42 @@ def text_of(choice: dict, chat: bool, tmpl: Optional[tuple[str, str, str]]) -> s
     return text
 
 
+def top_logprobs(choice: dict, top: int, where: str) -> list[list]:
+    """An answer's top log-probabilities as a written record keeps them: per answer token,
+    its top entries, each [token, logprob] and, where the endpoint gives them, the id
+    (mlx_lm.server) and the bytes when they are not the token's UTF-8 (OpenAI). Servers
+    differ on which token an entry's own `token` names (mlx_lm.server: not always the one
+    generated), so only the top lists are kept; `cache` lines them up with the text."""
+    lp = choice.get("logprobs")
+    content = lp.get("content") if isinstance(lp, dict) else None
+    if not isinstance(content, list):
+        raise remote.RemoteError(f"{where} answered without log-probabilities (no "
+                                 "choices[].logprobs.content): this endpoint does not give "
+                                 "top_logprobs; set teacher.api_top_logprobs=0")
+    out = []
+    for pos in content:
+        tops = pos.get("top_logprobs", []) if isinstance(pos, dict) else None
+        if not isinstance(tops, list):
+            raise remote.RemoteError(f"{where} answered a malformed logprobs entry {pos!r:.80}")
+        row = []
+        for e in tops[:top]:
+            token, value = (e.get("token"), e.get("logprob")) if isinstance(e, dict) else (0, 0)
+            if not isinstance(token, str) or not isinstance(value, (int, float)):
+                raise remote.RemoteError(f"{where} answered a malformed top_logprobs entry "
+                                         f"{e!r:.80}")
+            item = [token, float(value)]
+            tid, raw = e.get("id"), e.get("bytes")
+            odd = (raw if isinstance(raw, list) and all(isinstance(b, int) for b in raw)
+                   and bytes(raw) != token.encode("utf-8", "surrogatepass") else None)
+            if isinstance(tid, int) or odd is not None:
+                item.append(tid if isinstance(tid, int) else None)
+            if odd is not None:
+                item.append(odd)
+            row.append(item)
+        out.append(row)
+    return out
+
+
 def seed_for(seed: int, index: int, k: int) -> int:
     """The seed of answer k (and up) of prompt `index`: a function of the position only, so
     a rerun asks the same, and within 31 bits for servers that check."""
@@ -83,14 +126,18 @@ def _index(choice: dict) -> int:
 
 
 def answers(client: remote.Client, rec: dict, index: int, model: str, g, teacher,
-            tmpl: Optional[tuple[str, str, str]]) -> tuple[list[str], int]:
-    """The n answers to one record and their generated tokens. With teacher.api_n one
+            tmpl: Optional[tuple[str, str, str]]) -> tuple[list[str], int, Optional[list]]:
+    """The n answers to one record, their generated tokens and (teacher.api_top_logprobs)
+    each answer's top log-probabilities (else None). With teacher.api_n one
     request asks for all n; an endpoint that answers fewer (mlx_lm.server ignores `n`) is
     asked again for the rest, and one that refuses `n` > 1 (llama.cpp's server: HTTP 400)
     gets one request per answer from then on."""
-    path, body, chat = request(rec, g, teacher.api_endpoint, model, tmpl[0] if tmpl else "")
+    top = teacher.api_top_logprobs
+    path, body, chat = request(rec, g, teacher.api_endpoint, model, tmpl[0] if tmpl else "",
+                               top)
     check = remote.choices(chat)
     texts: list[str] = []
+    tops: list[list] = []
     ntok = 0
     while len(texts) < g.n:
         want = g.n - len(texts) if teacher.api_n and client.takes_n else 1
@@ -122,15 +169,18 @@ def answers(client: remote.Client, rec: dict, index: int, model: str, g, teacher
             continue
         got = sorted(out["choices"], key=_index)[:want]
         texts += [text_of(c, chat, tmpl) for c in got]
+        if top:
+            tops += [top_logprobs(c, top, client.base) for c in got]
         usage = out.get("usage")
         if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
             ntok += usage["completion_tokens"]
-    return texts, ntok
+    return texts, ntok, (tops if top else None)
 
 
 def batches(client: remote.Client, model: str, cfg, prompts: list[dict], first: int,
             tmpl: Optional[tuple[str, str, str]]) -> Iterator[tuple]:
-    """(first prompt, its records, texts n per record, generated tokens) per batch of
+    """(first prompt, its records, texts n per record, generated tokens, each text's top
+    log-probabilities or None) per batch of
     generate.batch_size prompts, in prompt order. Requests for the batches after the one
     being waited on are already in flight (about twice teacher.concurrency prompts), so a
     slow answer holds up the writing, not the endpoint. The first request that fails for
@@ -153,5 +203,6 @@ def batches(client: remote.Client, model: str, cfg, prompts: list[dict], first: 
         start, futs = pending.popleft()
         ahead -= len(futs)
         results = [f.result() for f in futs]
+        tops = None if cfg.teacher.api_top_logprobs == 0 else [t for r in results for t in r[2]]
         yield (start, prompts[start:start + len(futs)],
-               [text for texts, _ in results for text in texts], sum(n for _, n in results))
+               [text for r in results for text in r[0]], sum(r[1] for r in results), tops)

@@ -70,6 +70,16 @@ class TeacherConfig:
                        "API's `n`; an endpoint that answers fewer is asked again for the "
                        "rest, one that refuses `n` gets one request per answer); false: one "
                        "request per answer from the start")
+    api_top_logprobs: int = _key(0, "HTTP teacher, `generate`: ask the chat endpoint for the "
+                                 "top this-many log-probabilities of each answer token "
+                                 "(OpenAI's `top_logprobs`, 1-20; mlx_lm.server gives up to "
+                                 "11) and keep them in each written record as "
+                                 "`teacher_logprobs`, from which `cache` builds a top-k cache "
+                                 "(0: none)")
+    tokenizer: Optional[str] = _key(None, "HTTP teacher, `cache`/`train`: a local folder "
+                                    "with the endpoint model's tokenizer (its tokenizer files "
+                                    "and config.json; no weights), which reads the endpoint's "
+                                    "tokens as ids")
     concurrency: int = _key(8, "HTTP teacher: requests in flight at once")
     max_retries: int = _key(6, "HTTP teacher: retries of a request after a 408, 429 or 5xx, a "
                             "timeout, a dropped connection or a broken answer, with exponential "
@@ -94,6 +104,11 @@ class TeacherConfig:
         _one_of("teacher.api_endpoint", self.api_endpoint, ("chat", "completions"))
         check(isinstance(self.api_n, bool),
               f"teacher.api_n={self.api_n!r} must be true or false")
+        check(_whole(self.api_top_logprobs, 0) and self.api_top_logprobs <= 20,
+              f"teacher.api_top_logprobs={self.api_top_logprobs!r} must be an integer in 0..20 "
+              "(OpenAI's limit; 0: none)")
+        check(self.tokenizer is None or (isinstance(self.tokenizer, str) and self.tokenizer),
+              f"teacher.tokenizer={self.tokenizer!r} must be a folder or null")
         check(_whole(self.concurrency),
               f"teacher.concurrency={self.concurrency!r} must be a positive integer")
         check(_whole(self.max_retries, 0),

@@ -122,7 +122,9 @@ def check_contents(t: dict, m: dict, rows: int, name: str) -> None:
             raise CacheError(f"shard {name}: draws per position do not sum to n={want_n}")
     else:
         lp = t["logprobs"].astype(np.float32)
-        if not np.isfinite(lp).all() or (np.exp(lp).sum(-1) > 1.0 + 1e-2).any():
+        # -inf marks an empty slot (a list shorter than k: api_cache.py), never slot 0
+        if np.isnan(lp).any() or (lp > 0).any() or np.isneginf(lp[..., 0]).any() \
+                or (np.exp(lp).sum(-1) > 1.0 + 1e-2).any():
             raise CacheError(f"shard {name}: log-probabilities not finite or summing above 1")
         tail = t["tail_logprob"].astype(np.float64)
         total = np.exp(lp.astype(np.float64)).sum(-1) + np.exp(tail)

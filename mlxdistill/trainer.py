@@ -25,8 +25,8 @@ import numpy as np
 
 from . import cache as cache_mod
 from . import data as data_mod
-from . import (files, losses, models, multi, onpolicy, plots, surgery, tracking, validation,
-               xtok)
+from . import (files, losses, models, multi, onpolicy, plots, remote, surgery, tracking,
+               validation, xtok)
 from .config import Config, ConfigError
 from .distributed import World
 from .multi import MixedReader
@@ -76,7 +76,10 @@ def batch_source(cfg: Config, teacher: models.Lazy, quiet: bool, log, world: Wor
         if mix and any(r.manifest["tokenizer_fingerprint"] != sfp for r in [reader, *mix]):
             return per_step_source(cfg, [reader, *mix], weights, stok, scfg, quiet, log, world)
         if m["tokenizer_fingerprint"] != sfp:
-            return cross_source(cfg, reader, cfg.teacher.model, stok, scfg, quiet, log, world)
+            # an HTTP teacher's tokens are read with its local tokenizer (api_cache.py)
+            tpath = cfg.teacher.tokenizer if remote.is_url(cfg.teacher.model) else None
+            return cross_source(cfg, reader, tpath or cfg.teacher.model, stok, scfg, quiet,
+                                log, world)
         if mix:
             reader = MixedReader([reader] + mix, weights, c.mix_mode)
             log(f"multi-teacher: {len(weights)} caches, {c.mix_mode} "
@@ -297,7 +300,9 @@ def _fit(cfg: Config, world: World, teacher: models.Lazy, quiet: bool, log) -> b
     ev = None
     if world.main:
         run.save_config(cfg)
-        ev = (validation.student_rows(cfg, tok) if source.xtok or source.also else
+        # An HTTP teacher gives no distributions on the validation rows: CE alone there.
+        ev = (validation.student_rows(cfg, tok)
+              if source.xtok or source.also or remote.is_url(cfg.teacher.model) else
               validation.teacher_targets(cfg, run.eval_teacher, vocab, teacher, log))
     if source.teacher is None:
         teacher.release()  # cache mode: no teacher in memory while the student trains

@@ -4,6 +4,7 @@ JSON, dropped connections), a permanent failure then a resume, refusals, the key
 of every file and log; then a real `mlx_lm server` on the embedded specialist teacher."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -343,10 +344,12 @@ def test_refusals_are_one_line(stub, tmp_path, monkeypatch):
 
 def test_commands_that_need_weights_refuse_an_http_teacher(stub, tmp_path):
     cfg = cfg_for(stub.url, tmp_path)
-    for fn, name in ((api.build_cache, "cache"), (api.train, "train"),
-                     (lambda c: api.plan(c), "plan")):
-        with pytest.raises(remote.RemoteError, match=f"only `mlxdistill generate` uses; "
-                           f"`{name}` needs the teacher's weights"):
+    with pytest.raises(remote.RemoteError, match=r"only `mlxdistill generate` uses .*"
+                       r"`plan` needs the teacher's weights"):
+        api.plan(cfg)
+    # cache and train take an endpoint only as the source of a top-k cache (api_cache.py)
+    for fn in (api.build_cache, api.train):
+        with pytest.raises(ConfigError, match="needs cache.mode=topk"):
             fn(cfg)
     from mlxdistill import models
     with pytest.raises(models.ModelError, match="student.model=http.* is an HTTP endpoint"):
@@ -423,6 +426,10 @@ SPECIALIST = os.path.join(ROOT, "weights", "specialist", "teacher")
 def mlx_server(tmp_path_factory):
     """`mlx_lm server` on the embedded specialist teacher, on a free port of 127.0.0.1,
     offline (an empty hub cache: /models lists the served model alone)."""
+    yield from serve(SPECIALIST, tmp_path_factory)
+
+
+def serve(model, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -430,7 +437,7 @@ def mlx_server(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub),
            "HF_HOME": str(hub)}
     log = open(hub / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", SPECIALIST,
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", model,
                              "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -484,3 +491,91 @@ def test_mlx_lm_server_writes_what_a_local_teacher_writes(mlx_server, tmp_path):
     assert {k: v for k, v in s.items() if k not in ("teacher", "api_model", "api_endpoint")} \
         == {k: v for k, v in local["settings"].items()
             if k not in ("teacher", "teacher_fingerprint", "teacher_weights_sha256")}
+
+
+def test_top_k_cache_from_the_servers_logprobs_matches_the_local_teachers(mlx_server, tmp_path):
+    """generate keeps mlx_lm.server's top-5 log-probabilities of every answer token; `cache`
+    builds a top-k cache from them (no teacher pass) whose rows are the local teacher's and
+    whose targets are the local teacher's top-5 on the answers; `train` trains from it."""
+    from safetensors.numpy import load_file
+    prompts = tmp_path / "task.jsonl"
+    with open(os.path.join(ROOT, "data", "task", "prompts.jsonl")) as f:
+        prompts.write_text("".join(next(f) for _ in range(8)))
+    out = tmp_path / "chains.jsonl"
+
+    def cfg(teacher, cache_dir, *extra):
+        return load_config(os.path.join(ROOT, "configs", "specialist.yaml"), [
+            f"teacher.model={teacher}", f"generate.prompts={prompts}", f"generate.out={out}",
+            "generate.batch_size=4", "teacher.timeout=60", "teacher.api_top_logprobs=5",
+            f"teacher.tokenizer={SPECIALIST}", f"data.train={out}", "cache.mode=topk",
+            "cache.k=5", f"cache.dir={tmp_path / cache_dir}", *extra])
+
+    http = cfg(mlx_server, "http-cache")
+    m = gen_mod.generate(http, **QUIET)
+    assert m["settings"]["api_top_logprobs"] == 5 and m["kept"] >= 6
+    recs = records(out)
+    assert all(len(r["teacher_logprobs"]) >= 10 and all(1 <= len(p) <= 5 for p in
+                                                        r["teacher_logprobs"]) for r in recs)
+    got = api.build_cache(http, **QUIET)
+    assert got["api_records_lined_up"] == len(recs) and got["api_records_not_lined_up"] == 0
+    local = api.build_cache(cfg(SPECIALIST, "local-cache"), **QUIET)
+    assert local["rows"] == got["rows"]
+    a = load_file(str(tmp_path / "http-cache" / "shard-00000.safetensors"))
+    b = load_file(str(tmp_path / "local-cache" / "shard-00000.safetensors"))
+    for key in ("input_ids", "loss_mask", "next_ids"):
+        assert (a[key] == b[key]).all(), key
+    trained = a["loss_mask"].astype(bool)
+    from_api = trained & (a["logprobs"][..., 1] > -1e4)  # a top list, not the text's token
+    assert from_api.sum() >= 0.8 * trained.sum()
+    top1 = (a["ids"][..., 0] == b["ids"][..., 0])[from_api].mean()
+    assert top1 >= 0.98, top1
+    gap = abs(a["logprobs"][..., 0].astype(float) - b["logprobs"][..., 0])[from_api]
+    assert gap.mean() < 0.05, gap.mean()
+    same_set = [len(set(x) & set(y)) / 5 for x, y in zip(a["ids"][from_api], b["ids"][from_api])]
+    assert sum(same_set) / len(same_set) >= 0.8
+    # the second call finds it complete; train reads it with no teacher weights
+    assert api.build_cache(http, **QUIET)["complete"]
+    notes = []
+    res = api.train(cfg(mlx_server, "http-cache", "train.iters=2", "train.batch_size=4",
+                        "train.eval_every=2", "train.save_every=2", "train.eval_rows=4",
+                        f"run.dir={tmp_path / 'run'}"), quiet=True, log=notes.append)
+    assert res is None and any("not evaluated" in n for n in notes)
+    assert os.path.isfile(tmp_path / "run" / "model" / "model.safetensors")
+
+
+def test_a_student_of_another_tokenizer_trains_from_an_endpoints_top_k(tmp_path_factory,
+                                                                       tmp_path):
+    """The embedded SentencePiece teacher served by mlx_lm.server (/completions: it has no
+    chat template), its top-5 kept by generate, and weights/student-xtok (another
+    tokenizer) trained across tokenizers from the cache built of them."""
+    teacher = os.path.join(ROOT, "weights", "teacher")
+    lines = [x.strip() for x in open(os.path.join(ROOT, "data", "valid.jsonl"))][:6]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": json.loads(x)["text"][:60]}) + "\n"
+                               for x in lines))
+    out = tmp_path / "gen.jsonl"
+    server = serve(teacher, tmp_path_factory)
+    url = next(server)
+    try:
+        cfg = load_config(None, [
+            f"teacher.model={url}", "teacher.api_endpoint=completions",
+            "teacher.api_top_logprobs=5", f"teacher.tokenizer={teacher}", "teacher.timeout=60",
+            f"generate.prompts={prompts}", f"generate.out={out}", "generate.max_tokens=24",
+            "generate.temperature=0", f"data.train={out}", "data.seq_len=64",
+            f"student.model={os.path.join(ROOT, 'weights', 'student-xtok')}",
+            "cache.mode=topk", "cache.k=5", f"cache.dir={tmp_path / 'cache'}",
+            "train.iters=2", "train.batch_size=2", "train.eval_every=2", "train.save_every=2",
+            "train.eval_rows=2", f"run.dir={tmp_path / 'run'}", "train.mode=full"])
+        gen_mod.generate(cfg, **QUIET)
+    finally:
+        next(server, None)
+    assert all(len(r["teacher_logprobs"]) == 24 for r in records(out))
+    notes = []
+    api.train(cfg, quiet=True, log=notes.append)
+    api.inspect_cache(str(tmp_path / "cache"))  # every shard's contents checked
+    m = json.load(open(tmp_path / "cache" / "manifest.json"))
+    assert m["api_records_lined_up"] == 6 and m["api_unknown_tokens"] == 0, m
+    assert any("another tokenizer" in n for n in notes), notes
+    steps = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in x]
+    assert steps and all(math.isfinite(r["loss"]) for r in steps)
+    assert os.path.isfile(tmp_path / "run" / "model" / "model.safetensors")
