@@ -135,6 +135,14 @@ def _interval(samples: np.ndarray, level: float = CI) -> Optional[list]:
     return [round(float(lo), 6), round(float(hi), 6)]
 
 
+def random_quality(qs, qt, rate):
+    """The expected quality of deferring a share `rate` of the queries at random: the
+    student's mean plus that share of the teacher's gain over it (numpy: along the last
+    axis, so per bootstrap resample too)."""
+    ms, mt = np.mean(qs, -1), np.mean(qt, -1)
+    return ms + rate * (mt - ms)
+
+
 def report(defer: np.ndarray, qs, qt, seed: int = SEED, resamples: int = BOOTSTRAP) -> dict:
     """What a fixed rule does on the report examples: the share deferred, the system's
     quality (absolute and as a fraction of the teacher's), the quality of deferring the same
@@ -145,11 +153,11 @@ def report(defer: np.ndarray, qs, qt, seed: int = SEED, resamples: int = BOOTSTR
     system = np.where(d, qt, qs)
 
     def stats(idx):  # per resample (rows of idx): rate, quality, fraction, gain
-        rate, ms, mt = d[idx].mean(-1), qs[idx].mean(-1), qt[idx].mean(-1)
+        rate, mt = d[idx].mean(-1), qt[idx].mean(-1)
         quality = system[idx].mean(-1)
         with np.errstate(divide="ignore", invalid="ignore"):
             frac = np.where(mt > 0, quality / np.where(mt > 0, mt, 1), np.nan)
-        return rate, quality, frac, quality - (ms + rate * (mt - ms))
+        return rate, quality, frac, quality - random_quality(qs[idx], qt[idx], rate)
 
     rate, quality, frac, gain = (float(v[0]) for v in stats(np.arange(n)[None]))
     boot = stats(np.random.default_rng(seed).integers(0, n, size=(resamples, n)))
@@ -160,7 +168,7 @@ def report(defer: np.ndarray, qs, qt, seed: int = SEED, resamples: int = BOOTSTR
             "quality": round(quality, 6), "quality_ci": _interval(boot[1]),
             "fraction_of_teacher": round(frac, 6) if t > 0 else None,
             "fraction_of_teacher_ci": _interval(boot[2]) if t > 0 else None,
-            "random_quality": round(float(qs.mean() + rate * (t - qs.mean())), 6),
+            "random_quality": round(float(random_quality(qs, qt, rate)), 6),
             "gain_at_rate": round(gain, 6), "gain_at_rate_ci": _interval(boot[3])}
 
 

@@ -89,7 +89,7 @@ def random_row(qs, qt, k: int, seed: int = SEED, draws: int = RANDOM_DRAWS) -> d
         acc[i] = np.where(d, qt, qs).mean()
     lo, hi = np.quantile(acc, [0.025, 0.975])
     return {"deferred_fraction": round(k / n, 6),
-            "expected_accuracy": round(float(qs.mean() + k / n * (qt.mean() - qs.mean())), 6),
+            "expected_accuracy": round(float(fallback.random_quality(qs, qt, k / n)), 6),
             "simulated_accuracy": round(float(acc.mean()), 6),
             "simulated_ci": [round(float(lo), 6), round(float(hi), 6)], "draws": draws}
 
@@ -102,7 +102,7 @@ def outcomes(qs, qt, defer) -> dict:
     n, k = qs.size, int(d.sum())
     fixable, breaks = int((~qs & qt).sum()), int((qs & ~qt).sum())
     best = (qs.sum() + min(k, fixable) - max(0, k - (n - breaks))) / n
-    rand = qs.mean() + k / n * (qt.mean() - qs.mean())
+    rand = fallback.random_quality(qs.astype(float), qt.astype(float), k / n)
     return {"deferred": k, "deferred_fixed": int((d & ~qs & qt).sum()),
             "deferred_both_right": int((d & qs & qt).sum()),
             "deferred_both_wrong": int((d & ~qs & ~qt).sum()),

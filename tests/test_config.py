@@ -227,3 +227,10 @@ def test_a_runs_chat_template_file_is_found_from_anywhere(tmp_path, monkeypatch)
     monkeypatch.chdir(elsewhere)
     cfg = RunDir(str(tmp_path / "runs" / "x")).load_config()
     assert cfg.data.chat_template == str(tmp_path / "t.jinja")
+
+
+def test_a_parameter_budget_in_e_notation_is_a_number():
+    # YAML 1.1 reads 1e9 (no dot) as a string; the budget takes it as the number it means
+    assert load_config(None, ["prune.target_params=1e9"]).prune.target_params == 1e9
+    with pytest.raises(ConfigError, match=r"prune.target_params='many' must be a number"):
+        load_config(None, ["prune.target_params=many"])
