@@ -122,8 +122,9 @@ class Reader:
 
 def line_up(targets: np.ndarray, top_ids: list[list[int]]) -> tuple[int, float]:
     """(offset, share of hits): where the answer's entries (top ids per generated token)
-    sit among the record's trained next tokens `targets`, and how many of the covered
-    tokens are among their entry's ids there (step 3 of the module's docstring)."""
+    sit among the record's trained next tokens `targets` — the offset with the most tokens
+    among their entry's ids — and that count over min(entries, targets) (step 3 of the
+    module's docstring)."""
     m, n = len(targets), len(top_ids)
     if not m or not n:
         return 0, 0.0
@@ -134,13 +135,14 @@ def line_up(targets: np.ndarray, top_ids: list[list[int]]) -> tuple[int, float]:
     end = m - n
     offsets = sorted({o for o in [*range(0, min(SEARCH, m)), *range(end - 8, end + 9)]
                       if 0 <= o < m})
-    best = (0, -1.0)
+    best, hits = 0, -1
     for o in offsets:
         cover = min(n, m - o)
-        share = float((table[:cover] == targets[o:o + cover, None]).any(-1).mean())
-        if share > best[1]:
-            best = (o, share)
-    return best
+        got = int((table[:cover] == targets[o:o + cover, None]).any(-1).sum())
+        if got > hits:
+            best, hits = o, got
+    # over what could be covered at best, so a short overlap cannot look like a match
+    return best, hits / min(n, m)
 
 
 def build(cfg: Config, quiet: bool = False, log=print) -> dict:

@@ -88,3 +88,10 @@ def test_records_without_logprobs_are_refused_in_one_line(tmp_path):
         api.build_cache(cfg_for(tmp_path, f"data.train={data}", "student.model="
                                 + os.path.join(ROOT, "weights", "student")), **QUIET)
     assert not os.path.exists(tmp_path / "c" / "manifest.json")
+
+
+def test_a_short_overlap_at_the_end_is_no_match():
+    # one entry matching the last target would be a 100 % share of a 1-token overlap
+    targets = np.arange(10)
+    offset, share = api_cache.line_up(targets, [[9]] + [[50 + i] for i in range(9)])
+    assert share < api_cache.MIN_HITS

@@ -65,3 +65,26 @@ def test_oracle_and_random_rows():
     assert abs(rnd["simulated_accuracy"] - 0.73) < 0.01
     assert rnd["simulated_ci"][0] <= 0.73 <= rnd["simulated_ci"][1]
     assert hybrid.random_row(qs, qt, 10, draws=10)["simulated_accuracy"] == pytest.approx(0.8)
+
+
+def test_other_signals_parts():
+    import hybrid_signals as hs
+
+    class Tok:  # one character per id
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+    ids = [ord(c) for c in "7+5=12\nAnswer: 12\n"]
+    i = hs.final_start(Tok(), ids, "Answer:")
+    assert Tok().decode(ids[i:]) == " 12\n"
+    assert hs.final_start(Tok(), ids, "Final:") == 0  # no marker: the whole answer
+    # the combination learns which feature tells right from wrong, out of fold too
+    rng = np.random.default_rng(0)
+    right = (rng.random(200) < 0.6).astype(float)
+    ex = {"student": right.tolist(), "signal": (right + rng.normal(0, 0.3, 200)).tolist(),
+          "noise": rng.normal(0, 1, 200).tolist()}
+    combo = hs.logistic(ex, ["signal", "noise"])(ex)
+    oof = hs.out_of_fold(ex, ["signal", "noise"])
+    for v in (combo, oof):
+        v = np.array(v)
+        assert v[right == 1].mean() > v[right == 0].mean() + 1.0
+    assert len(oof) == 200 and not np.allclose(oof, combo)
