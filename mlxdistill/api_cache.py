@@ -22,8 +22,8 @@ things per record of data.train:
 Trained positions without an entry (the opener, the template's tokens, every position of a
 record not lined up) carry the text's own next token with probability 1: plain
 cross-entropy there. The shards are a local top-k cache's (ids, logprobs, tail_logprob;
-empty slots have log-probability -inf), so training, cross-tokenizer students and `cache
---inspect` read them as any other; the manifest says where they came from and how many
+empty slots have log-probability -inf), so training, cross-tokenizer students and `mlxdistill
+inspect` read them as any other; the manifest says where they came from and how many
 records and positions were lined up.
 """
 
