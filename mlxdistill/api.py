@@ -10,6 +10,7 @@ arguments and calls these; scripts and notebooks call them directly.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -61,8 +62,8 @@ def train(cfg: Config, quiet: bool = False, log=print) -> Optional[dict]:
             log(evaluate_mod.format_table(res))
     elif cfg.train.final_eval and http:
         log(f"not evaluated: teacher.model={remote.redact(cfg.teacher.model)} is an HTTP "
-            "endpoint, and the comparison runs the teacher's weights; score the student "
-            "with `mlxdistill eval` and a local teacher, or on its task (eval.task)")
+            "endpoint, and the comparison runs the teacher's weights; with a local copy of "
+            f"its model: mlxdistill eval {run.path} --teacher PATH")
     elif cfg.train.final_eval:
         res = evaluate_mod.evaluate_run(cfg.run.dir, quiet=quiet, log=log, cfg=cfg,
                                         teacher=teacher)
@@ -158,12 +159,17 @@ def generate(cfg: Config, quiet: bool = False, log=print) -> dict:
 
 
 def evaluate(run_dir: str, data_path: Optional[str] = None, quiet: bool = False,
-             log=print, records: Optional[int] = None) -> dict:
+             log=print, records: Optional[int] = None, teacher: Optional[str] = None) -> dict:
     """Evaluate a finished run against its teacher on its first `records` records of
     `data_path` (defaults: the run's data.test_records of data.test); writes
-    RUN_DIR/eval.json and returns its content."""
+    RUN_DIR/eval.json and returns its content. `teacher`: a local model to compare with
+    instead of the run's teacher.model (which may be an HTTP endpoint)."""
+    cfg = None
+    if teacher is not None:
+        cfg = RunDir(run_dir).load_config()
+        cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, model=teacher))
     return evaluate_mod.evaluate_run(run_dir, data_path, quiet=quiet, log=log,
-                                     records=records)
+                                     records=records, cfg=cfg)
 
 
 def load_run_config(run_dir: str) -> Config:

@@ -182,6 +182,11 @@ def _write(cfg: Config, ttok, match, want: dict, mpath: str, quiet: bool, log) -
         raise CacheError(f"{d.train}: record {missing} has no teacher_logprobs; write the data "
                          "with `mlxdistill generate` and teacher.api_top_logprobs set (the "
                          "endpoint's top log-probabilities of every answer token)")
+    widest = max((len(p) for r in records for p in r["teacher_logprobs"]), default=0)
+    if c.k > widest:  # slots no entry can fill: bytes for nothing, and a claim the data lacks
+        raise ConfigError(f"cache.k={c.k} but {d.train} keeps at most {widest} "
+                          "log-probabilities per token (teacher.api_top_logprobs when it was "
+                          f"generated): set cache.k={widest} or lower")
     packed = data_mod.pack(d.train, ttok, d.seq_len, d.mask_prompt, d.max_rows,
                            d.long_lines, d.packing)
     if (note := packed.long_report(d.seq_len, d.long_lines, d.train)):

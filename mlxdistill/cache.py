@@ -497,6 +497,10 @@ def summary(cache_dir: str) -> dict:
         "hidden_layers": m.get("hidden_resolved") or [],
         "keep_top1": bool(m.get("keep_top1")),
         "next_logprob": bool(m.get("next_logprob")),
+        # a cache from an HTTP teacher's log-probabilities (api_cache.py): how it lined up
+        **{k: m[k] for k in ("source", "teacher_tokenizer", "api_records_lined_up",
+                             "api_records_not_lined_up", "api_positions", "api_hit_share",
+                             "api_unknown_tokens") if k in m},
         "verified": True,
     }
 

@@ -167,16 +167,19 @@ def generate(config_path, quiet, overrides):
               "(default: the run's data.test).")
 @click.option("--records", type=int, default=None, help="Evaluate on the first N records "
               "(default: the run's data.test_records; all when unset).")
+@click.option("--teacher", default=None, help="A local teacher to compare with instead of "
+              "the run's teacher.model (an HTTP teacher's run: a local copy of its model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @guarded
-def eval_cmd(run_dir, data_path, records, as_json):
+def eval_cmd(run_dir, data_path, records, teacher, as_json):
     """Evaluate RUN_DIR's student against its teacher (writes RUN_DIR/eval.json).
 
     This is how a finished run is evaluated again: rerunning `train` on it returns the
     eval.json it has."""
     from . import api
 
-    res = api.evaluate(run_dir, data_path, quiet=as_json, log=click.echo, records=records)
+    res = api.evaluate(run_dir, data_path, quiet=as_json, log=click.echo, records=records,
+                       teacher=teacher)
     if as_json:
         click.echo(json.dumps(res, indent=2))
 

@@ -77,7 +77,9 @@ def load(path: str, what: str, adapter_path: Optional[str] = None, lazy: bool = 
         raise ModelError(f"{what}.model={remote.redact(path)} is an HTTP endpoint; only "
                          f"`mlxdistill generate` asks one (its teacher; `cache` and `train` "
                          f"read the log-probabilities it kept); here the {what} must be a "
-                         "local mlx_lm model folder or a hub id")
+                         "local mlx_lm model folder or a hub id"
+                         + (" (`mlxdistill eval RUN --teacher PATH` compares with a local "
+                            "copy)" if what == "teacher" else ""))
     if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
         if not os.path.isdir(path):
             raise ModelError(f"{what} model folder {path} not found; set {what}.model to an "

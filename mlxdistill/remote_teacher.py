@@ -151,6 +151,11 @@ def answers(client: remote.Client, rec: dict, index: int, model: str, g, teacher
         try:
             out = client.post(path, req, check)
         except remote.RemoteError as e:
+            if top and e.status in (400, 422) and "logprob" in str(e).lower():
+                raise remote.RemoteError(f"{e}; the refusal names the log-probabilities: "
+                                         f"lower teacher.api_top_logprobs={top} to what the "
+                                         "endpoint gives, or set it to 0",
+                                         e.status) from None
             if e.status in (400, 422) and "max_tokens" in req and chat \
                     and "max_completion_tokens" in str(e):
                 # OpenAI's reasoning models take only the newer name; servers that ignore

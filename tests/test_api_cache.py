@@ -95,3 +95,13 @@ def test_a_short_overlap_at_the_end_is_no_match():
     targets = np.arange(10)
     offset, share = api_cache.line_up(targets, [[9]] + [[50 + i] for i in range(9)])
     assert share < api_cache.MIN_HITS
+
+
+def test_a_k_wider_than_the_kept_lists_is_refused(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": " villain",
+                                "teacher_logprobs": [[["▁villain", -0.1], ["▁the", -3.0]]]})
+                    + "\n")
+    with pytest.raises(ConfigError, match=r"cache.k=5 but .* at most 2 .* set cache.k=2"):
+        api.build_cache(cfg_for(tmp_path, f"data.train={data}", "cache.k=5", "student.model="
+                                + os.path.join(ROOT, "weights", "student")), **QUIET)

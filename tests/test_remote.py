@@ -539,8 +539,19 @@ def test_top_k_cache_from_the_servers_logprobs_matches_the_local_teachers(mlx_se
     res = api.train(cfg(mlx_server, "http-cache", "train.iters=2", "train.batch_size=4",
                         "train.eval_every=2", "train.save_every=2", "train.eval_rows=4",
                         f"run.dir={tmp_path / 'run'}"), quiet=True, log=notes.append)
-    assert res is None and any("not evaluated" in n for n in notes)
+    assert res is None and any("not evaluated" in n and "--teacher" in n for n in notes)
     assert os.path.isfile(tmp_path / "run" / "model" / "model.safetensors")
+    # the comparison with a local copy of the endpoint's model
+    with pytest.raises(Exception, match="eval RUN --teacher PATH"):
+        api.evaluate(str(tmp_path / "run"), records=4, quiet=True)
+    ev = api.evaluate(str(tmp_path / "run"), records=4, quiet=True, teacher=SPECIALIST)
+    assert ev["task"]["teacher"]["accuracy"] >= 0.75
+    # more log-probabilities than the server gives: the refusal names the key
+    with pytest.raises(remote.RemoteError, match=r"at most 11.*teacher.api_top_logprobs=15"):
+        gen_mod.generate(load_config(os.path.join(ROOT, "configs", "specialist.yaml"), [
+            f"teacher.model={mlx_server}", f"generate.prompts={prompts}",
+            f"generate.out={tmp_path / 'wide.jsonl'}", "teacher.api_top_logprobs=15",
+            "teacher.max_retries=0"]), **QUIET)
 
 
 def test_a_student_of_another_tokenizer_trains_from_an_endpoints_top_k(tmp_path_factory,
