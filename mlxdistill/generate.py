@@ -38,7 +38,7 @@ from .data import (NO_TEMPLATE, DataError, chat_template_sha256, has_chat_templa
                    prompt_ids, read_jsonl)
 from .distributed import World
 from .progress import Progress
-from .resume import first_difference, refuse_changed
+from .resume import MISSING, first_difference, refuse_changed
 
 
 def read_prompts(path: str) -> list[dict]:
@@ -225,8 +225,14 @@ def generate(cfg: Config, quiet: bool = False, log=print, world: Optional[World]
         if os.path.exists(g.out) and os.path.exists(mpath):
             with open(mpath) as f:
                 done_manifest = json.load(f)
-            if first_difference(done_manifest.get("settings"), identity) is None:
+            diff = first_difference(done_manifest.get("settings"), identity)
+            if diff is None:
                 finished = done_manifest
+            else:  # the finished file is replaced when this run completes: say why
+                key, was, now = diff
+                shown = lambda v: "(none)" if v is MISSING else repr(v)  # noqa: E731
+                log(f"{g.out} was generated with {key}={shown(was)}; generating it again with "
+                    f"{shown(now)} (it is replaced when this run finishes)")
         if finished is None:
             if os.path.exists(ppath) and os.path.exists(partial):
                 with open(ppath) as f:

@@ -298,8 +298,11 @@ def test_other_endpoint_is_not_the_finished_run(stub, tmp_path):
     other = Stub()
     try:
         posts = other.posts
-        gen_mod.generate(cfg_for(other.url, tmp_path), **QUIET)  # regenerated, not "done"
-        assert other.posts > posts
+        notes = []
+        gen_mod.generate(cfg_for(other.url, tmp_path), quiet=True, log=notes.append)
+        assert other.posts > posts  # regenerated, not "done", and the user is told why
+        assert any(f"was generated with teacher='{stub.url}'; generating it again with "
+                   f"'{other.url}'" in n for n in notes), notes
         m = json.loads((tmp_path / "gen.jsonl.manifest.json").read_text())
         assert m["settings"]["teacher"] == other.url
     finally:
