@@ -157,7 +157,11 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
     scfg, stok = models.load_meta_role(cfg, "student")
     if "vocab_size" not in tcfg:
         tcfg = {**tcfg, "vocab_size": len(ttok.get_vocab())}
-    match = models.check_cache_pair(ttok, tcfg, stok, scfg, d.seq_len)
+    try:
+        match = models.check_cache_pair(ttok, tcfg, stok, scfg, d.seq_len)
+    except models.ModelError as e:  # the likelier slip here: the wrong tokenizer folder
+        raise models.ModelError(f"{e} (or teacher.tokenizer={cfg.teacher.tokenizer} is not "
+                                "the endpoint model's tokenizer)") from None
     want = {**config_identity(cfg), "tokenizer_fingerprint": match.fingerprint,
             "vocab_size": match.vocab_size}
     files.ensure_dir(c.dir, "cache.dir")

@@ -105,3 +105,15 @@ def test_a_k_wider_than_the_kept_lists_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"cache.k=5 but .* at most 2 .* set cache.k=2"):
         api.build_cache(cfg_for(tmp_path, f"data.train={data}", "cache.k=5", "student.model="
                                 + os.path.join(ROOT, "weights", "student")), **QUIET)
+
+
+def test_a_tokenizer_no_student_can_follow_names_teacher_tokenizer(tmp_path):
+    # the task specialist's tokenizer (no bytes) beside the default student: not alignable
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b", "teacher_logprobs": [
+        [["b", -0.1]]]}) + "\n")
+    spec = os.path.join(ROOT, "weights", "specialist", "teacher")
+    with pytest.raises(Exception, match=r"or teacher.tokenizer=.* is not the endpoint model's"):
+        api.build_cache(cfg_for(tmp_path, f"data.train={data}", "cache.k=1",
+                                f"teacher.tokenizer={spec}", "student.model="
+                                + os.path.join(ROOT, "weights", "student")), **QUIET)
