@@ -109,6 +109,8 @@ def need_cache(cfg: Config, command: str) -> bool:
                           "endpoint: use teacher.mode=cache (a top-k cache from the "
                           "log-probabilities `generate` kept) or a local teacher")
     api_cache.check(cfg)
+    if not os.path.isfile(os.path.join(cfg.cache.dir, cache_mod.MANIFEST)):
+        api_cache.check_data(cfg)  # before train makes run.dir
     return True
 
 

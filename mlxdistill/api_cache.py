@@ -153,6 +153,8 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
 
     check(cfg)
     c, d = cfg.cache, cfg.data
+    if not os.path.isfile(os.path.join(c.dir, MANIFEST)):
+        check_data(cfg)  # before cache.dir is made (a complete cache is not read again)
     tcfg, ttok = load_tokenizer(cfg)
     scfg, stok = models.load_meta_role(cfg, "student")
     if "vocab_size" not in tcfg:
@@ -177,7 +179,9 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
         return _write(cfg, ttok, match, want, mpath, quiet, log)
 
 
-def _write(cfg: Config, ttok, match, want: dict, mpath: str, quiet: bool, log) -> dict:
+def check_data(cfg: Config) -> list[dict]:
+    """data.train's records, refused in one line when one lacks `teacher_logprobs` or
+    cache.k exceeds the longest lists they keep: checked before any folder is made."""
     c, d = cfg.cache, cfg.data
     records = data_mod.read_records(d.train)
     missing = next((i for i, r in enumerate(records, 1)
@@ -191,6 +195,12 @@ def _write(cfg: Config, ttok, match, want: dict, mpath: str, quiet: bool, log) -
         raise ConfigError(f"cache.k={c.k} but {d.train} keeps at most {widest} "
                           "log-probabilities per token (teacher.api_top_logprobs when it was "
                           f"generated): set cache.k={widest} or lower")
+    return records
+
+
+def _write(cfg: Config, ttok, match, want: dict, mpath: str, quiet: bool, log) -> dict:
+    c, d = cfg.cache, cfg.data
+    records = check_data(cfg)
     packed = data_mod.pack(d.train, ttok, d.seq_len, d.mask_prompt, d.max_rows,
                            d.long_lines, d.packing)
     if (note := packed.long_report(d.seq_len, d.long_lines, d.train)):

@@ -87,7 +87,11 @@ def test_records_without_logprobs_are_refused_in_one_line(tmp_path):
     with pytest.raises(CacheError, match=r"record 1 has no teacher_logprobs.*api_top_logprobs"):
         api.build_cache(cfg_for(tmp_path, f"data.train={data}", "student.model="
                                 + os.path.join(ROOT, "weights", "student")), **QUIET)
-    assert not os.path.exists(tmp_path / "c" / "manifest.json")
+    assert not os.path.exists(tmp_path / "c")  # refused before any folder is made
+    with pytest.raises(CacheError, match=r"record 1 has no teacher_logprobs"):
+        api.train(cfg_for(tmp_path, f"data.train={data}", f"run.dir={tmp_path / 'run'}",
+                          "student.model=" + os.path.join(ROOT, "weights", "student")), **QUIET)
+    assert not os.path.exists(tmp_path / "c") and not os.path.exists(tmp_path / "run")
 
 
 def test_a_short_overlap_at_the_end_is_no_match():
