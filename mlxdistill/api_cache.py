@@ -151,10 +151,8 @@ def build(cfg: Config, quiet: bool = False, log=print) -> dict:
     a killed build is simply done again."""
     from .cache import MANIFEST, config_identity, lock, read_manifest, check_compatible
 
-    check(cfg)
-    c, d = cfg.cache, cfg.data
-    if not os.path.isfile(os.path.join(c.dir, MANIFEST)):
-        check_data(cfg)  # before cache.dir is made (a complete cache is not read again)
+    check(cfg)  # data.train is checked where it is read (_write); api.need_cache checks it
+    c, d = cfg.cache, cfg.data  # before `cache` or `train` makes a folder
     tcfg, ttok = load_tokenizer(cfg)
     scfg, stok = models.load_meta_role(cfg, "student")
     if "vocab_size" not in tcfg:
