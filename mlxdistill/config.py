@@ -30,8 +30,14 @@ DEFAULT_CONFIG = os.path.join(CONFIGS_DIR, "default.yaml")
 _log = logging.getLogger(__name__)
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    """YAML reads `3e-4` as a string and users write ints for floats: accept the obvious."""
+def _coerce(key: str, value: Any, default: Any, kind: str = "") -> Any:
+    """YAML reads `3e-4` as a string and users write ints for floats: accept the obvious.
+    kind: the key's annotation, which says what a null-default key holds."""
+    if default is None and kind == "Optional[float]" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # the section's own check names the key and what it wants
     if isinstance(default, bool):
         check(isinstance(value, bool), f"{key}={value!r} must be true or false")
         return value
@@ -121,11 +127,12 @@ def from_dict(raw: dict, source: str = "config") -> Config:
         if name == "data":
             body = _from_data_dir(body)
         defaults = cls()
+        kinds = {f.name: str(f.type) for f in fields(cls)}
         kwargs = {}
         for key, value in body.items():
             if (bad := unknown(name, key)) is not None:
                 raise ConfigError(f"{source}: {bad}")
-            kwargs[key] = _coerce(f"{name}.{key}", value, getattr(defaults, key))
+            kwargs[key] = _coerce(f"{name}.{key}", value, getattr(defaults, key), kinds[key])
         sections[name] = cls(**kwargs)
     return Config(**sections)
 

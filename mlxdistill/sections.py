@@ -463,11 +463,6 @@ class PruneConfig:
         _one_of("prune.method", self.method, PRUNE_METHODS)
         check(_whole(self.rows),
               f"prune.rows={self.rows!r} must be a positive integer")
-        if isinstance(self.target_params, str):  # YAML 1.1 reads 1e9 (no dot) as a string
-            try:
-                object.__setattr__(self, "target_params", float(self.target_params))
-            except ValueError:
-                pass
         check(self.target_params is None or (isinstance(self.target_params, (int, float))
                                               and not isinstance(self.target_params, bool)
                                               and self.target_params >= 1),
